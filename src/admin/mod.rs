@@ -1,0 +1,134 @@
+//! HTTP admin API (bearer token), Prometheus `/metrics`, `/healthz` and `/readyz`.
+
+pub mod client;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{Path, Request, State};
+use axum::http::{header, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, put};
+use axum::{Json, Router};
+use metrics_exporter_prometheus::PrometheusHandle;
+use serde::Deserialize;
+use serde_json::json;
+
+use crate::control::{Control, ControlError};
+use crate::route::{Route, RouteCache};
+use crate::secret::Secret;
+
+/// What the admin handlers need.
+pub struct AdminState {
+    /// Operator actions.
+    pub control: Arc<Control>,
+    /// For /readyz.
+    pub routes: Arc<RouteCache>,
+    /// Backend IMAP addresses probed by /readyz.
+    pub backends: Vec<(Route, String)>,
+    /// Bearer token.
+    pub token: Secret<String>,
+    /// Prometheus renderer.
+    pub metrics: PrometheusHandle,
+}
+
+/// The router; `/api/*` requires the token, health and metrics do not.
+pub fn router(state: Arc<AdminState>) -> Router {
+    let api = Router::new()
+        .route("/api/users/{email}", get(show_user))
+        .route("/api/users/{email}/route", put(set_route))
+        .layer(middleware::from_fn_with_state(state.clone(), require_token));
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(render_metrics))
+        .merge(api)
+        .with_state(state)
+}
+
+async fn require_token(State(state): State<Arc<AdminState>>, req: Request, next: Next) -> Response {
+    let given = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    if constant_time_eq(given.as_bytes(), state.token.expose().as_bytes()) {
+        next.run(req).await
+    } else {
+        (
+            StatusCode::UNAUTHORIZED,
+            Json(json!({"error": "missing or wrong bearer token"})),
+        )
+            .into_response()
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn error(e: ControlError) -> Response {
+    (
+        StatusCode::SERVICE_UNAVAILABLE,
+        Json(json!({"error": e.to_string()})),
+    )
+        .into_response()
+}
+
+async fn show_user(State(state): State<Arc<AdminState>>, Path(email): Path<String>) -> Response {
+    match state.control.show(&email).await {
+        Ok(view) => Json(view).into_response(),
+        Err(e) => error(e),
+    }
+}
+
+#[derive(Deserialize)]
+struct RouteBody {
+    route: Route,
+}
+
+async fn set_route(
+    State(state): State<Arc<AdminState>>,
+    Path(email): Path<String>,
+    Json(body): Json<RouteBody>,
+) -> Response {
+    match state.control.set_route(&email, body.route).await {
+        Ok(change) => Json(change).into_response(),
+        Err(e) => error(e),
+    }
+}
+
+async fn render_metrics(State(state): State<Arc<AdminState>>) -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        state.metrics.render(),
+    )
+}
+
+async fn readyz(State(state): State<Arc<AdminState>>) -> Response {
+    let mut problems = Vec::new();
+    if let Err(e) = state.routes.directory().ping().await {
+        problems.push(format!("directory: {e}"));
+    }
+    for (route, addr) in &state.backends {
+        let probe = tokio::time::timeout(
+            Duration::from_secs(2),
+            tokio::net::TcpStream::connect(addr.as_str()),
+        )
+        .await;
+        if !matches!(probe, Ok(Ok(_))) {
+            problems.push(format!("backend {route} ({addr}) unreachable"));
+        }
+    }
+    if problems.is_empty() {
+        Json(json!({"ready": true})).into_response()
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"ready": false, "problems": problems})),
+        )
+            .into_response()
+    }
+}

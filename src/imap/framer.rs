@@ -1,0 +1,225 @@
+//! Server→client response framing: knows, without parsing IMAP, whether the byte stream is
+//! between two responses, so that a kick (`* BYE`) is never injected inside a line or literal.
+//!
+//! Pure: bytes in, positions out. The splice feeds every byte it forwards.
+
+/// Parses a literal announcement `{n}` or `{n+}` ending `line` (which excludes CR LF).
+/// Returns the length and whether the literal is non-synchronizing.
+pub fn literal_at_end(line: &[u8]) -> Option<(u64, bool)> {
+    let line = line.strip_suffix(b"\r").unwrap_or(line);
+    let body = line.strip_suffix(b"}")?;
+    let (body, non_sync) = match body.strip_suffix(b"+") {
+        Some(b) => (b, true),
+        None => (body, false),
+    };
+    let open = body.iter().rposition(|&b| b == b'{')?;
+    let digits = &body[open + 1..];
+    if digits.is_empty() || digits.len() > 19 || !digits.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    let mut n: u64 = 0;
+    for d in digits {
+        n = n * 10 + u64::from(d - b'0');
+    }
+    Some((n, non_sync))
+}
+
+/// Longest tail of a line kept to recognise `{n+}` across reads: `{` + 19 digits + `+}\r`.
+const TAIL: usize = 24;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    /// At the first byte of a response.
+    Boundary,
+    /// Inside a line.
+    Line,
+    /// Inside a literal with this many bytes left.
+    Literal(u64),
+}
+
+/// Tracks response boundaries in a server→client byte stream.
+#[derive(Debug, Clone)]
+pub struct ResponseFramer {
+    state: State,
+    tail: [u8; TAIL],
+    tail_len: usize,
+}
+
+impl Default for ResponseFramer {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl ResponseFramer {
+    /// A framer positioned at the start of a response.
+    pub fn new() -> Self {
+        ResponseFramer {
+            state: State::Boundary,
+            tail: [0; TAIL],
+            tail_len: 0,
+        }
+    }
+
+    /// True when the next byte would start a new response.
+    pub fn at_boundary(&self) -> bool {
+        self.state == State::Boundary
+    }
+
+    /// Advances over all of `buf`.
+    pub fn feed(&mut self, buf: &[u8]) {
+        let mut pos = 0;
+        while pos < buf.len() {
+            pos += self.step(&buf[pos..]);
+        }
+    }
+
+    /// Advances until the first response boundary inside `buf` and returns its offset
+    /// (bytes `..offset` complete a response), or `None` if `buf` ends mid-response
+    /// (all of it consumed). Returns `Some(0)` when already at a boundary.
+    pub fn feed_to_boundary(&mut self, buf: &[u8]) -> Option<usize> {
+        let mut pos = 0;
+        loop {
+            if self.state == State::Boundary {
+                return Some(pos);
+            }
+            if pos == buf.len() {
+                return None;
+            }
+            pos += self.step(&buf[pos..]);
+        }
+    }
+
+    /// Consumes a prefix of `buf` (at least one byte) and returns its length.
+    fn step(&mut self, buf: &[u8]) -> usize {
+        match self.state {
+            State::Literal(left) => {
+                let take = usize::try_from(left).unwrap_or(usize::MAX).min(buf.len());
+                let left = left - take as u64;
+                self.state = if left == 0 { State::Line } else { State::Literal(left) };
+                take
+            }
+            State::Boundary | State::Line => match memchr::memchr(b'\n', buf) {
+                Some(i) => {
+                    let literal = self.line_ends(&buf[..i]);
+                    self.tail_len = 0;
+                    self.state = match literal {
+                        Some(0) => State::Line,
+                        Some(n) => State::Literal(n),
+                        None => State::Boundary,
+                    };
+                    i + 1
+                }
+                None => {
+                    self.remember(buf);
+                    self.state = State::Line;
+                    buf.len()
+                }
+            },
+        }
+    }
+
+    /// The literal announced at the end of the line whose last bytes in this read are `chunk`.
+    fn line_ends(&self, chunk: &[u8]) -> Option<u64> {
+        if chunk.len() >= TAIL || self.tail_len == 0 {
+            return literal_at_end(chunk).map(|(n, _)| n);
+        }
+        let mut joined = [0u8; 2 * TAIL];
+        joined[..self.tail_len].copy_from_slice(&self.tail[..self.tail_len]);
+        joined[self.tail_len..self.tail_len + chunk.len()].copy_from_slice(chunk);
+        literal_at_end(&joined[..self.tail_len + chunk.len()]).map(|(n, _)| n)
+    }
+
+    fn remember(&mut self, chunk: &[u8]) {
+        if chunk.len() >= TAIL {
+            self.tail.copy_from_slice(&chunk[chunk.len() - TAIL..]);
+            self.tail_len = TAIL;
+            return;
+        }
+        let keep = (TAIL - chunk.len()).min(self.tail_len);
+        self.tail.copy_within(self.tail_len - keep..self.tail_len, 0);
+        self.tail[keep..keep + chunk.len()].copy_from_slice(chunk);
+        self.tail_len = keep + chunk.len();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn boundaries(stream: &[u8], chunk: usize) -> Vec<usize> {
+        let mut f = ResponseFramer::new();
+        let mut out = Vec::new();
+        let mut base = 0;
+        for part in stream.chunks(chunk.max(1)) {
+            let mut pos = 0;
+            while pos < part.len() {
+                match f.feed_to_boundary(&part[pos..]) {
+                    Some(0) => {
+                        // At a boundary: record it and consume one byte of the next response.
+                        out.push(base + pos);
+                        let mut one = f.clone();
+                        one.feed(&part[pos..pos + 1]);
+                        f = one;
+                        pos += 1;
+                    }
+                    Some(n) => pos += n,
+                    None => pos = part.len(),
+                }
+            }
+            base += part.len();
+        }
+        if f.at_boundary() {
+            out.push(base);
+        }
+        out
+    }
+
+    #[test]
+    fn literal_announcements() {
+        assert_eq!(literal_at_end(b"* 1 FETCH (BODY[] {12}"), Some((12, false)));
+        assert_eq!(literal_at_end(b"a APPEND x {3+}\r"), Some((3, true)));
+        assert_eq!(literal_at_end(b"* OK {x}"), None);
+        assert_eq!(literal_at_end(b"* OK {}"), None);
+        assert_eq!(literal_at_end(b"* OK {99999999999999999999}"), None);
+    }
+
+    #[test]
+    fn literal_contents_do_not_end_a_response() {
+        let stream = b"* 1 FETCH (BODY[] {9}\r\nA OK x\r\n)\r\na OK done\r\n";
+        assert_eq!(boundaries(stream, 1000), vec![0, 34, 45]);
+        for chunk in 1..stream.len() {
+            assert_eq!(boundaries(stream, chunk), vec![0, 34, 45], "chunk {chunk}");
+        }
+    }
+
+    #[test]
+    fn zero_length_literal_continues_the_line() {
+        let stream = b"* 1 FETCH (BODY[] {0}\r\n)\r\n";
+        assert_eq!(boundaries(stream, 4), vec![0, stream.len()]);
+    }
+
+    proptest! {
+        #[test]
+        fn chunking_never_changes_boundaries(
+            parts in proptest::collection::vec((proptest::collection::vec(any::<u8>(), 0..40), 0usize..3), 1..8),
+            chunk in 1usize..50,
+        ) {
+            // Build a stream of responses: text lines (no LF) optionally carrying a literal.
+            let mut stream = Vec::new();
+            for (body, kind) in &parts {
+                let text: Vec<u8> = body.iter().map(|b| if *b == b'\n' || *b == b'\r' { b'x' } else { *b }).collect();
+                stream.extend_from_slice(b"* ");
+                stream.extend_from_slice(&text);
+                if kind % 2 == 1 {
+                    stream.extend_from_slice(format!(" {{{}}}\r\n", body.len()).as_bytes());
+                    stream.extend_from_slice(body);
+                    stream.extend_from_slice(b")");
+                }
+                stream.extend_from_slice(b"\r\n");
+            }
+            prop_assert_eq!(boundaries(&stream, chunk), boundaries(&stream, stream.len()));
+        }
+    }
+}

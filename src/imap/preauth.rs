@@ -1,0 +1,550 @@
+//! The proxy's own side of the IMAP conversation before login. Pure: the driver feeds the
+//! bytes it reads and performs the events this returns (write, start TLS, log in, close).
+//!
+//! Framing (lines and `{n}` literals, with caps) is done here so that the bytes a client
+//! pipelined after its LOGIN stay available for the splice (`into_leftover`); complete
+//! commands are decoded with imap-codec.
+
+use std::borrow::Cow;
+
+use base64::Engine;
+use bytes::{Buf, BytesMut};
+use imap_codec::decode::Decoder;
+use imap_codec::imap_types::auth::{AuthMechanism, AuthenticateData};
+use imap_codec::imap_types::command::{Command, CommandBody};
+use imap_codec::imap_types::core::{IString, NString};
+use imap_codec::{AuthenticateDataCodec, CommandCodec};
+
+use super::framer::literal_at_end;
+use crate::secret::Secret;
+
+/// The limits pre-auth parsing enforces (a view of `Limits`).
+#[derive(Debug, Clone)]
+pub struct PreAuthLimits {
+    /// Longest line.
+    pub line: usize,
+    /// Largest literal.
+    pub literal: usize,
+    /// ID: most pairs.
+    pub id_pairs: usize,
+    /// ID: longest field name.
+    pub id_field: usize,
+    /// ID: longest value.
+    pub id_value: usize,
+}
+
+impl From<&crate::limits::Limits> for PreAuthLimits {
+    fn from(l: &crate::limits::Limits) -> Self {
+        PreAuthLimits {
+            line: l.preauth_line,
+            literal: l.preauth_literal,
+            id_pairs: l.id_max_pairs,
+            id_field: l.id_max_field,
+            id_value: l.id_max_value,
+        }
+    }
+}
+
+/// How the client sent its credentials; passthrough mode repeats the same form to the backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthForm {
+    /// `LOGIN user password`.
+    Login,
+    /// `AUTHENTICATE PLAIN`.
+    Plain,
+}
+
+/// Credentials exactly as the client gave them.
+#[derive(Debug, Clone)]
+pub struct Credentials {
+    /// Authorization identity (PLAIN authzid), when given.
+    pub authzid: Option<String>,
+    /// Authentication identity (LOGIN user name or PLAIN authcid), possibly `user*master`.
+    pub authcid: String,
+    /// Password.
+    pub password: Secret<Vec<u8>>,
+    /// Command form used.
+    pub form: AuthForm,
+}
+
+/// A login the driver must route and perform.
+#[derive(Debug, Clone)]
+pub struct LoginRequest {
+    /// The client's tag, for the final tagged reply.
+    pub tag: String,
+    /// The user the session acts for (routing key), never a master user's own name.
+    pub user: String,
+    /// What to authenticate with.
+    pub credentials: Credentials,
+}
+
+/// What the driver must do next.
+#[derive(Debug)]
+pub enum Event {
+    /// Send these bytes to the client.
+    Reply(Vec<u8>),
+    /// Send these bytes, then run the TLS handshake and call `PreAuth::tls_started`.
+    StartTls(Vec<u8>),
+    /// Authenticate; then call `login_failed` or hand over with `into_leftover`.
+    Login(LoginRequest),
+    /// Send these bytes, then close the connection.
+    Close(Vec<u8>),
+}
+
+#[derive(Debug)]
+enum Pending {
+    /// Reading a command: `msg` holds complete lines/literals so far.
+    Command { msg: Vec<u8>, literal: Option<usize> },
+    /// `AUTHENTICATE PLAIN` sent `+`; the next line is the base64 response.
+    AuthData { tag: String },
+}
+
+/// Pre-auth protocol state of one client connection.
+#[derive(Debug)]
+pub struct PreAuth {
+    input: BytesMut,
+    pending: Pending,
+    tls: bool,
+    starttls_offered: bool,
+    allow_plaintext: bool,
+    master_separator: String,
+    limits: PreAuthLimits,
+    /// Set after Login/StartTls/Close until the driver reports back; no events meanwhile.
+    paused: bool,
+}
+
+const CMD_BAD: &str = "Error in IMAP command";
+
+impl PreAuth {
+    /// A session on a listener that is already TLS (`tls`) or offers STARTTLS.
+    pub fn new(
+        tls: bool,
+        allow_plaintext: bool,
+        master_separator: &str,
+        limits: PreAuthLimits,
+    ) -> Self {
+        PreAuth {
+            input: BytesMut::new(),
+            pending: Pending::Command {
+                msg: Vec::new(),
+                literal: None,
+            },
+            tls,
+            starttls_offered: !tls,
+            allow_plaintext,
+            master_separator: master_separator.to_owned(),
+            limits,
+            paused: false,
+        }
+    }
+
+    /// The untagged greeting sent on connect.
+    pub fn greeting(&self) -> Vec<u8> {
+        format!("* OK [CAPABILITY {}] mailferry ready.\r\n", self.capabilities()).into_bytes()
+    }
+
+    fn auth_allowed(&self) -> bool {
+        self.tls || self.allow_plaintext
+    }
+
+    /// The pre-auth CAPABILITY list.
+    pub fn capabilities(&self) -> String {
+        let mut caps = String::from("IMAP4rev1 SASL-IR ID LITERAL+ ENABLE IDLE");
+        if self.starttls_offered && !self.tls {
+            caps.push_str(" STARTTLS");
+        }
+        if self.auth_allowed() {
+            caps.push_str(" AUTH=PLAIN");
+        } else {
+            caps.push_str(" LOGINDISABLED");
+        }
+        caps
+    }
+
+    /// Adds bytes read from the client.
+    pub fn feed(&mut self, bytes: &[u8]) {
+        self.input.extend_from_slice(bytes);
+    }
+
+    /// Bytes buffered but not yet consumed; the driver stops reading while this is large.
+    pub fn buffered(&self) -> usize {
+        self.input.len()
+    }
+
+    /// After `StartTls`: the handshake succeeded.
+    pub fn tls_started(&mut self) {
+        self.tls = true;
+        self.paused = false;
+    }
+
+    /// After `Login`: the login did not happen; the session goes on.
+    pub fn login_failed(&mut self) {
+        self.paused = false;
+    }
+
+    /// After a successful `Login`: bytes the client pipelined after its login command.
+    pub fn into_leftover(self) -> BytesMut {
+        self.input
+    }
+
+    /// The next event, or `None` when more input is needed.
+    pub fn next_event(&mut self) -> Option<Event> {
+        if self.paused {
+            return None;
+        }
+        let event = match &mut self.pending {
+            Pending::AuthData { .. } => self.auth_data()?,
+            Pending::Command { .. } => self.command()?,
+        };
+        if matches!(event, Event::StartTls(_) | Event::Login(_) | Event::Close(_)) {
+            self.paused = true;
+        }
+        Some(event)
+    }
+
+    /// Takes one line (with its LF) from input, enforcing the line limit.
+    fn take_line(&mut self) -> Result<Option<BytesMut>, Event> {
+        match memchr::memchr(b'\n', &self.input) {
+            Some(i) if i < self.limits.line => Ok(Some(self.input.split_to(i + 1))),
+            None if self.input.len() <= self.limits.line => Ok(None),
+            _ => Err(Event::Close(b"* BAD [TOOBIG] Line too long\r\n".to_vec())),
+        }
+    }
+
+    fn command(&mut self) -> Option<Event> {
+        loop {
+            let Pending::Command { msg, literal } = &mut self.pending else {
+                return None;
+            };
+            if let Some(n) = *literal {
+                if self.input.len() < n {
+                    return None;
+                }
+                msg.extend_from_slice(&self.input[..n]);
+                self.input.advance(n);
+                *literal = None;
+                continue;
+            }
+            let line = match self.take_line() {
+                Ok(Some(line)) => line,
+                Ok(None) => return None,
+                Err(e) => return Some(e),
+            };
+            let Pending::Command { msg, literal } = &mut self.pending else {
+                return None;
+            };
+            if msg.len() + line.len() > self.limits.line + 2 * self.limits.literal {
+                return Some(Event::Close(b"* BAD [TOOBIG] Command too long\r\n".to_vec()));
+            }
+            msg.extend_from_slice(&line);
+            let content = line.strip_suffix(b"\n").unwrap_or(&line);
+            if let Some((n, non_sync)) = literal_at_end(content) {
+                if n > self.limits.literal as u64 {
+                    let tag = tag_of(msg);
+                    return Some(Event::Close(
+                        format!("{tag} BAD [TOOBIG] Literal too large\r\n").into_bytes(),
+                    ));
+                }
+                *literal = Some(n as usize);
+                if !non_sync {
+                    return Some(Event::Reply(b"+ Ready for literal data\r\n".to_vec()));
+                }
+                continue;
+            }
+            let msg = std::mem::take(msg);
+            return Some(self.dispatch(&msg));
+        }
+    }
+
+    fn auth_data(&mut self) -> Option<Event> {
+        let line = match self.take_line() {
+            Ok(Some(line)) => line,
+            Ok(None) => return None,
+            Err(e) => return Some(e),
+        };
+        let Pending::AuthData { tag } = std::mem::replace(
+            &mut self.pending,
+            Pending::Command {
+                msg: Vec::new(),
+                literal: None,
+            },
+        ) else {
+            return None;
+        };
+        match AuthenticateDataCodec::default().decode(&line) {
+            Ok((_, AuthenticateData::Continue(data))) => Some(self.plain(&tag, data.declassify())),
+            Ok((_, AuthenticateData::Cancel)) => Some(reply(&tag, "BAD", "Authentication aborted")),
+            Err(_) => Some(reply(&tag, "BAD", "Invalid base64 data")),
+        }
+    }
+
+    fn dispatch(&mut self, msg: &[u8]) -> Event {
+        let command = match CommandCodec::default().decode(msg) {
+            Ok((rest, command)) if rest.is_empty() => command,
+            _ => {
+                let tag = tag_of(msg);
+                return reply(&tag, "BAD", CMD_BAD);
+            }
+        };
+        let Command { tag, body } = command;
+        let tag = tag.inner().to_owned();
+        match body {
+            CommandBody::Capability => Event::Reply(
+                format!(
+                    "* CAPABILITY {}\r\n{tag} OK Capability completed.\r\n",
+                    self.capabilities()
+                )
+                .into_bytes(),
+            ),
+            CommandBody::Noop => reply(&tag, "OK", "NOOP completed."),
+            CommandBody::Logout => Event::Close(
+                format!("* BYE Logging out\r\n{tag} OK Logout completed.\r\n").into_bytes(),
+            ),
+            CommandBody::StartTLS => {
+                if self.tls || !self.starttls_offered {
+                    return reply(&tag, "BAD", "TLS is already active.");
+                }
+                // Anything the client pipelined after STARTTLS is discarded: it was sent
+                // in clear text and could have been injected (RFC 2595 §3.1).
+                self.input.clear();
+                Event::StartTls(format!("{tag} OK Begin TLS negotiation now.\r\n").into_bytes())
+            }
+            CommandBody::Id { parameters } => self.id(&tag, parameters.as_deref()),
+            CommandBody::Login { username, password } => {
+                if !self.auth_allowed() {
+                    return privacy_required(&tag);
+                }
+                let authcid = String::from_utf8_lossy(username.as_ref()).into_owned();
+                let user = self.acting_user(None, &authcid);
+                Event::Login(LoginRequest {
+                    tag,
+                    user,
+                    credentials: Credentials {
+                        authzid: None,
+                        authcid,
+                        password: Secret::new(password.declassify().as_ref().to_vec()),
+                        form: AuthForm::Login,
+                    },
+                })
+            }
+            CommandBody::Authenticate {
+                mechanism,
+                initial_response,
+            } => {
+                if !self.auth_allowed() {
+                    return privacy_required(&tag);
+                }
+                if mechanism != AuthMechanism::Plain {
+                    return reply(&tag, "NO", "[CANNOT] Unsupported authentication mechanism.");
+                }
+                match initial_response {
+                    Some(ir) => self.plain(&tag, ir.declassify()),
+                    None => {
+                        self.pending = Pending::AuthData { tag };
+                        Event::Reply(b"+ \r\n".to_vec())
+                    }
+                }
+            }
+            other => reply(
+                &tag,
+                "BAD",
+                &format!("{} is not allowed before login.", other.name()),
+            ),
+        }
+    }
+
+    fn plain(&mut self, tag: &str, data: &Cow<'_, [u8]>) -> Event {
+        let mut parts = data.split(|&b| b == 0);
+        let (Some(authzid), Some(authcid), Some(password), None) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            return reply(tag, "NO", "[AUTHENTICATIONFAILED] Invalid PLAIN response.");
+        };
+        let authzid = (!authzid.is_empty()).then(|| String::from_utf8_lossy(authzid).into_owned());
+        let authcid = String::from_utf8_lossy(authcid).into_owned();
+        let user = self.acting_user(authzid.as_deref(), &authcid);
+        Event::Login(LoginRequest {
+            tag: tag.to_owned(),
+            user,
+            credentials: Credentials {
+                authzid,
+                authcid,
+                password: Secret::new(password.to_vec()),
+                form: AuthForm::Plain,
+            },
+        })
+    }
+
+    /// The user a login acts for: the PLAIN authzid, else the part of `user*master`
+    /// before the separator, else the login name itself.
+    fn acting_user(&self, authzid: Option<&str>, authcid: &str) -> String {
+        let user = match authzid {
+            Some(z) => z,
+            None => authcid
+                .split_once(self.master_separator.as_str())
+                .map_or(authcid, |(u, _)| u),
+        };
+        crate::route::normalize_user(user)
+    }
+
+    fn id(&self, tag: &str, params: Option<&[(IString<'_>, NString<'_>)]>) -> Event {
+        let params = params.unwrap_or(&[]);
+        let too_long = params.len() > self.limits.id_pairs
+            || params.iter().any(|(k, v)| {
+                k.as_ref().len() > self.limits.id_field
+                    || v.0.as_ref().is_some_and(|v| v.as_ref().len() > self.limits.id_value)
+            });
+        if too_long {
+            return reply(tag, "BAD", "ID parameters exceed RFC 2971 limits.");
+        }
+        Event::Reply(
+            format!("* ID (\"name\" \"mailferry\")\r\n{tag} OK ID completed.\r\n").into_bytes(),
+        )
+    }
+}
+
+fn reply(tag: &str, status: &str, text: &str) -> Event {
+    Event::Reply(format!("{tag} {status} {text}\r\n").into_bytes())
+}
+
+fn privacy_required(tag: &str) -> Event {
+    reply(
+        tag,
+        "NO",
+        "[PRIVACYREQUIRED] Plaintext authentication is not allowed before STARTTLS.",
+    )
+}
+
+/// Best-effort tag of a (possibly malformed) command, for its BAD reply.
+fn tag_of(msg: &[u8]) -> String {
+    let tag: String = msg
+        .iter()
+        .take_while(|&&b| b.is_ascii_graphic() && !b"(){%*\"\\+".contains(&b))
+        .take(64)
+        .map(|&b| b as char)
+        .collect();
+    if tag.is_empty() {
+        "*".into()
+    } else {
+        tag
+    }
+}
+
+/// Encodes a PLAIN response `authzid NUL authcid NUL password` as base64.
+pub fn plain_response(authzid: Option<&str>, authcid: &[u8], password: &[u8]) -> String {
+    let mut raw = Vec::with_capacity(authcid.len() * 2 + password.len() + 2);
+    raw.extend_from_slice(authzid.unwrap_or("").as_bytes());
+    raw.push(0);
+    raw.extend_from_slice(authcid);
+    raw.push(0);
+    raw.extend_from_slice(password);
+    base64::engine::general_purpose::STANDARD.encode(raw)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn session(tls: bool) -> PreAuth {
+        PreAuth::new(
+            tls,
+            false,
+            "*",
+            PreAuthLimits::from(&crate::limits::Limits::default()),
+        )
+    }
+
+    fn replies(p: &mut PreAuth, input: &[u8]) -> Vec<Event> {
+        p.feed(input);
+        std::iter::from_fn(|| p.next_event()).collect()
+    }
+
+    fn text(e: &Event) -> String {
+        match e {
+            Event::Reply(b) | Event::StartTls(b) | Event::Close(b) => {
+                String::from_utf8_lossy(b).into_owned()
+            }
+            Event::Login(l) => format!("LOGIN {}", l.user),
+        }
+    }
+
+    #[test]
+    fn plaintext_login_is_refused_before_tls() {
+        let mut p = session(false);
+        assert!(String::from_utf8_lossy(&p.greeting()).contains("LOGINDISABLED"));
+        let ev = replies(&mut p, b"a LOGIN alice pw\r\n");
+        assert_eq!(text(&ev[0]), "a NO [PRIVACYREQUIRED] Plaintext authentication is not allowed before STARTTLS.\r\n");
+    }
+
+    #[test]
+    fn bytes_after_starttls_are_discarded() {
+        let mut p = session(false);
+        let ev = replies(&mut p, b"a STARTTLS\r\nb NOOP\r\n");
+        assert_eq!(ev.len(), 1);
+        assert!(matches!(ev[0], Event::StartTls(_)));
+        p.tls_started();
+        assert!(p.next_event().is_none());
+        assert!(p.capabilities().contains("AUTH=PLAIN"));
+    }
+
+    #[test]
+    fn login_with_literals_and_pipelined_leftover() {
+        let mut p = session(true);
+        let ev = replies(&mut p, b"a LOGIN {17}\r\n");
+        assert_eq!(text(&ev[0]), "+ Ready for literal data\r\n");
+        let ev = replies(&mut p, b"Alice@Example.org {2+}\r\npw\r\nb SELECT INBOX\r\n");
+        let Event::Login(l) = &ev[0] else { panic!("{ev:?}") };
+        assert_eq!(l.user, "alice@example.org");
+        assert_eq!(l.credentials.password.expose(), b"pw");
+        assert_eq!(&p.into_leftover()[..], b"b SELECT INBOX\r\n");
+    }
+
+    #[test]
+    fn master_logins_route_by_the_target_user() {
+        let mut p = session(true);
+        let ev = replies(&mut p, b"a LOGIN \"bob@example.org*admin\" secret\r\n");
+        let Event::Login(l) = &ev[0] else { panic!("{ev:?}") };
+        assert_eq!(l.user, "bob@example.org");
+        assert_eq!(l.credentials.authcid, "bob@example.org*admin");
+
+        let mut p = session(true);
+        let ir = plain_response(Some("carol@example.org"), b"admin", b"pw");
+        let ev = replies(&mut p, format!("a AUTHENTICATE PLAIN {ir}\r\n").as_bytes());
+        let Event::Login(l) = &ev[0] else { panic!() };
+        assert_eq!(l.user, "carol@example.org");
+        assert_eq!(l.credentials.authcid, "admin");
+    }
+
+    #[test]
+    fn authenticate_with_continuation() {
+        let mut p = session(true);
+        let ev = replies(&mut p, b"x AUTHENTICATE PLAIN\r\n");
+        assert_eq!(text(&ev[0]), "+ \r\n");
+        let ir = plain_response(None, b"dave@example.org", b"pw");
+        let ev = replies(&mut p, format!("{ir}\r\n").as_bytes());
+        assert_eq!(text(&ev[0]), "LOGIN dave@example.org");
+        p.login_failed();
+        let ev = replies(&mut p, b"y AUTHENTICATE PLAIN\r\n*\r\n");
+        assert_eq!(text(&ev[1]), "y BAD Authentication aborted\r\n");
+    }
+
+    #[test]
+    fn oversized_input_is_refused_and_closed() {
+        let mut p = session(true);
+        let ev = replies(&mut p, &vec![b'a'; 100 * 1024]);
+        assert!(matches!(ev[0], Event::Close(_)), "{ev:?}");
+        let mut p = session(true);
+        let ev = replies(&mut p, b"a LOGIN {4294967295}\r\n");
+        assert_eq!(text(&ev[0]), "a BAD [TOOBIG] Literal too large\r\n");
+        assert!(matches!(ev[0], Event::Close(_)));
+    }
+
+    #[test]
+    fn other_commands_are_bad_and_garbage_is_answered() {
+        let mut p = session(true);
+        let ev = replies(&mut p, b"a SELECT INBOX\r\n\x00\x01garbage\r\nc ID (\"name\" \"x\")\r\n");
+        assert_eq!(text(&ev[0]), "a BAD SELECT is not allowed before login.\r\n");
+        assert!(text(&ev[1]).contains("BAD"));
+        assert!(text(&ev[2]).starts_with("* ID"));
+    }
+}

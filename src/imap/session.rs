@@ -1,0 +1,423 @@
+//! One client connection through its phases, each a type consumed by the next:
+//! `Accepted → PreAuth → Routed → BackendAuthed → spliced`. Splicing needs a `BackendAuthed`,
+//! which only a successful backend login creates.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio::net::TcpStream;
+use tokio::time::timeout;
+use tracing::{info, info_span, warn, Instrument};
+
+use super::authdelay::AuthDelay;
+use super::backend::{self, BackendError, BackendTarget, ClientInfo, LoggedIn, PlainLogin};
+use super::conn::Conn;
+use super::preauth::{Event, LoginRequest, PreAuth};
+use super::splice::{self, SpliceParams};
+use crate::config::{BackendAuth, ProxyConfig};
+use crate::control::sessions::{Registration, SessionRegistry};
+use crate::limits::Limits;
+use crate::net::tls::ReloadableServer;
+use crate::net::Stream;
+use crate::route::{Route, RouteCache};
+use crate::secret::Secret;
+use crate::shutdown::Shutdown;
+
+/// A backend as the IMAP proxy uses it: address, TLS, and master credentials if any.
+pub struct ProxyBackend {
+    /// Connection target.
+    pub target: BackendTarget,
+    /// Master user and password for `auth = "master"`.
+    pub master: Option<(String, Secret<String>)>,
+}
+
+/// Everything sessions share; built once by `serve`.
+pub struct ImapContext {
+    /// Limits and timeouts.
+    pub limits: Limits,
+    /// `[tls] allow_plaintext_auth`.
+    pub allow_plaintext: bool,
+    /// `[proxy]`.
+    pub proxy: ProxyConfig,
+    /// Server TLS configuration (swapped on SIGHUP).
+    pub tls: Arc<ReloadableServer>,
+    /// Route lookups.
+    pub routes: Arc<RouteCache>,
+    /// `[directory] reject_unknown`.
+    pub reject_unknown: bool,
+    /// The legacy backend.
+    pub legacy: ProxyBackend,
+    /// The new backend.
+    pub new: ProxyBackend,
+    /// Live sessions, for kicks.
+    pub sessions: Arc<SessionRegistry>,
+    /// Failed-login delays.
+    pub auth_delay: AuthDelay,
+    /// Server shutdown.
+    pub shutdown: Shutdown,
+}
+
+impl ImapContext {
+    fn backend(&self, route: Route) -> &ProxyBackend {
+        match route {
+            Route::Legacy => &self.legacy,
+            Route::New => &self.new,
+        }
+    }
+}
+
+/// Handles one accepted connection to the end; never panics on client input.
+pub async fn handle(ctx: Arc<ImapContext>, tcp: TcpStream, implicit_tls: bool) {
+    let peer = tcp.peer_addr().ok();
+    let local = tcp.local_addr().ok();
+    let (Some(peer), Some(local)) = (peer, local) else {
+        return;
+    };
+    let sid = session_id();
+    let span = info_span!("imap", sid = %sid, peer = %peer, user = tracing::field::Empty);
+    let accepted = Accepted {
+        tcp,
+        peer,
+        local,
+        sid,
+    };
+    async move {
+        let _ = tcp_nodelay(&accepted.tcp);
+        let Some(pre) = accepted.secure(&ctx, implicit_tls).await else {
+            return;
+        };
+        pre.run(&ctx).await;
+    }
+    .instrument(span)
+    .await
+}
+
+fn tcp_nodelay(tcp: &TcpStream) -> std::io::Result<()> {
+    tcp.set_nodelay(true)
+}
+
+fn session_id() -> String {
+    format!("{:016x}", rand::random::<u64>())
+}
+
+/// A TCP connection, nothing said yet.
+struct Accepted {
+    tcp: TcpStream,
+    peer: SocketAddr,
+    local: SocketAddr,
+    sid: String,
+}
+
+impl Accepted {
+    /// Runs the implicit-TLS handshake where the listener requires it.
+    async fn secure(self, ctx: &ImapContext, implicit_tls: bool) -> Option<PreAuthPhase> {
+        let stream = if implicit_tls {
+            let acceptor = tokio_rustls::TlsAcceptor::from(ctx.tls.get());
+            match timeout(ctx.limits.tls_handshake(), acceptor.accept(self.tcp)).await {
+                Ok(Ok(tls)) => Stream::ServerTls(Box::new(tls)),
+                Ok(Err(e)) => {
+                    info!(error = %e, "TLS handshake failed");
+                    return None;
+                }
+                Err(_) => {
+                    info!("TLS handshake timed out");
+                    return None;
+                }
+            }
+        } else {
+            Stream::Plain(self.tcp)
+        };
+        let preauth = PreAuth::new(
+            implicit_tls,
+            ctx.allow_plaintext,
+            &ctx.proxy.master_user_separator,
+            (&ctx.limits).into(),
+        );
+        Some(PreAuthPhase {
+            conn: Conn::new(stream),
+            preauth,
+            info: ClientInfo {
+                peer: self.peer,
+                local: self.local,
+                session_id: self.sid,
+            },
+            failures: 0,
+        })
+    }
+}
+
+/// Talking to the client ourselves until a login succeeds.
+struct PreAuthPhase {
+    conn: Conn,
+    preauth: PreAuth,
+    info: ClientInfo,
+    failures: u32,
+}
+
+impl PreAuthPhase {
+    async fn run(mut self, ctx: &ImapContext) {
+        if self.conn.write_all(&self.preauth.greeting()).await.is_err() {
+            return;
+        }
+        loop {
+            while let Some(event) = self.preauth.next_event() {
+                match event {
+                    Event::Reply(bytes) => {
+                        if self.conn.write_all(&bytes).await.is_err() {
+                            return;
+                        }
+                    }
+                    Event::Close(bytes) => {
+                        let _ = self.conn.write_all(&bytes).await;
+                        return;
+                    }
+                    Event::StartTls(bytes) => {
+                        if self.conn.write_all(&bytes).await.is_err() {
+                            return;
+                        }
+                        let Some(conn) = start_tls(ctx, self.conn).await else {
+                            return;
+                        };
+                        self.conn = conn;
+                        self.preauth.tls_started();
+                    }
+                    Event::Login(req) => match self.login(ctx, &req).await {
+                        Ok((routed, backend)) => {
+                            let authed = BackendAuthed {
+                                client: self.conn,
+                                leftover: self.preauth.into_leftover(),
+                                backend: backend.conn,
+                                route: routed.route,
+                                reply: format!(
+                                    "{} OK [CAPABILITY {}] {}\r\n",
+                                    req.tag,
+                                    backend::filter_capabilities(&backend.capabilities, &ctx.proxy.strip_capabilities),
+                                    backend.text
+                                ),
+                                registration: ctx.sessions.register(&routed.user),
+                                user: routed.user,
+                            };
+                            return authed.splice(ctx).await;
+                        }
+                        Err((reply, close)) => {
+                            if self.conn.write_all(reply.as_bytes()).await.is_err() || close {
+                                return;
+                            }
+                            self.preauth.login_failed();
+                        }
+                    },
+                }
+            }
+            let read = tokio::select! {
+                r = timeout(ctx.limits.preauth_idle(), self.conn.read_some(16 * 1024)) => r,
+                _ = ctx.shutdown.forced() => {
+                    let _ = self.conn.write_all(b"* BYE Server shutting down.\r\n").await;
+                    return;
+                }
+            };
+            match read {
+                Err(_) => {
+                    let _ = self.conn.write_all(b"* BYE Disconnected for inactivity.\r\n").await;
+                    return;
+                }
+                Ok(Ok(0)) | Ok(Err(_)) => return,
+                Ok(Ok(_)) => {
+                    let bytes = self.conn.buffer().split();
+                    self.preauth.feed(&bytes);
+                }
+            }
+        }
+    }
+
+    /// Routes and logs in; on failure returns the reply for the client and whether to close.
+    async fn login(&mut self, ctx: &ImapContext, req: &LoginRequest) -> Result<(Routed, LoggedIn), (String, bool)> {
+        tracing::Span::current().record("user", req.user.as_str());
+        let routed = Routed::lookup(ctx, req).await.map_err(|r| (r, false))?;
+        match routed.authenticate(ctx, req, &self.info).await {
+            Ok(backend) => {
+                ctx.auth_delay.succeeded(self.info.peer.ip());
+                metrics::counter!("mailferry_logins_total", "result" => "ok", "backend" => routed.route.as_str()).increment(1);
+                Ok((routed, backend))
+            }
+            Err(LoginFailure::Auth) => {
+                self.failures += 1;
+                metrics::counter!("mailferry_logins_total", "result" => "failed", "backend" => routed.route.as_str()).increment(1);
+                let delay = ctx.auth_delay.failed(self.info.peer.ip());
+                info!(backend = %routed.route, delay_ms = delay.as_millis() as u64, "authentication failed");
+                tokio::time::sleep(delay).await;
+                let mut reply = format!("{} NO [AUTHENTICATIONFAILED] Authentication failed.\r\n", req.tag);
+                let close = self.failures >= ctx.limits.max_auth_failures;
+                if close {
+                    reply.push_str("* BYE Too many invalid authentication attempts.\r\n");
+                }
+                Err((reply, close))
+            }
+            Err(LoginFailure::Reply(text)) => Err((format!("{} {text}\r\n", req.tag), false)),
+        }
+    }
+}
+
+/// STARTTLS on a plain connection; bytes read before the handshake are dropped.
+async fn start_tls(ctx: &ImapContext, conn: Conn) -> Option<Conn> {
+    let (stream, _discarded) = conn.into_parts();
+    let Stream::Plain(tcp) = stream else {
+        return None;
+    };
+    let acceptor = tokio_rustls::TlsAcceptor::from(ctx.tls.get());
+    match timeout(ctx.limits.tls_handshake(), acceptor.accept(tcp)).await {
+        Ok(Ok(tls)) => Some(Conn::new(Stream::ServerTls(Box::new(tls)))),
+        Ok(Err(e)) => {
+            info!(error = %e, "STARTTLS handshake failed");
+            None
+        }
+        Err(_) => None,
+    }
+}
+
+enum LoginFailure {
+    /// Wrong credentials.
+    Auth,
+    /// Anything else: the text after the tag for the client (already logged).
+    Reply(String),
+}
+
+/// A login whose backend is known.
+struct Routed {
+    user: String,
+    route: Route,
+}
+
+impl Routed {
+    async fn lookup(ctx: &ImapContext, req: &LoginRequest) -> Result<Routed, String> {
+        match ctx.routes.lookup(&req.user).await {
+            Ok(l) if !l.known && ctx.reject_unknown => {
+                Err(format!("{} NO [AUTHENTICATIONFAILED] Authentication failed.\r\n", req.tag))
+            }
+            Ok(l) => Ok(Routed {
+                user: req.user.clone(),
+                route: l.route,
+            }),
+            Err(e) => {
+                warn!(error = %e, "route lookup failed");
+                metrics::counter!("mailferry_logins_total", "result" => "unavailable", "backend" => "none").increment(1);
+                Err(format!("{} NO [UNAVAILABLE] Directory temporarily unavailable.\r\n", req.tag))
+            }
+        }
+    }
+
+    async fn authenticate(&self, ctx: &ImapContext, req: &LoginRequest, info: &ClientInfo) -> Result<LoggedIn, LoginFailure> {
+        let backend = ctx.backend(self.route);
+        let c = &req.credentials;
+        let client = PlainLogin {
+            authzid: c.authzid.as_deref(),
+            authcid: c.authcid.as_bytes(),
+            password: c.password.expose(),
+        };
+        let result = match (&backend.target.cfg.auth, &backend.master) {
+            (BackendAuth::Master, Some((master, password))) => {
+                // The routed backend trusts us as master; the user's own password is checked
+                // where passwords live (`proxy.password_backend`).
+                let checker = ctx.backend(ctx.proxy.password_backend);
+                match backend::login(&checker.target, &ctx.limits, Some(info), client).await {
+                    Ok(check) => logout(check).await,
+                    Err(e) => return Err(failure(e)),
+                }
+                backend::login(
+                    &backend.target,
+                    &ctx.limits,
+                    Some(info),
+                    PlainLogin {
+                        authzid: Some(&self.user),
+                        authcid: master.as_bytes(),
+                        password: password.expose().as_bytes(),
+                    },
+                )
+                .await
+            }
+            _ => backend::login(&backend.target, &ctx.limits, Some(info), client).await,
+        };
+        result.map_err(failure)
+    }
+}
+
+async fn logout(mut done: LoggedIn) {
+    let _ = timeout(std::time::Duration::from_secs(2), done.conn.write_all(b"m9 LOGOUT\r\n")).await;
+}
+
+fn failure(e: BackendError) -> LoginFailure {
+    match e {
+        BackendError::AuthFailed { .. } => LoginFailure::Auth,
+        BackendError::Refused { backend, text } => {
+            warn!(%backend, reply = %text, "backend refused login");
+            LoginFailure::Reply(text)
+        }
+        other => {
+            let backend = match &other {
+                BackendError::Connect { backend, .. }
+                | BackendError::Timeout { backend, .. }
+                | BackendError::Io { backend, .. }
+                | BackendError::Protocol { backend, .. } => backend.as_str(),
+                _ => "unknown",
+            };
+            warn!(error = %other, "backend unavailable");
+            metrics::counter!("mailferry_backend_errors_total", "backend" => backend).increment(1);
+            LoginFailure::Reply("NO [UNAVAILABLE] Backend temporarily unavailable.".into())
+        }
+    }
+}
+
+/// Logged in on both sides; only this phase can splice.
+struct BackendAuthed {
+    client: Conn,
+    leftover: bytes::BytesMut,
+    backend: Conn,
+    route: Route,
+    user: String,
+    reply: String,
+    registration: Registration,
+}
+
+impl BackendAuthed {
+    async fn splice(mut self, ctx: &ImapContext) {
+        let started = Instant::now();
+        if self.client.write_all(self.reply.as_bytes()).await.is_err() {
+            return;
+        }
+        let route = self.route.as_str();
+        let gauge = metrics::gauge!("mailferry_sessions", "backend" => route);
+        gauge.increment(1.0);
+        let (client_stream, mut client_buf) = self.client.into_parts();
+        client_buf.unsplit(self.leftover);
+        let outcome = splice::splice(
+            (client_stream, client_buf),
+            self.backend.into_parts(),
+            SpliceParams {
+                kick: &self.registration.kick,
+                shutdown: ctx.shutdown.force_token(),
+                idle: ctx.limits.postauth_idle(),
+                buffer: ctx.limits.splice_buffer,
+            },
+        )
+        .await;
+        gauge.decrement(1.0);
+        if outcome.ending == splice::Ending::Kicked {
+            metrics::counter!("mailferry_kicks_total").increment(1);
+        }
+        let detail = match &outcome.ending {
+            splice::Ending::Error(e) => e.as_str(),
+            _ => "",
+        };
+        info!(
+            user = %self.user,
+            backend = route,
+            bytes_in = outcome.up,
+            bytes_out = outcome.down,
+            duration_ms = started.elapsed().as_millis() as u64,
+            outcome = outcome.ending.label(),
+            detail,
+            "session end"
+        );
+    }
+}
+

@@ -1,0 +1,247 @@
+//! After login: bytes flow both ways unchanged. Leftovers are forwarded first; server→client
+//! bytes go through the framer so a kick or shutdown `* BYE` lands only between responses.
+
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::Duration;
+
+use bytes::BytesMut;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::framer::ResponseFramer;
+use crate::control::sessions::Kick;
+use crate::net::Stream;
+
+/// Why a splice ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Ending {
+    /// The client closed (normally after LOGOUT).
+    ClientClosed,
+    /// The backend closed.
+    BackendClosed,
+    /// Kicked by a route change; the reason was sent in a BYE.
+    Kicked,
+    /// Server shutdown; a BYE was sent.
+    Shutdown,
+    /// No traffic either way for the post-auth idle limit; a BYE was sent.
+    Idle,
+    /// A socket error (which side, and what).
+    Error(String),
+}
+
+impl Ending {
+    /// Short label for logs and metrics.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Ending::ClientClosed => "client_closed",
+            Ending::BackendClosed => "backend_closed",
+            Ending::Kicked => "kicked",
+            Ending::Shutdown => "shutdown",
+            Ending::Idle => "idle",
+            Ending::Error(_) => "error",
+        }
+    }
+}
+
+/// Totals of a finished splice.
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    /// Why it ended.
+    pub ending: Ending,
+    /// Bytes client → backend.
+    pub up: u64,
+    /// Bytes backend → client.
+    pub down: u64,
+}
+
+/// What the splice needs besides the two connections.
+pub struct SpliceParams<'a> {
+    /// Signalled by a route change.
+    pub kick: &'a Kick,
+    /// Signalled on SIGTERM after the grace period.
+    pub shutdown: CancellationToken,
+    /// Post-auth idle limit.
+    pub idle: Duration,
+    /// Read buffer size per direction.
+    pub buffer: usize,
+}
+
+/// Time of the last byte in either direction, shared by both copy loops.
+struct Activity {
+    start: Instant,
+    millis: AtomicU64,
+}
+
+impl Activity {
+    fn new() -> Self {
+        Activity {
+            start: Instant::now(),
+            millis: AtomicU64::new(0),
+        }
+    }
+
+    fn touch(&self) {
+        self.millis.store(self.start.elapsed().as_millis() as u64, Relaxed);
+    }
+
+    fn get(&self) -> Instant {
+        self.start + Duration::from_millis(self.millis.load(Relaxed))
+    }
+}
+
+enum Stop {
+    Kick(String),
+    Shutdown,
+    Idle,
+}
+
+/// Runs until one side closes, a kick, shutdown or idle timeout.
+pub async fn splice(
+    client: (Stream, BytesMut),
+    backend: (Stream, BytesMut),
+    p: SpliceParams<'_>,
+) -> Outcome {
+    let (client, client_left) = client;
+    let (backend, backend_left) = backend;
+    let (mut cr, mut cw) = tokio::io::split(client);
+    let (mut br, mut bw) = tokio::io::split(backend);
+    let clock = Activity::new();
+    let last = &clock;
+    let up = AtomicU64::new(client_left.len() as u64);
+    let down = AtomicU64::new(0);
+    let mut framer = ResponseFramer::new();
+
+    if !client_left.is_empty() {
+        if let Err(e) = bw.write_all(&client_left).await {
+            return Outcome {
+                ending: Ending::Error(format!("backend write: {e}")),
+                up: 0,
+                down: 0,
+            };
+        }
+    }
+    if !backend_left.is_empty() {
+        framer.feed(&backend_left);
+        down.store(backend_left.len() as u64, Relaxed);
+        if let Err(e) = cw.write_all(&backend_left).await {
+            return Outcome {
+                ending: Ending::Error(format!("client write: {e}")),
+                up: up.load(Relaxed),
+                down: 0,
+            };
+        }
+    }
+
+    let ending = {
+        let upstream = copy_up(&mut cr, &mut bw, p.buffer, last, &up);
+        let downstream = copy_down(&mut br, &mut cw, &mut framer, &p, last, &down);
+        tokio::pin!(upstream, downstream);
+        tokio::select! {
+            r = &mut downstream => r,
+            r = &mut upstream => match r {
+                // Client half-closed (passed on to the backend): let the backend finish.
+                Ok(()) => match tokio::time::timeout(Duration::from_secs(10), &mut downstream).await {
+                    Ok(Ending::BackendClosed) | Err(_) => Ending::ClientClosed,
+                    Ok(other) => other,
+                },
+                Err(e) => Ending::Error(e),
+            },
+        }
+    };
+    let _ = cw.shutdown().await;
+    Outcome {
+        ending,
+        up: up.load(Relaxed),
+        down: down.load(Relaxed),
+    }
+}
+
+async fn copy_up<R, W>(r: &mut R, w: &mut W, size: usize, last: &Activity, total: &AtomicU64) -> Result<(), String>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut buf = vec![0u8; size];
+    loop {
+        let n = r.read(&mut buf).await.map_err(|e| format!("client read: {e}"))?;
+        if n == 0 {
+            let _ = w.shutdown().await;
+            return Ok(());
+        }
+        last.touch();
+        total.fetch_add(n as u64, Relaxed);
+        w.write_all(&buf[..n]).await.map_err(|e| format!("backend write: {e}"))?;
+    }
+}
+
+async fn copy_down<R, W>(
+    r: &mut R,
+    w: &mut W,
+    framer: &mut ResponseFramer,
+    p: &SpliceParams<'_>,
+    last: &Activity,
+    total: &AtomicU64,
+) -> Ending
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut buf = vec![0u8; p.buffer];
+    // A stop waiting for the current response to end.
+    let mut pending: Option<Stop> = None;
+    loop {
+        if pending.is_some() && framer.at_boundary() {
+            return say_bye(w, pending.take()).await;
+        }
+        let read = tokio::select! {
+            biased;
+            reason = p.kick.kicked(), if pending.is_none() => {
+                pending = Some(Stop::Kick(reason.to_owned()));
+                continue;
+            }
+            _ = p.shutdown.cancelled(), if pending.is_none() => {
+                pending = Some(Stop::Shutdown);
+                continue;
+            }
+            _ = tokio::time::sleep_until(last.get() + p.idle), if pending.is_none() => {
+                if last.get().elapsed() >= p.idle {
+                    pending = Some(Stop::Idle);
+                }
+                continue;
+            }
+            r = r.read(&mut buf) => r,
+        };
+        let n = match read {
+            Ok(0) => return Ending::BackendClosed,
+            Ok(n) => n,
+            Err(e) => return Ending::Error(format!("backend read: {e}")),
+        };
+        last.touch();
+        let chunk = &buf[..n];
+        let upto = if pending.is_some() {
+            framer.feed_to_boundary(chunk).unwrap_or(n)
+        } else {
+            framer.feed(chunk);
+            n
+        };
+        total.fetch_add(upto as u64, Relaxed);
+        if let Err(e) = w.write_all(&chunk[..upto]).await {
+            return Ending::Error(format!("client write: {e}"));
+        }
+    }
+}
+
+async fn say_bye<W: AsyncWrite + Unpin>(w: &mut W, stop: Option<Stop>) -> Ending {
+    let (line, ending) = match stop {
+        Some(Stop::Kick(reason)) => (format!("* BYE [UNAVAILABLE] {reason}\r\n"), Ending::Kicked),
+        Some(Stop::Idle) => ("* BYE Idle for too long.\r\n".to_owned(), Ending::Idle),
+        Some(Stop::Shutdown) | None => (
+            "* BYE [UNAVAILABLE] Server shutting down, please reconnect.\r\n".to_owned(),
+            Ending::Shutdown,
+        ),
+    };
+    let _ = w.write_all(line.as_bytes()).await;
+    let _ = w.flush().await;
+    ending
+}

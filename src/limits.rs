@@ -1,0 +1,111 @@
+//! Every size limit and timeout of the proxy, in one place, with where each default comes from.
+
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// Size limits and per-phase timeouts. Durations are whole seconds in TOML (`[limits]`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Longest pre-auth command line; 8 KiB as Dovecot's `imap_max_line_length` for login.
+    pub preauth_line: usize,
+    /// Largest literal accepted before login (a LOGIN password); larger gets BAD and close.
+    pub preauth_literal: usize,
+    /// RFC 2971: at most 30 field/value pairs in ID.
+    pub id_max_pairs: usize,
+    /// RFC 2971: field names at most 30 octets.
+    pub id_max_field: usize,
+    /// RFC 2971: values at most 1024 octets.
+    pub id_max_value: usize,
+    /// Open client connections across all listeners.
+    pub max_connections: usize,
+    /// Failed logins in one session before the proxy says BYE.
+    pub max_auth_failures: u32,
+    /// First delay after a failed login from an address, doubled per further failure.
+    pub auth_failure_delay_ms: u64,
+    /// Ceiling of that delay.
+    pub auth_failure_delay_max_ms: u64,
+    /// TLS handshake (implicit TLS and STARTTLS), as seconds.
+    pub tls_handshake_secs: u64,
+    /// Silence before login; RFC 9051 allows servers to close idle unauthenticated sessions.
+    pub preauth_idle_secs: u64,
+    /// Connecting to a backend.
+    pub backend_connect_secs: u64,
+    /// Backend greeting and each backend reply during login.
+    pub backend_reply_secs: u64,
+    /// Silence in both directions after login; RFC 9051 requires at least 30 minutes.
+    pub postauth_idle_secs: u64,
+    /// Time sessions get to finish on SIGTERM before the proxy says BYE.
+    pub shutdown_grace_secs: u64,
+    /// Read buffer per direction of an active spliced session.
+    pub splice_buffer: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            preauth_line: 8 * 1024,
+            preauth_literal: 8 * 1024,
+            id_max_pairs: 30,
+            id_max_field: 30,
+            id_max_value: 1024,
+            max_connections: 20_000,
+            max_auth_failures: 3,
+            auth_failure_delay_ms: 500,
+            auth_failure_delay_max_ms: 15_000,
+            tls_handshake_secs: 15,
+            preauth_idle_secs: 180,
+            backend_connect_secs: 10,
+            backend_reply_secs: 30,
+            postauth_idle_secs: 31 * 60,
+            shutdown_grace_secs: 10,
+            splice_buffer: 64 * 1024,
+        }
+    }
+}
+
+impl Limits {
+    /// TLS handshake timeout.
+    pub fn tls_handshake(&self) -> Duration {
+        Duration::from_secs(self.tls_handshake_secs)
+    }
+    /// Pre-auth idle timeout.
+    pub fn preauth_idle(&self) -> Duration {
+        Duration::from_secs(self.preauth_idle_secs)
+    }
+    /// Backend connect timeout.
+    pub fn backend_connect(&self) -> Duration {
+        Duration::from_secs(self.backend_connect_secs)
+    }
+    /// Backend reply timeout.
+    pub fn backend_reply(&self) -> Duration {
+        Duration::from_secs(self.backend_reply_secs)
+    }
+    /// Post-auth idle timeout.
+    pub fn postauth_idle(&self) -> Duration {
+        Duration::from_secs(self.postauth_idle_secs)
+    }
+    /// Shutdown grace period.
+    pub fn shutdown_grace(&self) -> Duration {
+        Duration::from_secs(self.shutdown_grace_secs)
+    }
+
+    /// Reasons these limits are unusable (empty when fine).
+    pub fn problems(&self) -> Vec<String> {
+        let mut p = Vec::new();
+        if self.preauth_line < 512 {
+            p.push("limits.preauth_line must be at least 512".into());
+        }
+        if self.postauth_idle_secs < 30 * 60 {
+            p.push("limits.postauth_idle_secs must be at least 1800 (RFC 9051)".into());
+        }
+        if self.max_connections == 0 {
+            p.push("limits.max_connections must be at least 1".into());
+        }
+        if self.splice_buffer < 4096 {
+            p.push("limits.splice_buffer must be at least 4096".into());
+        }
+        p
+    }
+}

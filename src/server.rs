@@ -1,0 +1,223 @@
+//! `mailferry serve`: builds the shared pieces from the config, binds listeners, and runs
+//! until SIGTERM/SIGINT (drain) while SIGHUP reloads certificates and the route cache.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tracing::{error, info};
+
+use crate::config::{BackendAuth, Config, DirectoryKind};
+use crate::control::sessions::SessionRegistry;
+use crate::control::Control;
+use crate::imap::authdelay::AuthDelay;
+use crate::imap::backend::BackendTarget;
+use crate::imap::session::{self, ImapContext, ProxyBackend};
+use crate::net::listener::accept_loop;
+use crate::net::tls::{self, ReloadableServer};
+use crate::route::embedded::EmbeddedDirectory;
+use crate::route::{Directory, Route, RouteCache};
+use crate::shutdown::Shutdown;
+use crate::store::Store;
+
+/// Why the server could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// A file named in the config is unusable.
+    #[error("{what} {path}: {source}")]
+    File {
+        /// What the file is for.
+        what: &'static str,
+        /// Path.
+        path: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// TLS material is unusable.
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
+    /// The state store could not be opened.
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+    /// A listener could not bind.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// Address.
+        addr: std::net::SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// A configured feature is not available in this build.
+    #[error("{0}")]
+    Unsupported(String),
+}
+
+fn read_file(what: &'static str, cfg: &Config, p: &std::path::Path) -> Result<crate::secret::Secret<String>, ServeError> {
+    crate::config::read_secret(&cfg.resolve(p)).map_err(|source| ServeError::File {
+        what,
+        path: cfg.resolve(p).display().to_string(),
+        source,
+    })
+}
+
+/// Opens the state store and the directory named by the config.
+pub async fn open_directory(cfg: &Config) -> Result<(Store, Arc<RouteCache>), ServeError> {
+    let store = Store::open(&cfg.state.url).await?;
+    let directory: Arc<dyn Directory> = match cfg.directory.kind {
+        DirectoryKind::Embedded => Arc::new(EmbeddedDirectory::new(store.pool().clone())),
+        DirectoryKind::Ldap => {
+            return Err(ServeError::Unsupported(
+                "directory.kind = \"ldap\" is not implemented yet".into(),
+            ))
+        }
+    };
+    let cache = Arc::new(RouteCache::new(
+        directory,
+        cfg.directory.default_route,
+        Duration::from_secs(cfg.directory.cache_ttl_secs),
+    ));
+    Ok((store, cache))
+}
+
+fn proxy_backend(cfg: &Config, route: Route) -> Result<ProxyBackend, ServeError> {
+    let b = cfg.backends.get(route);
+    let ca = b.ca_file.as_ref().map(|p| cfg.resolve(p));
+    let tls = tls::client_config(ca.as_deref())?;
+    let master = match (&b.master_user, &b.master_password_file) {
+        (Some(user), Some(file)) => Some((user.clone(), read_file("master password", cfg, file)?)),
+        _ if b.auth == BackendAuth::Master => {
+            return Err(ServeError::Unsupported(format!("backends.{route}: master auth without master credentials")))
+        }
+        _ => None,
+    };
+    Ok(ProxyBackend {
+        target: BackendTarget {
+            route,
+            cfg: b.clone(),
+            tls,
+        },
+        master,
+    })
+}
+
+async fn bind(addr: std::net::SocketAddr) -> Result<TcpListener, ServeError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| ServeError::Bind { addr, source })
+}
+
+/// Runs the server until a termination signal; returns after draining.
+pub async fn serve(cfg: Config, metrics: metrics_exporter_prometheus::PrometheusHandle) -> Result<(), ServeError> {
+    let cfg = Arc::new(cfg);
+    let (store, routes) = open_directory(&cfg).await?;
+    let server_tls = Arc::new(ReloadableServer::new(tls::server_config(
+        &cfg.resolve(&cfg.tls.cert),
+        &cfg.resolve(&cfg.tls.key),
+    )?));
+    let sessions = Arc::new(SessionRegistry::default());
+    let shutdown = Shutdown::new();
+    let limits = cfg.limits.clone();
+    let imap = Arc::new(ImapContext {
+        allow_plaintext: cfg.tls.allow_plaintext_auth,
+        proxy: cfg.proxy.clone(),
+        tls: server_tls.clone(),
+        routes: routes.clone(),
+        reject_unknown: cfg.directory.reject_unknown,
+        legacy: proxy_backend(&cfg, Route::Legacy)?,
+        new: proxy_backend(&cfg, Route::New)?,
+        sessions: sessions.clone(),
+        auth_delay: AuthDelay::new(
+            Duration::from_millis(limits.auth_failure_delay_ms),
+            Duration::from_millis(limits.auth_failure_delay_max_ms),
+        ),
+        shutdown: shutdown.clone(),
+        limits: limits.clone(),
+    });
+    let control = Arc::new(Control::new(routes.clone(), store.clone(), sessions.clone()));
+    let permits = Arc::new(Semaphore::new(limits.max_connections));
+
+    let mut tasks = tokio::task::JoinSet::new();
+    for (addr, implicit) in [(cfg.listen.imap, false), (cfg.listen.imaps, true)] {
+        let Some(addr) = addr else { continue };
+        let listener = bind(addr).await?;
+        info!(%addr, tls = if implicit { "implicit" } else { "starttls" }, "IMAP listening");
+        let ctx = imap.clone();
+        tasks.spawn(accept_loop(
+            listener,
+            shutdown.clone(),
+            permits.clone(),
+            b"* BYE [UNAVAILABLE] Too many connections, try again later.\r\n",
+            move |tcp| session::handle(ctx.clone(), tcp, implicit),
+        ));
+    }
+    if let Some(addr) = cfg.listen.admin {
+        let token = read_file("admin token", &cfg, &cfg.admin.token_file)?;
+        let state = Arc::new(crate::admin::AdminState {
+            control: control.clone(),
+            routes: routes.clone(),
+            backends: vec![
+                (Route::Legacy, cfg.backends.legacy.imap.clone()),
+                (Route::New, cfg.backends.new.imap.clone()),
+            ],
+            token,
+            metrics: metrics.clone(),
+        });
+        let listener = bind(addr).await?;
+        info!(%addr, "admin API listening");
+        let stop = shutdown.clone();
+        tasks.spawn(async move {
+            let app = crate::admin::router(state);
+            if let Err(e) = axum::serve(listener, app)
+                .with_graceful_shutdown(async move { stop.stopping().await })
+                .await
+            {
+                error!(error = %e, "admin API failed");
+            }
+        });
+    }
+    let upkeep = metrics.clone();
+    tasks.spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(5));
+        loop {
+            tick.tick().await;
+            upkeep.run_upkeep();
+        }
+    });
+
+    wait_for_signals(&cfg, &server_tls, &routes).await;
+    info!(grace_secs = limits.shutdown_grace_secs, sessions = sessions.total(), "shutting down");
+    shutdown.drain(limits.shutdown_grace()).await;
+    tasks.abort_all();
+    info!("stopped");
+    Ok(())
+}
+
+#[cfg(unix)]
+async fn wait_for_signals(cfg: &Config, server_tls: &ReloadableServer, routes: &RouteCache) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::hangup()),
+    ) else {
+        error!("cannot install signal handlers");
+        return;
+    };
+    loop {
+        tokio::select! {
+            _ = term.recv() => return,
+            _ = int.recv() => return,
+            _ = hup.recv() => {
+                routes.clear();
+                match tls::server_config(&cfg.resolve(&cfg.tls.cert), &cfg.resolve(&cfg.tls.key)) {
+                    Ok(new) => {
+                        server_tls.set(new);
+                        info!("reloaded: TLS certificate, route cache cleared");
+                    }
+                    Err(e) => error!(error = %e, "reload failed, keeping the old certificate"),
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,47 @@
+//! Schema versions, applied in order once each; SQL valid for both SQLite and PostgreSQL.
+
+use sqlx::AnyPool;
+
+/// Each entry is one schema version; never edit a released entry, append a new one.
+const MIGRATIONS: &[&[&str]] = &[&[
+    "CREATE TABLE IF NOT EXISTS directory_routes (
+        email TEXT PRIMARY KEY,
+        route TEXT NOT NULL,
+        updated_at BIGINT NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS users (
+        email TEXT PRIMARY KEY,
+        state TEXT NOT NULL,
+        wave TEXT,
+        last_error TEXT,
+        updated_at BIGINT NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS events (
+        at BIGINT NOT NULL,
+        email TEXT NOT NULL,
+        from_state TEXT,
+        to_state TEXT NOT NULL,
+        detail TEXT)",
+    "CREATE INDEX IF NOT EXISTS events_email ON events (email, at)",
+]];
+
+/// Brings the schema up to date.
+pub async fn run(pool: &AnyPool) -> Result<(), sqlx::Error> {
+    sqlx::query("CREATE TABLE IF NOT EXISTS schema_version (version BIGINT NOT NULL)")
+        .execute(pool)
+        .await?;
+    let current: Option<(i64,)> = sqlx::query_as("SELECT MAX(version) FROM schema_version")
+        .fetch_optional(pool)
+        .await?;
+    let current = current.map_or(0, |(v,)| v) as usize;
+    for (i, steps) in MIGRATIONS.iter().enumerate().skip(current) {
+        let mut tx = pool.begin().await?;
+        for step in *steps {
+            sqlx::query(*step).execute(&mut *tx).await?;
+        }
+        sqlx::query("INSERT INTO schema_version (version) VALUES ($1)")
+            .bind((i + 1) as i64)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+    }
+    Ok(())
+}

@@ -1,0 +1,14 @@
+//! Shared integration-test support: real Dovecot backends and TLS helpers.
+//! Use with `mod support;` from a test crate.
+#![allow(dead_code)]
+
+pub mod dovecot;
+pub mod tls;
+
+#[allow(unused_imports)]
+pub use dovecot::{
+    free_port, marker_message, Backends, Dovecot, Flavor, ImapConn, ImapResponse, LmtpOutcome,
+    MASTER_PASSWORD, MASTER_USER, SPECIAL_USE, USERS,
+};
+#[allow(unused_imports)]
+pub use tls::{self_signed, TestCert};
