@@ -197,6 +197,9 @@ where
         let read = tokio::select! {
             biased;
             reason = p.kick.kicked(), if pending.is_none() => {
+                if !framer.at_boundary() {
+                    tracing::debug!("kick deferred until the current response ends");
+                }
                 pending = Some(Stop::Kick(reason.to_owned()));
                 continue;
             }

@@ -28,10 +28,11 @@ pub async fn run(pool: &AnyPool) -> Result<(), sqlx::Error> {
     sqlx::query("CREATE TABLE IF NOT EXISTS schema_version (version BIGINT NOT NULL)")
         .execute(pool)
         .await?;
-    let current: Option<(i64,)> = sqlx::query_as("SELECT MAX(version) FROM schema_version")
-        .fetch_optional(pool)
-        .await?;
-    let current = current.map_or(0, |(v,)| v) as usize;
+    let (current,): (i64,) =
+        sqlx::query_as("SELECT COALESCE(MAX(version), 0) FROM schema_version")
+            .fetch_one(pool)
+            .await?;
+    let current = current as usize;
     for (i, steps) in MIGRATIONS.iter().enumerate().skip(current) {
         let mut tx = pool.begin().await?;
         for step in *steps {

@@ -1,0 +1,227 @@
+//! Spawns the real `mailferry serve` binary in front of a `Backends` pair, with its own
+//! config, certificate, token and state database in a throwaway directory.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use super::dovecot::{free_port, port_open, Backends, Dovecot, MASTER_PASSWORD, MASTER_USER};
+use super::tls::{self_signed, TestCert};
+
+/// How to configure the proxy under test.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// `[tls] allow_plaintext_auth`.
+    pub allow_plaintext: bool,
+    /// `auth` of the legacy backend: "passthrough" or "master".
+    pub legacy_auth: &'static str,
+    /// `auth` of the new backend.
+    pub new_auth: &'static str,
+    /// `imap_tls` towards both backends: "none", "starttls" or "implicit".
+    pub backend_tls: &'static str,
+    /// Raw TOML appended to the generated config (extra sections).
+    pub extra: String,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            allow_plaintext: true,
+            legacy_auth: "passthrough",
+            new_auth: "passthrough",
+            backend_tls: "none",
+            extra: String::new(),
+        }
+    }
+}
+
+/// A running `mailferry serve`.
+pub struct Mailferry {
+    /// Plain/STARTTLS IMAP listener.
+    pub imap: SocketAddr,
+    /// Implicit-TLS IMAP listener.
+    pub imaps: SocketAddr,
+    /// LMTP listener.
+    pub lmtp: SocketAddr,
+    /// Admin API listener.
+    pub admin: SocketAddr,
+    /// The proxy's certificate (use as CA to verify it).
+    pub cert: TestCert,
+    /// Generated config file.
+    pub config: PathBuf,
+    /// Admin bearer token.
+    pub token: String,
+    /// Where stderr (the log) goes.
+    pub log_path: PathBuf,
+    child: Option<Child>,
+    _dir: tempfile::TempDir,
+}
+
+/// Path of the binary under test.
+pub fn binary() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_mailferry"))
+}
+
+fn backend_toml(
+    name: &str,
+    d: &Dovecot,
+    auth: &str,
+    tls: &str,
+    secret: &std::path::Path,
+) -> String {
+    let imap = if tls == "implicit" { d.imaps } else { d.imap };
+    format!(
+        "[backends.{name}]\nimap = \"{imap}\"\nimap_tls = \"{tls}\"\nca_file = \"{ca}\"\nlmtp = \"{lmtp}\"\nauth = \"{auth}\"\nmaster_user = \"{MASTER_USER}\"\nmaster_password_file = \"{secret}\"\n\n",
+        ca = d.cert.cert_pem.display(),
+        lmtp = d.lmtp,
+        secret = secret.display(),
+    )
+}
+
+impl Mailferry {
+    /// Writes a config for `backends` and starts the server; returns once all listeners accept.
+    pub fn start(backends: &Backends, opts: Options) -> Mailferry {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cert = self_signed(dir.path(), "proxy");
+        let token = format!("test-token-{}", free_port());
+        let token_file = dir.path().join("admin.token");
+        std::fs::write(&token_file, format!("{token}\n")).unwrap();
+        let secret = dir.path().join("master.secret");
+        std::fs::write(&secret, format!("{MASTER_PASSWORD}\n")).unwrap();
+        let [imap, imaps, lmtp, admin] =
+            [0; 4].map(|_| SocketAddr::from(([127, 0, 0, 1], free_port())));
+        let mut text = format!(
+            "[listen]\nimap = \"{imap}\"\nimaps = \"{imaps}\"\nlmtp = \"{lmtp}\"\nadmin = \"{admin}\"\n\n\
+             [tls]\ncert = \"{}\"\nkey = \"{}\"\nallow_plaintext_auth = {}\n\n\
+             [admin]\ntoken_file = \"{}\"\n\n\
+             [state]\nurl = \"sqlite://{}\"\n\n",
+            cert.cert_pem.display(),
+            cert.key_pem.display(),
+            opts.allow_plaintext,
+            token_file.display(),
+            dir.path().join("state.db").display(),
+        );
+        text.push_str(&backend_toml(
+            "legacy",
+            &backends.legacy,
+            opts.legacy_auth,
+            opts.backend_tls,
+            &secret,
+        ));
+        text.push_str(&backend_toml(
+            "new",
+            &backends.new,
+            opts.new_auth,
+            opts.backend_tls,
+            &secret,
+        ));
+        text.push_str(&opts.extra);
+        let config = dir.path().join("mailferry.toml");
+        std::fs::write(&config, text).unwrap();
+        let log_path = dir.path().join("mailferry.log");
+        let log = std::fs::File::create(&log_path).unwrap();
+        let child = Command::new(binary())
+            .arg("-c")
+            .arg(&config)
+            .arg("serve")
+            .env("MAILFERRY_LOG", "info,mailferry=debug")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn mailferry");
+        let mut m = Mailferry {
+            imap,
+            imaps,
+            lmtp,
+            admin,
+            cert,
+            config,
+            token,
+            log_path,
+            child: Some(child),
+            _dir: dir,
+        };
+        m.wait_listening(&[imap, imaps, admin]);
+        m
+    }
+
+    fn wait_listening(&mut self, addrs: &[SocketAddr]) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !addrs.iter().all(|a| port_open(*a)) {
+            if let Some(child) = self.child.as_mut() {
+                if let Ok(Some(status)) = child.try_wait() {
+                    panic!("mailferry exited early ({status}):\n{}", self.log());
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "mailferry did not listen in time:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(25));
+        }
+    }
+
+    /// Runs the CLI against this server's config.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        Command::new(binary())
+            .arg("-c")
+            .arg(&self.config)
+            .args(args)
+            .output()
+            .expect("run mailferry CLI")
+    }
+
+    /// `mailferry user route USER ROUTE`, asserting success.
+    pub fn route(&self, user: &str, route: &str) {
+        let out = self.cli(&["user", "route", user, route]);
+        assert!(
+            out.status.success(),
+            "user route failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// The server's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    /// Process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, |c| c.id())
+    }
+
+    /// Sends SIGTERM and waits for exit (up to `wait`); returns whether it exited.
+    pub fn terminate(&mut self, wait: Duration) -> bool {
+        let Some(mut child) = self.child.take() else {
+            return true;
+        };
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(child.id().to_string())
+            .status();
+        let deadline = Instant::now() + wait;
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = child.try_wait() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        false
+    }
+}
+
+impl Drop for Mailferry {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
