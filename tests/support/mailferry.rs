@@ -58,9 +58,18 @@ pub struct Mailferry {
     _dir: tempfile::TempDir,
 }
 
-/// Path of the binary under test.
+/// Path of the binary under test: Cargo names it for integration tests; examples and
+/// benches run from target/<profile>/examples/ next to it.
 pub fn binary() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_mailferry"))
+    if let Some(p) = option_env!("CARGO_BIN_EXE_mailferry") {
+        return PathBuf::from(p);
+    }
+    let exe = std::env::current_exe().expect("current exe");
+    let profile_dir = exe
+        .parent()
+        .and_then(|d| d.parent())
+        .expect("target/<profile>/examples/<name>");
+    profile_dir.join("mailferry")
 }
 
 fn backend_toml(

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Installs the Debian packages the demo and the tests need (real Dovecot, mbsync, swaks).
+set -euo pipefail
+pkgs=(dovecot-imapd dovecot-lmtpd isync swaks openssl)
+missing=()
+for p in "${pkgs[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "installing: ${missing[*]}"
+  if [ "$(id -u)" -ne 0 ]; then SUDO=sudo; else SUDO=; fi
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
