@@ -90,6 +90,54 @@ impl Activity {
     }
 }
 
+/// Bytes an idle session reads into; responses to NOOP, IDLE keep-alives and most commands fit.
+const SMALL: usize = 1024;
+/// A large buffer is given back after this long without traffic.
+const RELEASE_AFTER: Duration = Duration::from_secs(1);
+
+/// A read buffer that costs `SMALL` bytes while a connection is quiet and grows to `max` only
+/// while reads keep filling it, so thousands of idle sessions stay cheap and bulk transfers
+/// (a 10 MB FETCH) still move in large reads.
+struct Reader {
+    small: [u8; SMALL],
+    big: Option<Vec<u8>>,
+    max: usize,
+}
+
+impl Reader {
+    fn new(max: usize) -> Self {
+        Reader {
+            small: [0; SMALL],
+            big: None,
+            max,
+        }
+    }
+
+    /// Reads once; the bytes are `filled(n)`. Cancel-safe: nothing is consumed unless it returns.
+    async fn read<R: AsyncRead + Unpin>(&mut self, r: &mut R) -> std::io::Result<usize> {
+        if let Some(big) = self.big.as_mut() {
+            big.clear();
+            tokio::select! {
+                biased;
+                n = r.read_buf(big) => return n,
+                _ = tokio::time::sleep(RELEASE_AFTER) => self.big = None,
+            }
+        }
+        let n = r.read(&mut self.small).await?;
+        if n == SMALL {
+            self.big = Some(Vec::with_capacity(self.max));
+        }
+        Ok(n)
+    }
+
+    fn filled(&self, n: usize) -> &[u8] {
+        match &self.big {
+            Some(big) if big.len() == n && n > 0 => &big[..n],
+            _ => &self.small[..n],
+        }
+    }
+}
+
 enum Stop {
     Kick(String),
     Shutdown,
@@ -133,6 +181,10 @@ pub async fn splice(
         }
     }
 
+    // Free the pre-auth buffers: an idle session must cost only what the splice itself holds.
+    drop(client_left);
+    drop(backend_left);
+
     let ending = {
         let upstream = copy_up(&mut cr, &mut bw, p.buffer, last, &up);
         let downstream = copy_down(&mut br, &mut cw, &mut framer, &p, last, &down);
@@ -162,16 +214,16 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let mut buf = vec![0u8; size];
+    let mut buf = Reader::new(size);
     loop {
-        let n = r.read(&mut buf).await.map_err(|e| format!("client read: {e}"))?;
+        let n = buf.read(r).await.map_err(|e| format!("client read: {e}"))?;
         if n == 0 {
             let _ = w.shutdown().await;
             return Ok(());
         }
         last.touch();
         total.fetch_add(n as u64, Relaxed);
-        w.write_all(&buf[..n]).await.map_err(|e| format!("backend write: {e}"))?;
+        w.write_all(buf.filled(n)).await.map_err(|e| format!("backend write: {e}"))?;
     }
 }
 
@@ -187,7 +239,7 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let mut buf = vec![0u8; p.buffer];
+    let mut buf = Reader::new(p.buffer);
     // A stop waiting for the current response to end.
     let mut pending: Option<Stop> = None;
     loop {
@@ -213,7 +265,7 @@ where
                 }
                 continue;
             }
-            r = r.read(&mut buf) => r,
+            r = buf.read(r) => r,
         };
         let n = match read {
             Ok(0) => return Ending::BackendClosed,
@@ -221,7 +273,7 @@ where
             Err(e) => return Ending::Error(format!("backend read: {e}")),
         };
         last.touch();
-        let chunk = &buf[..n];
+        let chunk = buf.filled(n);
         let upto = if pending.is_some() {
             framer.feed_to_boundary(chunk).unwrap_or(n)
         } else {
