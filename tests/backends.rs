@@ -58,7 +58,11 @@ fn check_backend(d: &Dovecot, flavor: Flavor) {
     );
     assert!(r.starts_with("a OK"), "[{}] master LOGIN: {r}", d.name);
     let r = raw_login(d.imap, &format!("alice@example.org*{MASTER_USER}"), "nope");
-    assert!(r.starts_with("a NO"), "[{}] master bad password: {r}", d.name);
+    assert!(
+        r.starts_with("a NO"),
+        "[{}] master bad password: {r}",
+        d.name
+    );
 
     // Master user with SASL PLAIN authzid = user.
     let mut c = d.imap_connect();
@@ -66,9 +70,26 @@ fn check_backend(d: &Dovecot, flavor: Flavor) {
     assert!(c.greeting.contains("AUTH=PLAIN"), "{}", c.greeting);
     let resp = b64(format!("bob@example.org\0{MASTER_USER}\0{MASTER_PASSWORD}").as_bytes());
     let r = c.command(&format!("AUTHENTICATE PLAIN {resp}"));
-    assert!(r.is_ok(), "[{}] AUTHENTICATE PLAIN authzid: {}", d.name, r.tagged);
-    for cap in ["CONDSTORE", "QRESYNC", "SPECIAL-USE", "LITERAL+", "ID", "IDLE"] {
-        assert!(r.tagged.contains(cap), "[{}] missing {cap}: {}", d.name, r.tagged);
+    assert!(
+        r.is_ok(),
+        "[{}] AUTHENTICATE PLAIN authzid: {}",
+        d.name,
+        r.tagged
+    );
+    for cap in [
+        "CONDSTORE",
+        "QRESYNC",
+        "SPECIAL-USE",
+        "LITERAL+",
+        "ID",
+        "IDLE",
+    ] {
+        assert!(
+            r.tagged.contains(cap),
+            "[{}] missing {cap}: {}",
+            d.name,
+            r.tagged
+        );
     }
     // The session really is bob's.
     let r = c.command("NAMESPACE");
@@ -98,7 +119,11 @@ fn check_backend(d: &Dovecot, flavor: Flavor) {
             .lines()
             .find(|l| l.ends_with(&format!(" {name}")))
             .unwrap_or_else(|| panic!("[{}] no {name} in LIST:\n{list}", d.name));
-        assert!(line.contains(flag), "[{}] {name} lacks {flag}: {line}", d.name);
+        assert!(
+            line.contains(flag),
+            "[{}] {name} lacks {flag}: {line}",
+            d.name
+        );
         assert!(line.contains("\\Subscribed"), "[{}] {line}", d.name);
     }
     c.logout();
@@ -107,7 +132,12 @@ fn check_backend(d: &Dovecot, flavor: Flavor) {
     for (user, _) in USERS {
         assert_eq!(d.count(user, "INBOX"), 1, "[{}] {user} INBOX", d.name);
         let msgs = d.messages(user, "INBOX");
-        assert_eq!(msgs, vec![marker_message(flavor, user)], "[{}] {user}", d.name);
+        assert_eq!(
+            msgs,
+            vec![marker_message(flavor, user)],
+            "[{}] {user}",
+            d.name
+        );
     }
     let mailboxes = d.mailboxes("alice@example.org");
     for (name, _) in SPECIAL_USE {
@@ -118,7 +148,11 @@ fn check_backend(d: &Dovecot, flavor: Flavor) {
     let folder = format!("Projects{sep}2024");
     let msg = b"Subject: nested\r\n\r\nline one\r\n.leading dot\r\n".to_vec();
     d.save("carol@example.org", &folder, &msg);
-    d.save("carol@example.org", &folder, b"Subject: second\r\n\r\n2\r\n");
+    d.save(
+        "carol@example.org",
+        &folder,
+        b"Subject: second\r\n\r\n2\r\n",
+    );
     assert_eq!(d.count("carol@example.org", &folder), 2);
     let got = d.messages("carol@example.org", &folder);
     assert_eq!(got[0], msg);
@@ -144,7 +178,10 @@ fn check_backend(d: &Dovecot, flavor: Flavor) {
 fn backends_start_seeded_and_independent() {
     let t0 = Instant::now();
     let b = Backends::start();
-    eprintln!("Backends::start (2 instances + seeding): {:?}", t0.elapsed());
+    eprintln!(
+        "Backends::start (2 instances + seeding): {:?}",
+        t0.elapsed()
+    );
     assert_ne!(b.legacy.imap, b.new.imap);
     assert_ne!(b.legacy.pid(), b.new.pid());
     assert_ne!(b.legacy.dir, b.new.dir);
@@ -160,7 +197,11 @@ fn backends_start_seeded_and_independent() {
     assert!(out.starts_with("250"), "LMTP DATA reply: {out}");
     assert_eq!(b.legacy.count("alice@example.org", "INBOX"), 2);
     assert_eq!(b.new.count("alice@example.org", "INBOX"), 1);
-    let last = b.legacy.messages("alice@example.org", "INBOX").pop().unwrap();
+    let last = b
+        .legacy
+        .messages("alice@example.org", "INBOX")
+        .pop()
+        .unwrap();
     let last = String::from_utf8(last).unwrap();
     assert!(last.contains("Subject: via lmtp legacy"), "{last}");
     assert!(last.ends_with("hello legacy\r\n.dot\r\n"), "{last:?}");
@@ -210,7 +251,8 @@ fn lmtp_raw(addr: std::net::SocketAddr, rcpt: &str, body: &[u8]) -> String {
     assert!(reply().starts_with("250"));
     w.write_all(b"MAIL FROM:<x@example.net>\r\n").unwrap();
     assert!(reply().starts_with("250"));
-    w.write_all(format!("RCPT TO:<{rcpt}>\r\n").as_bytes()).unwrap();
+    w.write_all(format!("RCPT TO:<{rcpt}>\r\n").as_bytes())
+        .unwrap();
     let rr = reply();
     assert!(rr.starts_with("250"), "RCPT: {rr}");
     w.write_all(b"DATA\r\n").unwrap();
@@ -234,7 +276,8 @@ fn tls_listeners_verify_with_the_test_cert() {
         let mut greeting = [0u8; 4];
         s.read_exact(&mut greeting).unwrap();
         assert_eq!(&greeting, b"* OK");
-        s.write_all(b"a LOGIN alice@example.org alicepw\r\n").unwrap();
+        s.write_all(b"a LOGIN alice@example.org alicepw\r\n")
+            .unwrap();
         let mut r = BufReader::new(s);
         let mut line = String::new();
         r.read_line(&mut line).unwrap(); // rest of greeting
@@ -272,7 +315,7 @@ fn tls_listeners_verify_with_the_test_cert() {
     assert!(d.log().contains("starting up for imap, lmtp"));
 }
 
-fn assert_gone(what: &str, instance: &str, conf: &PathBuf, ports: &[std::net::SocketAddr]) {
+fn assert_gone(what: &str, instance: &str, conf: &std::path::Path, ports: &[std::net::SocketAddr]) {
     // The master is reaped by stop(); give the kernel a moment for sockets.
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
@@ -303,7 +346,11 @@ fn drop_stops_every_process_and_closes_ports() {
     assert!(busy.command("SELECT INBOX").is_ok());
     let lmtp = std::net::TcpStream::connect(d.lmtp).unwrap();
     let procs = d.processes();
-    assert!(procs.contains(&d.pid()), "{procs:?} lacks master {}", d.pid());
+    assert!(
+        procs.contains(&d.pid()),
+        "{procs:?} lacks master {}",
+        d.pid()
+    );
     assert!(procs.len() >= 5, "expected master + children: {procs:?}");
 
     let t0 = Instant::now();
@@ -311,7 +358,12 @@ fn drop_stops_every_process_and_closes_ports() {
     eprintln!("drop: {:?}", t0.elapsed());
     assert!(t0.elapsed() < Duration::from_secs(3), "{:?}", t0.elapsed());
     assert_gone("after drop", &instance, &conf, &ports);
-    assert!(!dir.exists(), "instance dir left behind: {}", dir.display());
+    let keep = std::env::var_os("MAILFERRY_KEEP_DOVECOT").is_some();
+    assert!(
+        keep || !dir.exists(),
+        "instance dir left behind: {}",
+        dir.display()
+    );
     drop(lmtp);
 }
 
@@ -365,7 +417,12 @@ fn watchdog_child_helper() {
 #[test]
 fn watchdog_stops_instance_when_test_process_dies() {
     let out = std::process::Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "watchdog_child_helper", "--nocapture", "--test-threads=1"])
+        .args([
+            "--exact",
+            "watchdog_child_helper",
+            "--nocapture",
+            "--test-threads=1",
+        ])
         .env("MF_WATCHDOG_CHILD", "1")
         .stderr(std::process::Stdio::inherit())
         .output()
@@ -379,6 +436,9 @@ fn watchdog_stops_instance_when_test_process_dies() {
     let conf = PathBuf::from(f[1]);
     let ports = [f[2].parse().unwrap(), f[3].parse().unwrap()];
     assert_gone("after the test process died", f[0], &conf, &ports);
+    if std::env::var_os("MAILFERRY_KEEP_DOVECOT").is_some() {
+        return;
+    }
     let dir = PathBuf::from(f[4]);
     let deadline = Instant::now() + Duration::from_secs(5);
     while dir.exists() && Instant::now() < deadline {
@@ -390,8 +450,7 @@ fn watchdog_stops_instance_when_test_process_dies() {
 #[test]
 fn quote_and_parallel_free_ports() {
     assert_eq!(quote(r#"a"b\c"#), r#""a\"b\\c""#);
-    let ports: std::collections::HashSet<u16> =
-        (0..50).map(|_| support::free_port()).collect();
+    let ports: std::collections::HashSet<u16> = (0..50).map(|_| support::free_port()).collect();
     assert_eq!(ports.len(), 50);
     let _ = lmtp_deliver; // re-exported helper used by other tests
 }

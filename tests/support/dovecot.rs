@@ -51,7 +51,7 @@ pub const SYSTEM_USER: &str = "mfdovecot";
 /// How long [`Dovecot::start`] waits for the listeners before giving up.
 const START_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long `stop` waits after SIGTERM before SIGKILLing what is left.
-const TERM_GRACE: Duration = Duration::from_millis(400);
+const TERM_GRACE: Duration = Duration::from_millis(300);
 
 /// The two kinds of backend, differing like real migrations do.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -151,6 +151,15 @@ fn passwd_by<F: Fn(&[&str]) -> bool>(pred: F) -> Option<(String, u32, u32)> {
     })
 }
 
+fn group_exists(name: &str, gid: u32) -> bool {
+    fs::read_to_string("/etc/group").is_ok_and(|text| {
+        text.lines().any(|line| {
+            let f: Vec<&str> = line.split(':').collect();
+            f.len() >= 3 && f[0] == name && f[2] == gid.to_string()
+        })
+    })
+}
+
 fn run_as() -> RunAs {
     static RUN_AS: OnceLock<RunAs> = OnceLock::new();
     RUN_AS
@@ -184,8 +193,15 @@ fn run_as() -> RunAs {
 fn ensure_system_user(name: &str) -> (String, u32, u32) {
     let mut last_err = String::new();
     for attempt in 0..100 {
+        // useradd commits /etc/passwd before /etc/group: a racing reader can
+        // see the user before its group exists (Dovecot's login processes
+        // then fail with "chdir(login) failed: Permission denied").
         if let Some(found) = passwd_by(|f| f[0] == name) {
-            return found;
+            if group_exists(name, found.2) {
+                return found;
+            }
+            thread::sleep(Duration::from_millis(50));
+            continue;
         }
         if attempt % 5 == 0 {
             match Command::new("useradd")
@@ -210,7 +226,7 @@ fn ensure_system_user(name: &str) -> (String, u32, u32) {
         }
         thread::sleep(Duration::from_millis(50));
     }
-    panic!("could not create system user {name}: {last_err}");
+    panic!("could not create system user {name} (with its group): {last_err}");
 }
 
 fn chown_r(path: &Path, uid: u32, gid: u32) {
@@ -424,8 +440,10 @@ impl Dovecot {
                 Err(StartFailure::PortInUse(msg)) => {
                     last = msg;
                     dc.stop();
-                    // start over with a clean log so the next attempt's tail is readable
+                    // start over with a clean log and base_dir (stale sockets)
                     let _ = fs::write(&dc.log_path, b"");
+                    let _ = fs::remove_dir_all(dir.join("run"));
+                    let _ = fs::create_dir_all(dir.join("run"));
                 }
                 Err(StartFailure::Other(msg)) => {
                     let tail = dc.log_tail(60);
@@ -541,6 +559,11 @@ namespace inbox {{
 
 service anvil {{
   chroot =
+  # no auth penalty socket: auth then never delays logins from an IP (127.0.0.1)
+  # after failed attempts (2, 4, 8... s), which would slow down later tests
+  unix_listener anvil-auth-penalty {{
+    mode = 0
+  }}
 }}
 service ipc {{
   chroot =
@@ -632,6 +655,13 @@ service lmtp {{
                     return Ok(());
                 }
             }
+            // A service that cannot start is throttled for seconds, then longer:
+            // fail now with the log rather than after the whole timeout.
+            if self.log_contains("command startup failed") {
+                return Err(StartFailure::Other(
+                    "a Dovecot service could not start (see the log)".to_string(),
+                ));
+            }
             if Instant::now() > deadline {
                 return Err(StartFailure::Other(format!(
                     "listeners not ready after {START_TIMEOUT:?} (imap {} ok={imap_ok}, \
@@ -690,15 +720,30 @@ kill -KILL "$1" 2>/dev/null
         signal(self.pid, sys::SIGTERM);
         let grace = Instant::now() + TERM_GRACE;
         let mut exited = false;
+        let log_title = format!("dovecot-{}/log", self.instance);
         while Instant::now() < grace {
             if matches!(master.try_wait(), Ok(Some(_))) {
                 exited = true;
                 break;
             }
+            // Once only the master and its log process are left, everything
+            // has been logged and flushed: no point waiting any longer.
+            let only_log_left = instance_processes(&self.instance, &self.conf)
+                .into_iter()
+                .filter(|&p| p != self.pid)
+                .all(|p| {
+                    fs::read(format!("/proc/{p}/cmdline"))
+                        .map(|c| String::from_utf8_lossy(&c).starts_with(&log_title))
+                        .unwrap_or(true)
+                });
+            if only_log_left {
+                break;
+            }
             thread::sleep(Duration::from_millis(10));
         }
         // Dovecot's master lingers ~2 s waiting for its log process after all
-        // other children are gone: no need to wait for that in tests.
+        // other children are gone, and imap/stats processes of open sessions
+        // linger too: no need to wait for that in tests.
         let deadline = Instant::now() + Duration::from_secs(5);
         loop {
             if !exited {
@@ -854,7 +899,9 @@ kill -KILL "$1" 2>/dev/null
     /// Number of messages in `user`'s `mailbox` (panics if it does not exist).
     pub fn count(&self, user: &str, mailbox: &str) -> usize {
         let out = self.doveadm_ok(
-            &["-f", "flow", "mailbox", "status", "-u", user, "messages", mailbox],
+            &[
+                "-f", "flow", "mailbox", "status", "-u", user, "messages", mailbox,
+            ],
             None,
         );
         let text = String::from_utf8_lossy(&out.stdout);
@@ -879,9 +926,19 @@ kill -KILL "$1" 2>/dev/null
     pub fn messages(&self, user: &str, mailbox: &str) -> Vec<Vec<u8>> {
         let mut c = self.imap_master_login(user);
         let r = c.command(&format!("EXAMINE {}", quote(mailbox)));
-        assert!(r.is_ok(), "[{}] EXAMINE {mailbox} as {user}: {}", self.name, r.tagged);
+        assert!(
+            r.is_ok(),
+            "[{}] EXAMINE {mailbox} as {user}: {}",
+            self.name,
+            r.tagged
+        );
         let r = c.command("UID FETCH 1:* (UID BODY.PEEK[])");
-        assert!(r.is_ok(), "[{}] UID FETCH in {mailbox}: {}", self.name, r.tagged);
+        assert!(
+            r.is_ok(),
+            "[{}] UID FETCH in {mailbox}: {}",
+            self.name,
+            r.tagged
+        );
         let mut msgs: Vec<(u32, Vec<u8>)> = r
             .untagged
             .iter()
@@ -891,7 +948,7 @@ kill -KILL "$1" 2>/dev/null
                     return None;
                 }
                 let uid = text
-                    .split(|c: char| c == ' ' || c == '(' || c == ')')
+                    .split([' ', '(', ')'])
                     .skip_while(|t| *t != "UID")
                     .nth(1)?
                     .parse()
@@ -1147,7 +1204,11 @@ impl ImapConn {
         };
         let g = c.read_line();
         c.greeting = g.text();
-        assert!(c.greeting.starts_with("* OK"), "IMAP greeting from {addr}: {}", c.greeting);
+        assert!(
+            c.greeting.starts_with("* OK"),
+            "IMAP greeting from {addr}: {}",
+            c.greeting
+        );
         c
     }
 
@@ -1182,10 +1243,7 @@ impl ImapConn {
 
     /// Send bytes as they are.
     pub fn send_raw(&mut self, bytes: &[u8]) {
-        self.reader
-            .get_mut()
-            .write_all(bytes)
-            .expect("IMAP write");
+        self.reader.get_mut().write_all(bytes).expect("IMAP write");
     }
 
     /// Read one complete response line (following `{n}` literals).
@@ -1291,15 +1349,21 @@ pub fn lmtp_deliver(addr: SocketAddr, from: &str, rcpts: &[&str], message: &[u8]
     w.write_all(b"LHLO mailferry.test\r\n").unwrap();
     let lhlo = reply(&mut r);
     assert!(lhlo.starts_with("250"), "LHLO: {lhlo}");
-    w.write_all(format!("MAIL FROM:<{from}>\r\n").as_bytes()).unwrap();
+    w.write_all(format!("MAIL FROM:<{from}>\r\n").as_bytes())
+        .unwrap();
     let mail = reply(&mut r);
     assert!(mail.starts_with("250"), "MAIL FROM: {mail}");
     let mut out = LmtpOutcome::default();
     for rcpt in rcpts {
-        w.write_all(format!("RCPT TO:<{rcpt}>\r\n").as_bytes()).unwrap();
+        w.write_all(format!("RCPT TO:<{rcpt}>\r\n").as_bytes())
+            .unwrap();
         out.rcpt_replies.push(reply(&mut r));
     }
-    let accepted = out.rcpt_replies.iter().filter(|r| r.starts_with('2')).count();
+    let accepted = out
+        .rcpt_replies
+        .iter()
+        .filter(|r| r.starts_with('2'))
+        .count();
     if accepted > 0 {
         w.write_all(b"DATA\r\n").unwrap();
         let data = reply(&mut r);

@@ -2,7 +2,9 @@
 //! Use with `mod support;` from a test crate.
 #![allow(dead_code)]
 
+pub mod client;
 pub mod dovecot;
+pub mod mailferry;
 pub mod tls;
 
 #[allow(unused_imports)]

@@ -22,12 +22,14 @@ pub struct TestCert {
 /// written into `dir` as `<name>.pem` / `<name>.key` (key PKCS#8 PEM).
 /// Both files are mode 0644 so an unprivileged Dovecot user can read them.
 pub fn self_signed(dir: &Path, name: &str) -> TestCert {
-    let mut params =
-        CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()])
-            .expect("rcgen: certificate params");
+    let mut params = CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()])
+        .expect("rcgen: certificate params");
     let mut dn = DistinguishedName::new();
     dn.push(DnType::CommonName, "localhost");
-    dn.push(DnType::OrganizationName, format!("mailferry tests ({name})"));
+    dn.push(
+        DnType::OrganizationName,
+        format!("mailferry tests ({name})"),
+    );
     params.distinguished_name = dn;
     params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
     let key = KeyPair::generate().expect("rcgen: generate key pair");
@@ -110,9 +112,10 @@ pub type TlsStream = rustls::StreamOwned<rustls::ClientConnection, std::net::Tcp
 /// ("localhost" or "127.0.0.1") against `ca_pem`. The handshake is completed
 /// before returning.
 pub fn connect(addr: std::net::SocketAddr, server_name: &str, ca_pem: &Path) -> TlsStream {
-    let tcp = std::net::TcpStream::connect(addr)
-        .unwrap_or_else(|e| panic!("TLS connect {addr}: {e}"));
-    tcp.set_read_timeout(Some(std::time::Duration::from_secs(10))).ok();
+    let tcp =
+        std::net::TcpStream::connect(addr).unwrap_or_else(|e| panic!("TLS connect {addr}: {e}"));
+    tcp.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .ok();
     wrap(tcp, server_name, ca_pem)
 }
 
