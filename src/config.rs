@@ -310,6 +310,30 @@ pub struct SyncConfig {
     /// Copy budget; 0 = unlimited.
     #[serde(default)]
     pub bytes_per_second: u64,
+    /// Seconds between incremental passes of a `syncing` user.
+    #[serde(default = "default_sync_interval")]
+    pub interval_secs: u64,
+    /// Regexes on the decoded, `/`-separated legacy folder path; matching folders are not synced.
+    #[serde(default)]
+    pub exclude: Vec<String>,
+    /// Rename rules applied in order (first match wins), like imapsync's `--regextrans2`.
+    #[serde(default)]
+    pub rename: Vec<RenameRule>,
+}
+
+/// One `[[sync.rename]]` rule: `from` is a regex on the decoded `/`-separated path, `to` its
+/// replacement (`$1` refers to groups); the result's `/` separates hierarchy levels.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RenameRule {
+    /// Pattern.
+    pub from: String,
+    /// Replacement.
+    pub to: String,
+}
+
+fn default_sync_interval() -> u64 {
+    300
 }
 
 fn default_concurrency() -> usize {
@@ -325,6 +349,9 @@ impl Default for SyncConfig {
             concurrency: default_concurrency(),
             per_backend: default_per_backend(),
             bytes_per_second: 0,
+            interval_secs: default_sync_interval(),
+            exclude: Vec::new(),
+            rename: Vec::new(),
         }
     }
 }
@@ -452,6 +479,11 @@ impl Config {
         }
         if self.sync.concurrency == 0 || self.sync.per_backend == 0 {
             problems.push("sync.concurrency and sync.per_backend must be at least 1".into());
+        }
+        for p in self.sync.exclude.iter().chain(self.sync.rename.iter().map(|r| &r.from)) {
+            if let Err(e) = regex::Regex::new(p) {
+                problems.push(format!("sync rule {p:?}: {e}"));
+            }
         }
         if self.proxy.master_user_separator.is_empty() {
             problems.push("proxy.master_user_separator must not be empty".into());

@@ -15,3 +15,4 @@ pub mod secret;
 pub mod server;
 pub mod shutdown;
 pub mod store;
+pub mod sync;

@@ -21,6 +21,40 @@ const MIGRATIONS: &[&[&str]] = &[&[
         to_state TEXT NOT NULL,
         detail TEXT)",
     "CREATE INDEX IF NOT EXISTS events_email ON events (email, at)",
+], &[
+    // Sync engine: one row per legacy folder of a user (keyed by its wire name).
+    "CREATE TABLE IF NOT EXISTS sync_folders (
+        email TEXT NOT NULL,
+        source_name TEXT NOT NULL,
+        target_name TEXT NOT NULL,
+        source_uidvalidity BIGINT NOT NULL,
+        target_uidvalidity BIGINT NOT NULL,
+        last_uid BIGINT NOT NULL,
+        highest_modseq BIGINT NOT NULL,
+        source_uidnext BIGINT NOT NULL,
+        source_messages BIGINT NOT NULL,
+        source_bytes BIGINT NOT NULL,
+        subscribed BIGINT NOT NULL,
+        updated_at BIGINT NOT NULL,
+        PRIMARY KEY (email, source_name))",
+    // Legacy UID -> new UID; target_uid NULL: APPEND sent but not yet acknowledged
+    // (crash recovery matches these by content hash); 0: not copyable (recorded error).
+    "CREATE TABLE IF NOT EXISTS sync_uids (
+        email TEXT NOT NULL,
+        source_name TEXT NOT NULL,
+        source_uid BIGINT NOT NULL,
+        target_uid BIGINT,
+        hash TEXT NOT NULL,
+        size BIGINT NOT NULL,
+        PRIMARY KEY (email, source_name, source_uid))",
+    "CREATE TABLE IF NOT EXISTS sync_passes (
+        email TEXT PRIMARY KEY,
+        passes BIGINT NOT NULL,
+        last_pass_at BIGINT,
+        last_pass_ms BIGINT,
+        last_appended BIGINT,
+        last_error TEXT,
+        updated_at BIGINT NOT NULL)",
 ]];
 
 /// Brings the schema up to date.

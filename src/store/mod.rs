@@ -3,6 +3,7 @@
 //! PostgreSQL when several nodes share the work.
 
 mod migrations;
+pub mod sync;
 pub mod users;
 
 use std::path::Path;

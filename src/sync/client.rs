@@ -1,0 +1,530 @@
+//! The sync engine's IMAP client: logs in through `imap::backend::login` (TLS none / STARTTLS /
+//! implicit with certificate checks, STARTTLS-stripping and injection refused, SASL PLAIN with
+//! authzid = user), then drives pipelined commands over the same connection.
+//!
+//! One `Client` owns one connection. Commands are written by the caller as bytes (so APPEND can
+//! stream literals and several commands can be in flight); `read()` returns one parsed response.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::time::timeout;
+
+use super::proto::{self, Framer, Response, Status, StatusText, Value};
+use super::SyncError;
+use crate::config::{read_secret, Config};
+use crate::imap::backend::{self, BackendTarget, PlainLogin};
+use crate::imap::conn::Conn;
+use crate::limits::Limits;
+use crate::route::Route;
+use crate::secret::Secret;
+
+/// Largest message the sync engine copies (literal cap); bigger ones are reported, not copied.
+pub const MAX_MESSAGE: u64 = 100 * 1024 * 1024;
+/// Longest response line between literals (a `UID SEARCH` over 100k messages is ~700 KiB).
+const MAX_LINE: usize = 16 * 1024 * 1024;
+
+/// How to reach and authenticate to one backend as any user.
+#[derive(Clone)]
+pub struct Endpoint {
+    /// Address, TLS mode and TLS client configuration.
+    pub target: BackendTarget,
+    /// Master user name and password: the engine logs in as the user through them.
+    pub master: Option<(String, Secret<String>)>,
+    /// Connect and reply timeouts.
+    pub limits: Limits,
+}
+
+impl Endpoint {
+    /// Builds the endpoint of `route` from the config; the sync engine needs the backend's
+    /// `master_user` and `master_password_file` (users' own passwords are never stored).
+    pub fn from_config(cfg: &Config, route: Route) -> Result<Endpoint, SyncError> {
+        let b = cfg.backends.get(route);
+        let ca = b.ca_file.as_ref().map(|p| cfg.resolve(p));
+        let tls = crate::net::tls::client_config(ca.as_deref())
+            .map_err(|e| SyncError::Config(format!("backends.{route}: {e}")))?;
+        let master = match (&b.master_user, &b.master_password_file) {
+            (Some(user), Some(file)) => {
+                let pw = read_secret(&cfg.resolve(file)).map_err(|e| {
+                    SyncError::Config(format!("backends.{route}.master_password_file {}: {e}", file.display()))
+                })?;
+                Some((user.clone(), pw))
+            }
+            _ => None,
+        };
+        Ok(Endpoint {
+            target: BackendTarget {
+                route,
+                cfg: b.clone(),
+                tls,
+            },
+            master,
+            limits: cfg.limits.clone(),
+        })
+    }
+
+    /// Which backend this is.
+    pub fn route(&self) -> Route {
+        self.target.route
+    }
+}
+
+/// Capabilities announced after login, upper-cased.
+#[derive(Debug, Clone, Default)]
+pub struct Caps(HashSet<String>);
+
+impl Caps {
+    /// Parses a space-separated capability list.
+    pub fn parse(list: &str) -> Caps {
+        Caps(list.split_ascii_whitespace().map(str::to_ascii_uppercase).collect())
+    }
+
+    /// Whether `name` was announced.
+    pub fn has(&self, name: &str) -> bool {
+        self.0.contains(&name.to_ascii_uppercase())
+    }
+}
+
+/// One logged-in IMAP connection.
+pub struct Client {
+    conn: Conn,
+    framer: Framer,
+    next_tag: u64,
+    caps: Caps,
+    route: Route,
+    reply_timeout: Duration,
+}
+
+impl Client {
+    /// Connects to `ep` and logs in as `user` through the master user.
+    pub async fn login(ep: &Endpoint, user: &str) -> Result<Client, SyncError> {
+        let Some((master, password)) = &ep.master else {
+            return Err(SyncError::Config(format!(
+                "backends.{}: the sync engine needs master_user and master_password_file",
+                ep.route()
+            )));
+        };
+        let creds = PlainLogin {
+            authzid: Some(user),
+            authcid: master.as_bytes(),
+            password: password.expose().as_bytes(),
+        };
+        let logged = backend::login(&ep.target, &ep.limits, None, creds).await?;
+        Ok(Client {
+            conn: logged.conn,
+            framer: Framer::default(),
+            next_tag: 1,
+            caps: Caps::parse(&logged.capabilities),
+            route: ep.route(),
+            // A big APPEND batch or FETCH of a large message can take a while to be answered,
+            // but any silence longer than this is a dead or overloaded backend.
+            reply_timeout: ep.limits.backend_reply().max(Duration::from_secs(60)),
+        })
+    }
+
+    /// The backend this client talks to.
+    pub fn route(&self) -> Route {
+        self.route
+    }
+
+    /// Whether the server announced `cap`.
+    pub fn has(&self, cap: &str) -> bool {
+        self.caps.has(cap)
+    }
+
+    /// A fresh command tag.
+    pub fn tag(&mut self) -> String {
+        let t = format!("s{}", self.next_tag);
+        self.next_tag += 1;
+        t
+    }
+
+    /// Writes bytes (one or more commands) and flushes.
+    pub async fn write(&mut self, bytes: &[u8]) -> Result<(), SyncError> {
+        match timeout(self.reply_timeout, self.conn.write_all(bytes)).await {
+            Err(_) => Err(SyncError::Timeout {
+                backend: self.route,
+                phase: "write",
+            }),
+            Ok(Err(source)) => Err(SyncError::Io {
+                backend: self.route,
+                source,
+            }),
+            Ok(Ok(())) => Ok(()),
+        }
+    }
+
+    /// Reads the next complete response.
+    pub async fn read(&mut self) -> Result<Response, SyncError> {
+        loop {
+            let framed = self
+                .framer
+                .frame(self.conn.buffer(), MAX_MESSAGE, MAX_LINE)
+                .map_err(|e| self.protocol(e.to_string()))?;
+            if let Some(n) = framed {
+                let frame: Bytes = self.conn.buffer().split_to(n).freeze();
+                return proto::parse(frame).map_err(|e| self.protocol(e.to_string()));
+            }
+            // Large reads while a literal streams in; the buffer grows only as far as needed.
+            let want = 256 * 1024;
+            self.conn.buffer().reserve(want);
+            let n = match timeout(self.reply_timeout, self.conn.read_some(want)).await {
+                Err(_) => {
+                    return Err(SyncError::Timeout {
+                        backend: self.route,
+                        phase: "reply",
+                    })
+                }
+                Ok(Err(source)) => {
+                    return Err(SyncError::Io {
+                        backend: self.route,
+                        source,
+                    })
+                }
+                Ok(Ok(n)) => n,
+            };
+            if n == 0 {
+                return Err(SyncError::Io {
+                    backend: self.route,
+                    source: std::io::ErrorKind::UnexpectedEof.into(),
+                });
+            }
+        }
+    }
+
+    /// Sends `cmd` (without tag and CRLF) and collects untagged responses until its completion.
+    /// `verb` names the command in errors (never arguments: they may hold folder names only,
+    /// but keep logs uniform).
+    pub async fn command(&mut self, verb: &'static str, cmd: &str) -> Result<Vec<Response>, SyncError> {
+        let tag = self.tag();
+        self.write(format!("{tag} {cmd}\r\n").as_bytes()).await?;
+        self.collect(verb, &tag).await.map(|(u, _)| u)
+    }
+
+    /// Reads until the tagged response `tag`; errors on NO/BAD.
+    pub async fn collect(&mut self, verb: &'static str, tag: &str) -> Result<(Vec<Response>, StatusText), SyncError> {
+        let mut untagged = Vec::new();
+        loop {
+            match self.read().await? {
+                Response::Tagged { tag: t, status, info } if t.as_ref() == tag.as_bytes() => {
+                    return match status {
+                        Status::Ok => Ok((untagged, info)),
+                        _ => Err(self.refused(verb, status, &info)),
+                    };
+                }
+                Response::Condition {
+                    status: Status::Bye,
+                    info,
+                } => {
+                    return Err(SyncError::Refused {
+                        backend: self.route,
+                        command: verb,
+                        code: info.code_name(),
+                        text: format!("BYE {}", info.text),
+                    })
+                }
+                other => untagged.push(other),
+            }
+        }
+    }
+
+    /// The error for a NO/BAD completion of `verb`.
+    pub fn refused(&self, verb: &'static str, status: Status, info: &StatusText) -> SyncError {
+        SyncError::Refused {
+            backend: self.route,
+            command: verb,
+            code: info.code_name(),
+            text: format!("{} {}", if status == Status::Bad { "BAD" } else { "NO" }, info.text),
+        }
+    }
+
+    /// A protocol violation of this backend.
+    pub fn protocol(&self, detail: impl Into<String>) -> SyncError {
+        SyncError::Protocol {
+            backend: self.route,
+            detail: detail.into(),
+        }
+    }
+
+    /// Ends the session politely; errors do not matter any more.
+    pub async fn logout(mut self) {
+        let tag = self.tag();
+        if self.write(format!("{tag} LOGOUT\r\n").as_bytes()).await.is_ok() {
+            let _ = tokio::time::timeout(Duration::from_secs(2), self.collect("LOGOUT", &tag)).await;
+        }
+    }
+
+    /// All mailboxes with their attributes and subscription state.
+    pub async fn list(&mut self) -> Result<Vec<ListEntry>, SyncError> {
+        let extended = self.has("LIST-EXTENDED");
+        let cmd = if extended {
+            if self.has("SPECIAL-USE") {
+                "LIST \"\" \"*\" RETURN (SUBSCRIBED SPECIAL-USE)"
+            } else {
+                "LIST \"\" \"*\" RETURN (SUBSCRIBED)"
+            }
+        } else {
+            "LIST \"\" \"*\""
+        };
+        let mut entries: Vec<ListEntry> = Vec::new();
+        for r in self.command("LIST", cmd).await? {
+            if let Response::Data { kind, items } = &r {
+                if kind == "LIST" {
+                    if let Some(e) = ListEntry::parse(items) {
+                        entries.push(e);
+                    }
+                }
+            }
+        }
+        if !extended {
+            let mut subscribed = HashSet::new();
+            for r in self.command("LSUB", "LSUB \"\" \"*\"").await? {
+                if let Response::Data { kind, items } = &r {
+                    if kind == "LSUB" {
+                        if let Some(e) = ListEntry::parse(items) {
+                            subscribed.insert(e.name);
+                        }
+                    }
+                }
+            }
+            for e in &mut entries {
+                e.subscribed = subscribed.remove(&e.name);
+            }
+            // Subscriptions of folders that do not exist are kept as such.
+            for name in subscribed {
+                entries.push(ListEntry {
+                    name,
+                    delimiter: None,
+                    attributes: vec!["\\NONEXISTENT".into()],
+                    subscribed: true,
+                });
+            }
+        }
+        Ok(entries)
+    }
+
+    /// STATUS of several mailboxes, pipelined; a mailbox that vanished meanwhile is `None`.
+    pub async fn status_many(&mut self, names: &[String]) -> Result<Vec<Option<MailboxStatus>>, SyncError> {
+        let items = if self.has("CONDSTORE") {
+            "(MESSAGES UIDNEXT UIDVALIDITY HIGHESTMODSEQ)"
+        } else {
+            "(MESSAGES UIDNEXT UIDVALIDITY)"
+        };
+        let mut out = Vec::with_capacity(names.len());
+        // Bounded pipelining: the server answers in order and we never hold more than a chunk.
+        for chunk in names.chunks(64) {
+            let mut tags = Vec::with_capacity(chunk.len());
+            let mut bytes = Vec::new();
+            for name in chunk {
+                let tag = self.tag();
+                bytes.extend_from_slice(format!("{tag} STATUS {} {items}\r\n", proto::quote(name)).as_bytes());
+                tags.push(tag);
+            }
+            self.write(&bytes).await?;
+            for tag in &tags {
+                let mut found = None;
+                loop {
+                    match self.read().await? {
+                        Response::Tagged { tag: t, status, info } if t.as_ref() == tag.as_bytes() => {
+                            if status != Status::Ok && !matches!(info.code_name().as_str(), "NONEXISTENT" | "TRYCREATE") {
+                                return Err(self.refused("STATUS", status, &info));
+                            }
+                            break;
+                        }
+                        Response::Data { kind, items } if kind == "STATUS" => {
+                            found = MailboxStatus::parse(&items);
+                        }
+                        _ => {}
+                    }
+                }
+                out.push(found);
+            }
+        }
+        Ok(out)
+    }
+
+    /// SELECT (or EXAMINE when `read_only`), enabling CONDSTORE where offered.
+    pub async fn select(&mut self, name: &str, read_only: bool) -> Result<Selected, SyncError> {
+        let verb = if read_only { "EXAMINE" } else { "SELECT" };
+        let condstore = if self.has("CONDSTORE") { " (CONDSTORE)" } else { "" };
+        let untagged = self
+            .command(verb, &format!("{verb} {}{condstore}", proto::quote(name)))
+            .await?;
+        let mut s = Selected::default();
+        for r in untagged {
+            match r {
+                Response::Numbered { n, kind, .. } if kind == "EXISTS" => s.exists = n,
+                Response::Condition { info, .. } => match info.code_name().as_str() {
+                    "UIDVALIDITY" => s.uidvalidity = info.code_number(0).unwrap_or(0) as u32,
+                    "UIDNEXT" => s.uidnext = info.code_number(0).unwrap_or(0) as u32,
+                    "HIGHESTMODSEQ" => s.highestmodseq = info.code_number(0),
+                    _ => {}
+                },
+                _ => {}
+            }
+        }
+        Ok(s)
+    }
+
+    /// `UID SEARCH` for all UIDs in `range` (e.g. `1:500`); ESEARCH is not needed.
+    pub async fn uid_search(&mut self, range: &str) -> Result<Vec<u32>, SyncError> {
+        let mut out = Vec::new();
+        for r in self.command("UID SEARCH", &format!("UID SEARCH UID {range}")).await? {
+            if let Response::Data { kind, items } = r {
+                if kind == "SEARCH" {
+                    out.extend(items.iter().filter_map(|v| v.number()).map(|n| n as u32));
+                }
+            }
+        }
+        out.sort_unstable();
+        Ok(out)
+    }
+}
+
+/// One `* LIST` entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListEntry {
+    /// Name as on the wire (modified UTF-7).
+    pub name: String,
+    /// Hierarchy separator, if any.
+    pub delimiter: Option<char>,
+    /// Attributes, upper-cased (`\NOSELECT`, `\SENT`, `\SUBSCRIBED`...).
+    pub attributes: Vec<String>,
+    /// Whether the user subscribed to it.
+    pub subscribed: bool,
+}
+
+impl ListEntry {
+    fn parse(items: &[Value]) -> Option<ListEntry> {
+        let attributes: Vec<String> = items
+            .first()?
+            .list()?
+            .iter()
+            .filter_map(|v| v.text().map(str::to_ascii_uppercase))
+            .collect();
+        let delimiter = items.get(1)?.text().and_then(|d| d.chars().next());
+        let name = String::from_utf8_lossy(items.get(2)?.bytes()?).into_owned();
+        let subscribed = attributes.iter().any(|a| a == "\\SUBSCRIBED");
+        Some(ListEntry {
+            name,
+            delimiter,
+            attributes,
+            subscribed,
+        })
+    }
+
+    /// Whether it can hold messages.
+    pub fn selectable(&self) -> bool {
+        !self
+            .attributes
+            .iter()
+            .any(|a| a == "\\NOSELECT" || a == "\\NONEXISTENT")
+    }
+}
+
+/// What STATUS says of a mailbox.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct MailboxStatus {
+    /// Number of messages.
+    pub messages: u32,
+    /// Next UID.
+    pub uidnext: u32,
+    /// UIDVALIDITY.
+    pub uidvalidity: u32,
+    /// HIGHESTMODSEQ (CONDSTORE).
+    pub highestmodseq: Option<u64>,
+}
+
+impl MailboxStatus {
+    fn parse(items: &[Value]) -> Option<MailboxStatus> {
+        let list = items.get(1)?.list()?;
+        let mut s = MailboxStatus::default();
+        for pair in list.chunks(2) {
+            let [k, v] = pair else { continue };
+            let v = v.number();
+            match k.text().map(str::to_ascii_uppercase).as_deref() {
+                Some("MESSAGES") => s.messages = v? as u32,
+                Some("UIDNEXT") => s.uidnext = v? as u32,
+                Some("UIDVALIDITY") => s.uidvalidity = v? as u32,
+                Some("HIGHESTMODSEQ") => s.highestmodseq = v,
+                _ => {}
+            }
+        }
+        Some(s)
+    }
+}
+
+/// What SELECT says of a mailbox.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Selected {
+    /// Number of messages.
+    pub exists: u32,
+    /// UIDVALIDITY.
+    pub uidvalidity: u32,
+    /// Next UID.
+    pub uidnext: u32,
+    /// HIGHESTMODSEQ, when CONDSTORE is on.
+    pub highestmodseq: Option<u64>,
+}
+
+/// The items of one `* n FETCH (...)` response the engine uses.
+#[derive(Debug, Clone, Default)]
+pub struct Fetched {
+    /// UID.
+    pub uid: u32,
+    /// Flags and keywords, as sent (without `\Recent`).
+    pub flags: Option<Vec<String>>,
+    /// INTERNALDATE as sent (`dd-Mon-yyyy hh:mm:ss +zzzz`).
+    pub internaldate: Option<String>,
+    /// RFC822.SIZE.
+    pub size: Option<u64>,
+    /// BODY[] (the whole message).
+    pub body: Option<Bytes>,
+    /// MODSEQ.
+    pub modseq: Option<u64>,
+}
+
+impl Fetched {
+    /// Reads a FETCH response's item list; `None` if it is not a FETCH with a UID.
+    pub fn parse(resp: &Response) -> Option<Fetched> {
+        let Response::Numbered { kind, items, .. } = resp else {
+            return None;
+        };
+        if kind != "FETCH" {
+            return None;
+        }
+        let list = items.first()?.list()?;
+        let mut f = Fetched::default();
+        let mut i = 0;
+        while i + 1 < list.len() {
+            let key = list[i].bytes().unwrap_or_default().to_ascii_uppercase();
+            let v = &list[i + 1];
+            match key.as_slice() {
+                b"UID" => f.uid = v.number()? as u32,
+                b"FLAGS" => {
+                    f.flags = Some(
+                        v.list()?
+                            .iter()
+                            .filter_map(|x| x.text())
+                            .filter(|x| !x.eq_ignore_ascii_case("\\Recent"))
+                            .map(str::to_owned)
+                            .collect(),
+                    )
+                }
+                b"INTERNALDATE" => f.internaldate = v.text().map(str::to_owned),
+                b"RFC822.SIZE" => f.size = v.number(),
+                b"BODY[]" => {
+                    f.body = match v {
+                        Value::Nil => Some(Bytes::new()),
+                        other => other.to_bytes(),
+                    }
+                }
+                b"MODSEQ" => f.modseq = v.list().and_then(|l| l.first()).and_then(Value::number),
+                _ => {}
+            }
+            i += 2;
+        }
+        (f.uid != 0).then_some(f)
+    }
+}

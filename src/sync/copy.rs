@@ -1,0 +1,381 @@
+//! Copying new messages of one folder: a fetcher streams `UID FETCH` results from legacy (a few
+//! commands in flight) into a byte-bounded channel; an appender sends them to new as pipelined
+//! APPENDs (MULTIAPPEND batches with LITERAL+ where offered), recording each batch as pending
+//! before it is sent and its APPENDUID mapping after the server acknowledged it.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+use tracing::warn;
+
+use super::client::{Client, Fetched};
+use super::proto::{self, Response, Status};
+use super::{add, content_hash, Engine, PassReport, Progress, SyncError};
+use crate::store::sync::{FolderState, UidRow};
+
+/// Messages per FETCH command.
+const FETCH_MESSAGES: usize = 200;
+/// Bytes per FETCH command (by RFC822.SIZE).
+const FETCH_BYTES: u64 = 16 * 1024 * 1024;
+/// FETCH commands in flight on the legacy connection.
+const FETCH_IN_FLIGHT: usize = 2;
+/// Messages per APPEND batch (one MULTIAPPEND command, or that many pipelined APPENDs).
+const APPEND_MESSAGES: usize = 64;
+/// Bytes per APPEND batch.
+const APPEND_BYTES: u64 = 8 * 1024 * 1024;
+/// APPEND batches in flight on the new connection.
+const APPEND_IN_FLIGHT: usize = 2;
+/// Message bytes held between fetcher and appender (bounded memory whatever the sizes).
+const BUFFER_BYTES: u64 = 48 * 1024 * 1024;
+
+/// A fetched message on its way to the target.
+pub struct Msg {
+    uid: u32,
+    flags: Vec<String>,
+    date: Option<String>,
+    body: Bytes,
+    hash: String,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl Msg {
+    fn row(&self) -> UidRow {
+        UidRow {
+            source_uid: self.uid,
+            target_uid: None,
+            hash: self.hash.clone(),
+            size: self.body.len() as u64,
+        }
+    }
+
+    /// `(flags) "date" {n+}\r\n<body>` (or a synchronizing literal header without the body).
+    fn encode(&self, out: &mut Vec<u8>, literal_plus: bool) {
+        out.push(b'(');
+        out.extend_from_slice(self.flags.join(" ").as_bytes());
+        out.extend_from_slice(b") ");
+        if let Some(d) = &self.date {
+            out.extend_from_slice(proto::quote(d).as_bytes());
+            out.push(b' ');
+        }
+        out.extend_from_slice(format!("{{{}{}}}\r\n", self.body.len(), if literal_plus { "+" } else { "" }).as_bytes());
+    }
+}
+
+struct InFlight {
+    tag: String,
+    msgs: Vec<Msg>,
+}
+
+/// Copies the legacy messages `todo` ((UID, size), ascending) of the selected folders.
+/// Returns whether unacknowledged appends are left for `recover` (server without APPENDUID).
+#[allow(clippy::too_many_arguments)]
+pub(crate) async fn copy_new(
+    engine: &Engine,
+    email: &str,
+    src: &mut Client,
+    tgt: &mut Client,
+    state: &mut FolderState,
+    todo: &[(u32, u64)],
+    report: &mut PassReport,
+    progress: &Progress,
+) -> Result<bool, SyncError> {
+    if todo.is_empty() {
+        return Ok(false);
+    }
+    let mem = Arc::new(Semaphore::new(BUFFER_BYTES as usize));
+    let (tx, rx) = mpsc::channel::<Msg>(APPEND_MESSAGES * (APPEND_IN_FLIGHT + 1));
+    let fetch = fetch_all(src, todo, tx, mem);
+    let append = append_all(engine, email, tgt, state, rx, report, progress);
+    let (f, a) = tokio::join!(fetch, append);
+    // An append error is the more useful one; a fetch error stops the appender by closing the channel.
+    let needs_recovery = a?;
+    f?;
+    Ok(needs_recovery)
+}
+
+async fn fetch_all(
+    src: &mut Client,
+    todo: &[(u32, u64)],
+    tx: mpsc::Sender<Msg>,
+    mem: Arc<Semaphore>,
+) -> Result<(), SyncError> {
+    let mut chunks: VecDeque<Vec<u32>> = VecDeque::new();
+    let (mut cur, mut cur_bytes) = (Vec::new(), 0u64);
+    for &(uid, size) in todo {
+        if !cur.is_empty() && (cur.len() >= FETCH_MESSAGES || cur_bytes + size > FETCH_BYTES) {
+            chunks.push_back(std::mem::take(&mut cur));
+            cur_bytes = 0;
+        }
+        cur.push(uid);
+        cur_bytes += size;
+    }
+    if !cur.is_empty() {
+        chunks.push_back(cur);
+    }
+    let mut in_flight: VecDeque<String> = VecDeque::new();
+    loop {
+        while in_flight.len() < FETCH_IN_FLIGHT {
+            let Some(chunk) = chunks.pop_front() else { break };
+            let tag = src.tag();
+            let cmd = format!(
+                "{tag} UID FETCH {} (UID FLAGS INTERNALDATE RFC822.SIZE BODY.PEEK[])\r\n",
+                proto::format_uid_set(&chunk)
+            );
+            src.write(cmd.as_bytes()).await?;
+            in_flight.push_back(tag);
+        }
+        let Some(front) = in_flight.front() else { return Ok(()) };
+        let resp = src.read().await?;
+        match &resp {
+            Response::Tagged { tag, status, info } => {
+                if tag.as_ref() != front.as_bytes() {
+                    return Err(src.protocol("tagged response out of order"));
+                }
+                if *status != Status::Ok {
+                    return Err(src.refused("UID FETCH", *status, info));
+                }
+                in_flight.pop_front();
+            }
+            Response::Condition { status: Status::Bye, info } => {
+                return Err(src.refused("UID FETCH", Status::No, info));
+            }
+            _ => {
+                let Some(f) = Fetched::parse(&resp) else { continue };
+                // A flag-only FETCH (another session changed flags) carries no body: skip it.
+                let Some(body) = f.body else { continue };
+                let size = body.len() as u64;
+                let permit = mem
+                    .clone()
+                    .acquire_many_owned(size.clamp(1, BUFFER_BYTES) as u32)
+                    .await
+                    .map_err(|_| src.protocol("buffer closed"))?;
+                let msg = Msg {
+                    uid: f.uid,
+                    flags: f.flags.unwrap_or_default(),
+                    date: f.internaldate,
+                    hash: content_hash(&body),
+                    body,
+                    _permit: permit,
+                };
+                if tx.send(msg).await.is_err() {
+                    // The appender stopped (it reports its own error).
+                    return Ok(());
+                }
+            }
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn append_all(
+    engine: &Engine,
+    email: &str,
+    tgt: &mut Client,
+    state: &mut FolderState,
+    mut rx: mpsc::Receiver<Msg>,
+    report: &mut PassReport,
+    progress: &Progress,
+) -> Result<bool, SyncError> {
+    let multi = tgt.has("MULTIAPPEND");
+    let literal_plus = tgt.has("LITERAL+");
+    let mbox = proto::quote(&state.target_name);
+    let mut in_flight: VecDeque<InFlight> = VecDeque::new();
+    let mut singles: VecDeque<Msg> = VecDeque::new();
+    let mut closed = false;
+    let mut needs_recovery = false;
+    loop {
+        // Fill the pipeline.
+        while in_flight.len() < APPEND_IN_FLIGHT {
+            let mut batch: Vec<Msg> = Vec::new();
+            let mut single = false;
+            if let Some(m) = singles.pop_front() {
+                batch.push(m);
+                single = true;
+            } else if !closed {
+                let mut bytes = 0u64;
+                if in_flight.is_empty() {
+                    match rx.recv().await {
+                        Some(m) => {
+                            bytes += m.body.len() as u64;
+                            batch.push(m);
+                        }
+                        None => closed = true,
+                    }
+                }
+                while !closed && batch.len() < APPEND_MESSAGES && bytes < APPEND_BYTES {
+                    match rx.try_recv() {
+                        Ok(m) => {
+                            bytes += m.body.len() as u64;
+                            batch.push(m);
+                        }
+                        Err(mpsc::error::TryRecvError::Empty) => break,
+                        Err(mpsc::error::TryRecvError::Disconnected) => closed = true,
+                    }
+                }
+            }
+            if batch.is_empty() {
+                break;
+            }
+            let rows: Vec<UidRow> = batch.iter().map(Msg::row).collect();
+            // Recorded before the APPEND leaves: a crash after this point is resolved by
+            // matching these hashes against the target.
+            engine.store.add_pending(email, &state.source_name, &rows).await?;
+            let bytes: u64 = batch.iter().map(|m| m.body.len() as u64).sum();
+            engine.throttle.acquire(bytes).await;
+            if !literal_plus {
+                // Synchronizing literals: one message at a time, waiting for each continuation.
+                for m in batch {
+                    let tag = tgt.tag();
+                    let mut head = format!("{tag} APPEND {mbox} ").into_bytes();
+                    m.encode(&mut head, false);
+                    tgt.write(&head).await?;
+                    loop {
+                        match tgt.read().await? {
+                            Response::Continue => break,
+                            Response::Tagged { status, info, .. } => return Err(tgt.refused("APPEND", status, &info)),
+                            _ => {}
+                        }
+                    }
+                    let mut body = m.body.to_vec();
+                    body.extend_from_slice(b"\r\n");
+                    tgt.write(&body).await?;
+                    let done = InFlight { tag, msgs: vec![m] };
+                    complete(engine, email, tgt, state, done, &mut singles, &mut needs_recovery, report, progress)
+                        .await?;
+                }
+                continue;
+            }
+            let mut out = Vec::with_capacity(bytes as usize + batch.len() * 96);
+            if multi && !single && batch.len() > 1 {
+                let tag = tgt.tag();
+                out.extend_from_slice(format!("{tag} APPEND {mbox}").as_bytes());
+                for m in &batch {
+                    out.push(b' ');
+                    m.encode(&mut out, true);
+                    out.extend_from_slice(&m.body);
+                }
+                out.extend_from_slice(b"\r\n");
+                in_flight.push_back(InFlight { tag, msgs: batch });
+            } else {
+                for m in batch {
+                    let tag = tgt.tag();
+                    out.extend_from_slice(format!("{tag} APPEND {mbox} ").as_bytes());
+                    m.encode(&mut out, true);
+                    out.extend_from_slice(&m.body);
+                    out.extend_from_slice(b"\r\n");
+                    in_flight.push_back(InFlight { tag, msgs: vec![m] });
+                }
+            }
+            tgt.write(&out).await?;
+        }
+        if in_flight.is_empty() {
+            if closed && singles.is_empty() {
+                return Ok(needs_recovery);
+            }
+            continue;
+        }
+        match tgt.read().await? {
+            Response::Tagged { tag, status, info } => {
+                let Some(front) = in_flight.pop_front() else {
+                    return Err(tgt.protocol("unexpected tagged response"));
+                };
+                if tag.as_ref() != front.tag.as_bytes() {
+                    return Err(tgt.protocol("tagged response out of order"));
+                }
+                complete_with(engine, email, tgt, state, front, status, info, &mut singles, &mut needs_recovery, report, progress)
+                    .await?;
+            }
+            Response::Condition { status: Status::Bye, info } => {
+                return Err(tgt.refused("APPEND", Status::No, &info));
+            }
+            _ => {}
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn complete(
+    engine: &Engine,
+    email: &str,
+    tgt: &mut Client,
+    state: &mut FolderState,
+    done: InFlight,
+    singles: &mut VecDeque<Msg>,
+    needs_recovery: &mut bool,
+    report: &mut PassReport,
+    progress: &Progress,
+) -> Result<(), SyncError> {
+    loop {
+        match tgt.read().await? {
+            Response::Tagged { tag, status, info } if tag.as_ref() == done.tag.as_bytes() => {
+                return complete_with(engine, email, tgt, state, done, status, info, singles, needs_recovery, report, progress)
+                    .await;
+            }
+            Response::Condition { status: Status::Bye, info } => return Err(tgt.refused("APPEND", Status::No, &info)),
+            _ => {}
+        }
+    }
+}
+
+/// Handles the completion of one APPEND command.
+#[allow(clippy::too_many_arguments)]
+async fn complete_with(
+    engine: &Engine,
+    email: &str,
+    tgt: &mut Client,
+    state: &mut FolderState,
+    done: InFlight,
+    status: Status,
+    info: proto::StatusText,
+    singles: &mut VecDeque<Msg>,
+    needs_recovery: &mut bool,
+    report: &mut PassReport,
+    progress: &Progress,
+) -> Result<(), SyncError> {
+    if status == Status::Ok {
+        let n = done.msgs.len() as u64;
+        let bytes: u64 = done.msgs.iter().map(|m| m.body.len() as u64).sum();
+        let uids = (info.code_name() == "APPENDUID")
+            .then(|| info.code.get(2).and_then(|v| v.bytes()).and_then(|b| proto::parse_uid_set(b, done.msgs.len() + 1)))
+            .flatten();
+        match uids {
+            Some(uids) if uids.len() == done.msgs.len() && info.code_number(0) == Some(u64::from(state.target_uidvalidity)) => {
+                let pairs: Vec<(u32, u32)> = done.msgs.iter().map(|m| m.uid).zip(uids).collect();
+                engine.store.confirm_uids(email, &state.source_name, &pairs).await?;
+                if let Some(max) = pairs.iter().map(|p| p.0).max() {
+                    state.last_uid = state.last_uid.max(max);
+                }
+            }
+            // No UIDPLUS (or a target folder recreated meanwhile): the pending rows stay and
+            // are matched by content hash right after the copy.
+            _ => *needs_recovery = true,
+        }
+        report.appended += n;
+        report.appended_bytes += bytes;
+        add(&progress.messages_done, n);
+        add(&progress.bytes_done, bytes);
+        metrics::counter!("mailferry_sync_appended_messages_total").increment(n);
+        metrics::counter!("mailferry_sync_appended_bytes_total").increment(bytes);
+        return Ok(());
+    }
+    if done.msgs.len() > 1 {
+        // MULTIAPPEND is atomic (RFC 3502): nothing was stored; retry one by one to find
+        // which message the server refuses.
+        singles.extend(done.msgs);
+        return Ok(());
+    }
+    let err = tgt.refused("APPEND", status, &info);
+    let code = info.code_name();
+    if status == Status::Bad || matches!(code.as_str(), "" | "PARSE" | "CANNOT") {
+        for m in &done.msgs {
+            warn!(user = %email, folder = %state.source_name, uid = m.uid, error = %err, "message not copyable");
+            engine.store.confirm_uids(email, &state.source_name, &[(m.uid, 0)]).await?;
+            state.last_uid = state.last_uid.max(m.uid);
+            report.failed += 1;
+        }
+        return Ok(());
+    }
+    Err(err)
+}

@@ -1,0 +1,421 @@
+//! The sync engine: copies a user's mailboxes from legacy to new and keeps the copy current.
+//!
+//! A pass (`Engine::pass`) logs in to both backends as the user (master user), maps folders,
+//! skips folders whose STATUS did not change since the last pass, and for the others: recovers
+//! unacknowledged APPENDs, re-matches after a UIDVALIDITY change, propagates expunges and flag
+//! changes, then copies new messages in UID order. All state lives in the state store, written
+//! before each APPEND batch (pending) and after its acknowledgement (UID map), so a pass killed
+//! anywhere is resumed by the next one without duplicates.
+
+pub mod client;
+pub mod copy;
+pub mod incremental;
+pub mod mailboxes;
+pub mod proto;
+pub mod throttle;
+pub mod verify;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use tokio::sync::Semaphore;
+use tracing::{debug, info, warn};
+
+use crate::config::Config;
+use crate::imap::backend::BackendError;
+use crate::route::Route;
+use crate::store::sync::FolderState;
+use crate::store::{Store, StoreError};
+use client::{Client, Endpoint, ListEntry, MailboxStatus};
+use mailboxes::{encode_path, Folder, Mapper, Rules};
+use throttle::Throttle;
+
+/// Why a pass (or part of it) failed; each variant names the backend where one is involved.
+#[derive(Debug, thiserror::Error)]
+pub enum SyncError {
+    /// Connecting or logging in failed.
+    #[error(transparent)]
+    Login(#[from] BackendError),
+    /// Reading or writing failed.
+    #[error("backend {backend}: {source}")]
+    Io {
+        /// Which backend.
+        backend: Route,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// A reply took too long.
+    #[error("backend {backend}: timeout waiting for {phase}")]
+    Timeout {
+        /// Which backend.
+        backend: Route,
+        /// What was awaited.
+        phase: &'static str,
+    },
+    /// The backend broke the protocol.
+    #[error("backend {backend}: protocol error: {detail}")]
+    Protocol {
+        /// Which backend.
+        backend: Route,
+        /// What was wrong.
+        detail: String,
+    },
+    /// The backend answered NO or BAD (or BYE).
+    #[error("backend {backend}: {command} refused: {text}")]
+    Refused {
+        /// Which backend.
+        backend: Route,
+        /// The command verb.
+        command: &'static str,
+        /// Response code name, upper-cased (`LIMIT`, `INUSE`...), empty if none.
+        code: String,
+        /// Status and text.
+        text: String,
+    },
+    /// The state store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The configuration does not allow syncing.
+    #[error("sync configuration: {0}")]
+    Config(String),
+}
+
+impl SyncError {
+    /// Whether retrying later may succeed (overload, lock contention, network trouble).
+    pub fn retryable(&self) -> bool {
+        match self {
+            SyncError::Io { .. } | SyncError::Timeout { .. } => true,
+            SyncError::Refused { code, .. } => {
+                matches!(code.as_str(), "LIMIT" | "INUSE" | "UNAVAILABLE" | "SERVERBUG")
+            }
+            SyncError::Login(e) => matches!(
+                e,
+                BackendError::Connect { .. }
+                    | BackendError::Timeout { .. }
+                    | BackendError::Io { .. }
+                    | BackendError::Refused { .. }
+            ),
+            SyncError::Store(_) => true,
+            SyncError::Protocol { .. } | SyncError::Config(_) => false,
+        }
+    }
+}
+
+/// Live counters of a running pass, read by the CLI's progress bar.
+#[derive(Debug, Default)]
+pub struct Progress {
+    /// Messages to copy in this pass (grows as folders are examined).
+    pub messages_total: AtomicU64,
+    /// Messages copied in this pass.
+    pub messages_done: AtomicU64,
+    /// Bytes to copy in this pass.
+    pub bytes_total: AtomicU64,
+    /// Bytes copied in this pass.
+    pub bytes_done: AtomicU64,
+    /// The folder being worked on.
+    pub folder: Mutex<String>,
+}
+
+impl Progress {
+    fn set_folder(&self, name: &str) {
+        if let Ok(mut f) = self.folder.lock() {
+            name.clone_into(&mut f);
+        }
+    }
+}
+
+/// What one pass did.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct PassReport {
+    /// Folders mapped.
+    pub folders: usize,
+    /// Folders examined because something changed.
+    pub folders_changed: usize,
+    /// Messages appended to the target.
+    pub appended: u64,
+    /// Bytes appended.
+    pub appended_bytes: u64,
+    /// Appends found in the target after a crash and recorded instead of repeated.
+    pub recovered: u64,
+    /// Messages matched by content after a UIDVALIDITY change.
+    pub rematched: u64,
+    /// Target messages whose flags were updated.
+    pub flag_updates: u64,
+    /// Target messages expunged because they were expunged on legacy.
+    pub expunged: u64,
+    /// Messages that could not be copied (too large, refused by the target).
+    pub failed: u64,
+    /// Target folders created.
+    pub created: usize,
+    /// Target folders renamed.
+    pub renamed: usize,
+    /// Target folders deleted.
+    pub deleted: usize,
+    /// Subscription changes on the target.
+    pub subscriptions: usize,
+    /// Wall time in milliseconds.
+    pub duration_ms: u64,
+}
+
+/// Everything a pass needs, built once and shared by all passes.
+pub struct Engine {
+    /// Legacy backend.
+    pub legacy: Endpoint,
+    /// New backend.
+    pub new: Endpoint,
+    /// State store.
+    pub store: Store,
+    /// Operator folder rules.
+    pub rules: Rules,
+    /// Bytes/s budget shared by all passes.
+    pub throttle: Arc<Throttle>,
+    /// Connections per backend (each pass holds one on each side).
+    legacy_slots: Arc<Semaphore>,
+    new_slots: Arc<Semaphore>,
+}
+
+impl Engine {
+    /// Builds the engine from the config (master credentials of both backends are required).
+    pub fn from_config(cfg: &Config, store: Store) -> Result<Engine, SyncError> {
+        crate::net::tls::install_provider();
+        let rules = Rules::from_config(&cfg.sync).map_err(|e| SyncError::Config(e.to_string()))?;
+        Ok(Engine {
+            legacy: Endpoint::from_config(cfg, Route::Legacy)?,
+            new: Endpoint::from_config(cfg, Route::New)?,
+            store,
+            rules,
+            throttle: Arc::new(Throttle::new(cfg.sync.bytes_per_second)),
+            legacy_slots: Arc::new(Semaphore::new(cfg.sync.per_backend.max(1))),
+            new_slots: Arc::new(Semaphore::new(cfg.sync.per_backend.max(1))),
+        })
+    }
+
+    /// Runs one pass for `email` and records its outcome in the store.
+    pub async fn pass(&self, email: &str, progress: Option<Arc<Progress>>) -> Result<PassReport, SyncError> {
+        let started = Instant::now();
+        let progress = progress.unwrap_or_default();
+        let result = self.pass_inner(email, &progress).await;
+        let ms = started.elapsed().as_millis() as i64;
+        match &result {
+            Ok(r) => {
+                self.store.record_pass(email, ms, r.appended as i64, None).await?;
+                info!(user = %email, appended = r.appended, changed = r.folders_changed, ms, "sync pass done");
+            }
+            Err(e) => {
+                let _ = self.store.record_pass(email, ms, 0, Some(&e.to_string())).await;
+                warn!(user = %email, error = %e, "sync pass failed");
+            }
+        }
+        result.map(|mut r| {
+            r.duration_ms = ms as u64;
+            r
+        })
+    }
+
+    async fn pass_inner(&self, email: &str, progress: &Progress) -> Result<PassReport, SyncError> {
+        // Permits are never closed, so acquire only fails if the engine is gone.
+        let _l = self.legacy_slots.acquire().await.map_err(|_| SyncError::Config("engine stopped".into()))?;
+        let _n = self.new_slots.acquire().await.map_err(|_| SyncError::Config("engine stopped".into()))?;
+        let (mut src, mut tgt) = tokio::try_join!(Client::login(&self.legacy, email), Client::login(&self.new, email))?;
+        let result = self.run(email, &mut src, &mut tgt, progress).await;
+        tokio::join!(src.logout(), tgt.logout());
+        result
+    }
+
+    async fn run(
+        &self,
+        email: &str,
+        src: &mut Client,
+        tgt: &mut Client,
+        progress: &Progress,
+    ) -> Result<PassReport, SyncError> {
+        let mut report = PassReport::default();
+        let (src_list, mut tgt_list) = tokio::try_join!(src.list(), tgt.list())?;
+        let src_sep = separator(&src_list);
+        let tgt_sep = separator(&tgt_list);
+        let source: Vec<Folder> = src_list
+            .iter()
+            .map(|e| Folder::from_list(e, src_sep))
+            .filter(|f| f.selectable)
+            .collect();
+        let mut target: Vec<Folder> = tgt_list.iter().map(|e| Folder::from_list(e, tgt_sep)).collect();
+        let mapper = Mapper::new(&source, &target, tgt_sep, self.rules.clone());
+        let mapped: Vec<(&Folder, String)> = mapper
+            .map_all(&source)
+            .into_iter()
+            .map(|(f, p)| (f, encode_path(&p, tgt_sep)))
+            .collect();
+        report.folders = mapped.len();
+        let mut states: HashMap<String, FolderState> = self
+            .store
+            .sync_folders(email)
+            .await?
+            .into_iter()
+            .map(|s| (s.source_name.clone(), s))
+            .collect();
+
+        // Folders gone from legacy: renamed (same UIDVALIDITY under a new name) or deleted.
+        let gone: Vec<FolderState> = states
+            .values()
+            .filter(|s| !source.iter().any(|f| f.raw == s.source_name))
+            .cloned()
+            .collect();
+        if !gone.is_empty() {
+            let new_names: Vec<String> = mapped
+                .iter()
+                .filter(|(f, _)| !states.contains_key(&f.raw))
+                .map(|(f, _)| f.raw.clone())
+                .collect();
+            let fresh = src.status_many(&new_names).await?;
+            let mut gone = gone;
+            // Parents first: renaming a parent on the target moves its children along.
+            gone.sort_by_key(|s| s.target_name.len());
+            for old in gone {
+                let renamed_to = new_names
+                    .iter()
+                    .zip(&fresh)
+                    .find(|(_, st)| st.is_some_and(|st| st.uidvalidity == old.source_uidvalidity))
+                    .map(|(n, _)| n.clone());
+                let target_exists = |name: &str, list: &[ListEntry]| list.iter().any(|e| e.name == name);
+                match renamed_to {
+                    Some(new_src) => {
+                        let Some((_, new_tgt)) = mapped.iter().find(|(f, _)| f.raw == new_src) else { continue };
+                        if target_exists(&old.target_name, &tgt_list) && !target_exists(new_tgt, &tgt_list) {
+                            tgt.command(
+                                "RENAME",
+                                &format!("RENAME {} {}", proto::quote(&old.target_name), proto::quote(new_tgt)),
+                            )
+                            .await?;
+                            tgt_list = tgt.list().await?;
+                            report.renamed += 1;
+                        }
+                        info!(user = %email, from = %old.source_name, to = %new_src, "folder renamed on legacy");
+                        self.store.rename_sync_folder(email, &old.source_name, &new_src).await?;
+                        let mut st = old.clone();
+                        st.source_name = new_src.clone();
+                        st.target_name = new_tgt.clone();
+                        self.store.put_sync_folder(&st).await?;
+                        states.remove(&old.source_name);
+                        states.insert(new_src, st);
+                    }
+                    None => {
+                        let protected = old.target_name.eq_ignore_ascii_case("INBOX")
+                            || target.iter().any(|t| t.raw == old.target_name && t.role.is_some());
+                        if !protected && target_exists(&old.target_name, &tgt_list) {
+                            tgt.command("DELETE", &format!("DELETE {}", proto::quote(&old.target_name)))
+                                .await?;
+                            report.deleted += 1;
+                        }
+                        info!(user = %email, folder = %old.source_name, "folder deleted on legacy");
+                        self.store.delete_sync_folder(email, &old.source_name).await?;
+                        states.remove(&old.source_name);
+                    }
+                }
+            }
+            target = tgt_list.iter().map(|e| Folder::from_list(e, tgt_sep)).collect();
+        }
+
+        // Create what the target lacks.
+        for (_, name) in &mapped {
+            if !target.iter().any(|t| &t.raw == name && t.selectable) {
+                let r = tgt.command("CREATE", &format!("CREATE {}", proto::quote(name))).await;
+                match r {
+                    Ok(_) => report.created += 1,
+                    // A parent created implicitly by an earlier CREATE, or a race: fine.
+                    Err(SyncError::Refused { ref code, .. }) if code == "ALREADYEXISTS" => {}
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+
+        // STATUS both sides, pipelined, to find the folders that changed.
+        let src_names: Vec<String> = mapped.iter().map(|(f, _)| f.raw.clone()).collect();
+        let tgt_names: Vec<String> = mapped.iter().map(|(_, t)| t.clone()).collect();
+        let (src_status, tgt_status) = tokio::try_join!(src.status_many(&src_names), tgt.status_many(&tgt_names))?;
+        let condstore = src.has("CONDSTORE");
+        for (i, (folder, tname)) in mapped.iter().enumerate() {
+            let (Some(ss), Some(ts)) = (src_status[i], tgt_status[i]) else {
+                debug!(user = %email, folder = %folder.raw, "folder vanished during the pass");
+                continue;
+            };
+            let state = states.get(&folder.raw);
+            if state.is_some_and(|s| unchanged(s, &ss, &ts, tname, condstore)) {
+                continue;
+            }
+            report.folders_changed += 1;
+            progress.set_folder(&folder.raw);
+            incremental::sync_folder(self, email, src, tgt, folder, tname, state.cloned(), &mut report, progress)
+                .await?;
+        }
+
+        // Subscriptions follow legacy for every mapped folder.
+        let tgt_list = tgt.list().await?;
+        for (folder, tname) in &mapped {
+            let on_target = tgt_list.iter().any(|e| &e.name == tname && e.subscribed);
+            if folder.subscribed != on_target {
+                let verb = if folder.subscribed { "SUBSCRIBE" } else { "UNSUBSCRIBE" };
+                tgt.command(verb, &format!("{verb} {}", proto::quote(tname))).await?;
+                report.subscriptions += 1;
+            }
+        }
+        Ok(report)
+    }
+}
+
+/// Whether nothing changed on either side since the state was recorded.
+fn unchanged(s: &FolderState, src: &MailboxStatus, tgt: &MailboxStatus, tname: &str, condstore: bool) -> bool {
+    s.target_name == tname
+        && s.source_uidvalidity == src.uidvalidity
+        && s.source_uidnext == src.uidnext
+        && s.source_messages == src.messages
+        && s.target_uidvalidity == tgt.uidvalidity
+        // Without CONDSTORE flag changes are invisible to STATUS: always compare.
+        && condstore
+        && src.highestmodseq.is_some_and(|m| m == s.highest_modseq)
+}
+
+fn separator(list: &[ListEntry]) -> char {
+    list.iter().find_map(|e| e.delimiter).unwrap_or('/')
+}
+
+/// Hex SHA-256 of a message.
+pub fn content_hash(body: &[u8]) -> String {
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(body);
+    let mut s = String::with_capacity(64);
+    for b in digest {
+        s.push(char::from_digit(u32::from(b >> 4), 16).unwrap_or('0'));
+        s.push(char::from_digit(u32::from(b & 15), 16).unwrap_or('0'));
+    }
+    s
+}
+
+/// Runs a pass, retrying transient failures (`NO [LIMIT]`, `[INUSE]`, `[UNAVAILABLE]`,
+/// timeouts, network errors) with exponential backoff, at most `attempts` times.
+pub async fn pass_with_retry(
+    engine: &Engine,
+    email: &str,
+    progress: Option<Arc<Progress>>,
+    attempts: u32,
+) -> Result<PassReport, SyncError> {
+    let mut delay = Duration::from_millis(500);
+    let mut n = 0;
+    loop {
+        n += 1;
+        match engine.pass(email, progress.clone()).await {
+            Err(e) if e.retryable() && n < attempts => {
+                warn!(user = %email, error = %e, retry_in_ms = delay.as_millis() as u64, "sync pass will be retried");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(60));
+            }
+            other => return other,
+        }
+    }
+}
+
+pub(crate) fn add(counter: &AtomicU64, n: u64) {
+    counter.fetch_add(n, Ordering::Relaxed);
+}
