@@ -9,6 +9,7 @@ pub mod config;
 pub mod control;
 pub mod imap;
 pub mod limits;
+pub mod lmtp;
 pub mod net;
 pub mod route;
 pub mod secret;

@@ -151,6 +151,24 @@ pub async fn serve(cfg: Config, metrics: metrics_exporter_prometheus::Prometheus
             move |tcp| session::handle(ctx.clone(), tcp, implicit),
         ));
     }
+    if let Some(addr) = cfg.listen.lmtp {
+        let listener = bind(addr).await?;
+        info!(%addr, "LMTP listening");
+        let ctx = Arc::new(crate::lmtp::LmtpContext::from_config(
+            &cfg,
+            routes.clone(),
+            store.clone(),
+            control.deliveries().clone(),
+            shutdown.clone(),
+        ));
+        tasks.spawn(accept_loop(
+            listener,
+            shutdown.clone(),
+            permits.clone(),
+            b"421 4.3.2 Too many connections\r\n",
+            move |tcp| crate::lmtp::session::handle(ctx.clone(), tcp),
+        ));
+    }
     if let Some(addr) = cfg.listen.admin {
         let token = read_file("admin token", &cfg, &cfg.admin.token_file)?;
         let state = Arc::new(crate::admin::AdminState {

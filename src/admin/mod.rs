@@ -38,6 +38,7 @@ pub fn router(state: Arc<AdminState>) -> Router {
     let api = Router::new()
         .route("/api/users/{email}", get(show_user))
         .route("/api/users/{email}/route", put(set_route))
+        .route("/api/users/{email}/state", put(set_state))
         .layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
@@ -95,6 +96,31 @@ async fn set_route(
     Json(body): Json<RouteBody>,
 ) -> Response {
     match state.control.set_route(&email, body.route).await {
+        Ok(change) => Json(change).into_response(),
+        Err(e) => error(e),
+    }
+}
+
+#[derive(Deserialize)]
+struct StateBody {
+    state: String,
+}
+
+/// Sets a user's migration state directly (operators and tests); `cutover` defers the user's
+/// LMTP deliveries at once, any other state lets them through again.
+async fn set_state(
+    State(state): State<Arc<AdminState>>,
+    Path(email): Path<String>,
+    Json(body): Json<StateBody>,
+) -> Response {
+    let Ok(new_state) = body.state.parse::<crate::store::UserState>() else {
+        return (
+            StatusCode::BAD_REQUEST,
+            Json(json!({"error": format!("unknown state {:?}", body.state)})),
+        )
+            .into_response();
+    };
+    match state.control.set_state(&email, new_state).await {
         Ok(change) => Json(change).into_response(),
         Err(e) => error(e),
     }

@@ -1,5 +1,6 @@
 //! State changes requested by operators: the only place that writes routes and kicks sessions.
 
+pub mod inflight;
 pub mod sessions;
 
 use std::sync::Arc;
@@ -49,11 +50,24 @@ pub struct RouteChange {
     pub kicked: usize,
 }
 
+/// The result of a state change.
+#[derive(Debug, Clone, Serialize)]
+pub struct StateChange {
+    /// Normalized login.
+    pub email: String,
+    /// The state now in force.
+    pub state: UserState,
+    /// LMTP deliveries to the user still in progress on this node.
+    pub in_flight: usize,
+}
+
 /// Performs operator actions against directory, store and live sessions.
 pub struct Control {
     routes: Arc<RouteCache>,
     store: Store,
     sessions: Arc<SessionRegistry>,
+    /// LMTP deliveries in flight and the node-local cutover flag, shared with the LMTP proxy.
+    deliveries: Arc<inflight::Deliveries>,
 }
 
 /// Reason sent in the BYE of a kicked session.
@@ -66,7 +80,40 @@ impl Control {
             routes,
             store,
             sessions,
+            deliveries: Arc::new(inflight::Deliveries::default()),
         }
+    }
+
+    /// The LMTP in-flight registry and cutover flags (the LMTP proxy checks them per recipient).
+    pub fn deliveries(&self) -> &Arc<inflight::Deliveries> {
+        &self.deliveries
+    }
+
+    /// Sets `email`'s migration state. Entering `cutover` raises this node's flag before the
+    /// store write, so LMTP defers at once; leaving it lowers the flag after the write, so no
+    /// delivery sees neither. Other nodes see the store state.
+    pub async fn set_state(&self, email: &str, state: UserState) -> Result<StateChange, ControlError> {
+        let email = crate::route::normalize_user(email);
+        let entering = state == UserState::Cutover;
+        if entering {
+            self.deliveries.set_cutover(&email, true);
+        }
+        let written = self.store.set_user_state(&email, state, None).await;
+        if let Err(e) = written {
+            if entering {
+                self.deliveries.set_cutover(&email, false);
+            }
+            return Err(e.into());
+        }
+        if !entering {
+            self.deliveries.set_cutover(&email, false);
+        }
+        tracing::info!(user = %email, %state, "state set");
+        Ok(StateChange {
+            in_flight: self.deliveries.in_flight(&email),
+            email,
+            state,
+        })
     }
 
     /// Current view of `email`, read from the directory (not the cache).

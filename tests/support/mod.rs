@@ -5,6 +5,7 @@
 pub mod client;
 pub mod dovecot;
 pub mod mailferry;
+pub mod postfix;
 pub mod tls;
 
 #[allow(unused_imports)]

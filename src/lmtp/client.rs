@@ -1,0 +1,712 @@
+//! The backend side: an LMTP client connection (connect, greeting, LHLO, one transaction at a
+//! time, pipelined when the backend offers it) and a small pool of idle connections per backend.
+//!
+//! Every outcome is per recipient. A reply a backend never gave becomes `RcptOutcome::Failed`,
+//! which the caller turns into a 4xx: nothing is acknowledged that the backend has not.
+
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::time::{timeout, timeout_at};
+
+use super::reply::{parse_reply, Reply, ReplyError};
+use super::server::{BodyType, MailFrom};
+use crate::route::Route;
+
+/// Longest reply accepted from a backend (a multi-line LHLO reply included).
+const MAX_REPLY: usize = 64 * 1024;
+
+/// Per-phase timeouts towards a backend.
+#[derive(Debug, Clone)]
+pub struct ClientTimeouts {
+    /// TCP connect.
+    pub connect: Duration,
+    /// Greeting, LHLO, MAIL, RCPT and the DATA go-ahead.
+    pub reply: Duration,
+    /// Sending the message and getting every per-recipient reply after it.
+    pub data: Duration,
+}
+
+/// Why a backend exchange failed (the backend side failed, never the client).
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// No TCP connection could be made.
+    #[error("cannot connect: {0}")]
+    Connect(std::io::Error),
+    /// A phase took longer than its timeout.
+    #[error("timed out waiting for {0}")]
+    Timeout(&'static str),
+    /// The connection closed mid-exchange.
+    #[error("connection closed by the backend")]
+    Closed,
+    /// Reading or writing failed.
+    #[error("connection error: {0}")]
+    Io(#[from] std::io::Error),
+    /// The backend said something that is not a valid reply.
+    #[error("protocol error: {0}")]
+    Protocol(#[from] ReplyError),
+    /// The greeting or LHLO was refused.
+    #[error("refused the session: {0}")]
+    Refused(Reply),
+    /// A reply arrived that does not fit the exchange (e.g. 354 to RCPT).
+    #[error("unexpected reply {0}")]
+    Unexpected(Reply),
+}
+
+impl ClientError {
+    /// Enhanced status code of the 451 given to recipients of a failed exchange:
+    /// 4.4.1 no answer from the host, 4.4.2 bad connection (RFC 3463).
+    pub fn status(&self) -> &'static str {
+        match self {
+            ClientError::Connect(_) => "4.4.1",
+            _ => "4.4.2",
+        }
+    }
+}
+
+/// What the backend offered in its LHLO reply.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Capabilities {
+    /// RFC 2920.
+    pub pipelining: bool,
+    /// RFC 6152.
+    pub eight_bit_mime: bool,
+    /// RFC 1870: SIZE offered (with its limit, 0 = none stated).
+    pub size: Option<u64>,
+}
+
+impl Capabilities {
+    /// Reads the keyword lines of a 250 LHLO reply (the first line is the host name).
+    pub fn from_lhlo(reply: &Reply) -> Self {
+        let mut caps = Capabilities::default();
+        for line in reply.lines.iter().skip(1) {
+            let mut words = line.split_ascii_whitespace();
+            match words.next().map(str::to_ascii_uppercase).as_deref() {
+                Some("PIPELINING") => caps.pipelining = true,
+                Some("8BITMIME") => caps.eight_bit_mime = true,
+                Some("SIZE") => {
+                    caps.size = Some(words.next().and_then(|w| w.parse().ok()).unwrap_or(0))
+                }
+                _ => {}
+            }
+        }
+        caps
+    }
+}
+
+/// The result for one recipient of a backend transaction.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RcptOutcome {
+    /// The backend's own reply for this recipient (RCPT refusal, DATA refusal, or the final
+    /// per-recipient reply after the message).
+    Reply(Reply),
+    /// The backend never answered for this recipient; `ClientError::status` and the text
+    /// say why. Becomes a 451.
+    Failed {
+        /// Enhanced status code.
+        status: &'static str,
+        /// Why, for the reply text and the log.
+        reason: String,
+    },
+}
+
+impl RcptOutcome {
+    fn failed(e: &ClientError) -> Self {
+        RcptOutcome::Failed {
+            status: e.status(),
+            reason: e.to_string(),
+        }
+    }
+}
+
+/// A finished backend transaction.
+#[derive(Debug)]
+pub struct Transaction {
+    /// One outcome per recipient given, in order.
+    pub outcomes: Vec<RcptOutcome>,
+    /// The error that ended the exchange early, if any.
+    pub error: Option<ClientError>,
+    /// Whether any reply was read (if not, nothing can have been stored: safe to retry).
+    pub answered: bool,
+}
+
+impl Transaction {
+    fn all_failed(n: usize, e: ClientError, answered: bool) -> Self {
+        Transaction {
+            outcomes: vec![RcptOutcome::failed(&e); n],
+            error: Some(e),
+            answered,
+        }
+    }
+}
+
+/// One LMTP connection to a backend, past LHLO.
+#[derive(Debug)]
+pub struct BackendConn {
+    stream: TcpStream,
+    rbuf: BytesMut,
+    caps: Capabilities,
+    /// Set when the exchange ended cleanly, so the connection can carry another transaction.
+    reusable: bool,
+}
+
+impl BackendConn {
+    /// Connects to `addr`, reads the greeting and says `LHLO lhlo_name`.
+    pub async fn connect(
+        addr: &str,
+        lhlo_name: &str,
+        t: &ClientTimeouts,
+    ) -> Result<Self, ClientError> {
+        let stream = timeout(t.connect, TcpStream::connect(addr))
+            .await
+            .map_err(|_| ClientError::Timeout("connect"))?
+            .map_err(ClientError::Connect)?;
+        // Each transaction is a few small writes answered by the backend: no Nagle delays.
+        let _ = stream.set_nodelay(true);
+        let mut conn = BackendConn {
+            stream,
+            rbuf: BytesMut::with_capacity(4096),
+            caps: Capabilities::default(),
+            reusable: false,
+        };
+        let deadline = tokio::time::Instant::now() + t.reply;
+        let greeting = conn.read_reply(deadline, "greeting").await?;
+        if greeting.code != 220 {
+            return Err(ClientError::Refused(greeting));
+        }
+        conn.write(format!("LHLO {lhlo_name}\r\n").as_bytes(), deadline)
+            .await?;
+        let lhlo = conn
+            .read_reply(tokio::time::Instant::now() + t.reply, "LHLO")
+            .await?;
+        if lhlo.code != 250 {
+            return Err(ClientError::Refused(lhlo));
+        }
+        conn.caps = Capabilities::from_lhlo(&lhlo);
+        conn.reusable = true;
+        Ok(conn)
+    }
+
+    /// What the backend offered.
+    pub fn capabilities(&self) -> &Capabilities {
+        &self.caps
+    }
+
+    /// Whether the last exchange ended cleanly (the connection may go back to a pool).
+    pub fn is_reusable(&self) -> bool {
+        self.reusable
+    }
+
+    async fn read_reply(
+        &mut self,
+        deadline: tokio::time::Instant,
+        what: &'static str,
+    ) -> Result<Reply, ClientError> {
+        loop {
+            if let Some(r) = parse_reply(&mut self.rbuf, MAX_REPLY)? {
+                return Ok(r);
+            }
+            self.rbuf.reserve(4096);
+            let n = timeout_at(deadline, self.stream.read_buf(&mut self.rbuf))
+                .await
+                .map_err(|_| ClientError::Timeout(what))??;
+            if n == 0 {
+                return Err(ClientError::Closed);
+            }
+        }
+    }
+
+    async fn write(
+        &mut self,
+        bytes: &[u8],
+        deadline: tokio::time::Instant,
+    ) -> Result<(), ClientError> {
+        timeout_at(deadline, self.stream.write_all(bytes))
+            .await
+            .map_err(|_| ClientError::Timeout("write"))??;
+        Ok(())
+    }
+
+    /// Whether the backend closed (or spoke unasked, e.g. an idle-timeout 421) while pooled.
+    fn is_stale(&mut self) -> bool {
+        if !self.rbuf.is_empty() {
+            return true;
+        }
+        let mut probe = [0u8; 1];
+        !matches!(self.stream.try_read(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+    }
+
+    /// Runs one transaction: MAIL, a RCPT per entry of `rcpts`, DATA, then `wire` (the message
+    /// already dot-stuffed and terminated, see `data::stuff`), collecting one outcome per
+    /// recipient. `size` is the message size for the SIZE parameter.
+    pub async fn transaction(
+        &mut self,
+        mail: &MailFrom,
+        rcpts: &[String],
+        wire: &[u8],
+        size: usize,
+        t: &ClientTimeouts,
+    ) -> Transaction {
+        self.reusable = false;
+        let n = rcpts.len();
+        let mut mail_cmd = format!("MAIL FROM:<{}>", mail.reverse_path);
+        if mail.body == Some(BodyType::EightBitMime) && self.caps.eight_bit_mime {
+            mail_cmd.push_str(" BODY=8BITMIME");
+        }
+        if self.caps.size.is_some() {
+            mail_cmd.push_str(&format!(" SIZE={size}"));
+        }
+        mail_cmd.push_str("\r\n");
+        let mut cmds: Vec<Vec<u8>> = Vec::with_capacity(n + 2);
+        cmds.push(mail_cmd.into_bytes());
+        for r in rcpts {
+            cmds.push(format!("RCPT TO:<{r}>\r\n").into_bytes());
+        }
+        cmds.push(b"DATA\r\n".to_vec());
+
+        let deadline = tokio::time::Instant::now() + t.reply;
+        let pipelining = self.caps.pipelining;
+        if pipelining {
+            if let Err(e) = self.write(&cmds.concat(), deadline).await {
+                return Transaction::all_failed(n, e, false);
+            }
+        }
+        let mut answered = false;
+        let mut outcomes: Vec<Option<RcptOutcome>> = vec![None; n];
+        let mut accepted = Vec::with_capacity(n);
+        // Replies to MAIL, each RCPT and DATA, in that order.
+        for (i, cmd) in cmds.iter().enumerate() {
+            let is_data = i == n + 1;
+            if !pipelining {
+                if is_data && accepted.is_empty() {
+                    // Nothing to send the message to: end the transaction without DATA.
+                    break;
+                }
+                if let Err(e) = self.write(cmd, deadline).await {
+                    return finish(outcomes, e, answered);
+                }
+            }
+            let what = match i {
+                0 => "MAIL reply",
+                _ if is_data => "DATA reply",
+                _ => "RCPT reply",
+            };
+            let reply = match self.read_reply(deadline, what).await {
+                Ok(r) => r,
+                Err(e) => return finish(outcomes, e, answered),
+            };
+            answered = true;
+            if i == 0 {
+                if !reply.is_positive() {
+                    // The backend refused the sender: every recipient gets its answer. The
+                    // pipelined RCPT/DATA replies are not read; the connection is dropped.
+                    return Transaction {
+                        outcomes: vec![RcptOutcome::Reply(reply); n],
+                        error: None,
+                        answered,
+                    };
+                }
+            } else if !is_data {
+                if reply.code == 354 {
+                    return finish(outcomes, ClientError::Unexpected(reply), answered);
+                }
+                if reply.is_positive() {
+                    accepted.push(i - 1);
+                } else {
+                    outcomes[i - 1] = Some(RcptOutcome::Reply(reply));
+                }
+            } else if reply.code != 354 {
+                if !accepted.is_empty() && reply.is_positive() {
+                    return finish(outcomes, ClientError::Unexpected(reply), answered);
+                }
+                // DATA refused (or no recipient was accepted): the accepted ones get the refusal.
+                for &k in &accepted {
+                    outcomes[k] = Some(RcptOutcome::Reply(reply.clone()));
+                }
+                self.reusable = true;
+                return Transaction {
+                    outcomes: outcomes
+                        .into_iter()
+                        .map(|o| o.unwrap_or_else(|| RcptOutcome::failed(&ClientError::Closed)))
+                        .collect(),
+                    error: None,
+                    answered,
+                };
+            }
+        }
+        if accepted.is_empty() {
+            // Only reached without pipelining, where DATA was not sent.
+            self.reusable = true;
+            return Transaction {
+                outcomes: outcomes
+                    .into_iter()
+                    .map(|o| o.unwrap_or_else(|| RcptOutcome::failed(&ClientError::Closed)))
+                    .collect(),
+                error: None,
+                answered,
+            };
+        }
+        let deadline = tokio::time::Instant::now() + t.data;
+        if let Err(e) = self.write(wire, deadline).await {
+            return finish(outcomes, e, answered);
+        }
+        // RFC 2033 §4.2: one reply per accepted recipient, in RCPT order.
+        for &k in &accepted {
+            match self.read_reply(deadline, "per-recipient reply").await {
+                Ok(r) if r.code == 354 => {
+                    return finish(outcomes, ClientError::Unexpected(r), answered)
+                }
+                Ok(r) => outcomes[k] = Some(RcptOutcome::Reply(r)),
+                Err(e) => return finish(outcomes, e, answered),
+            }
+        }
+        self.reusable = true;
+        Transaction {
+            outcomes: outcomes
+                .into_iter()
+                .map(|o| o.unwrap_or_else(|| RcptOutcome::failed(&ClientError::Closed)))
+                .collect(),
+            error: None,
+            answered,
+        }
+    }
+
+    /// Says QUIT without waiting long for the answer.
+    pub async fn quit(mut self) {
+        let _ = timeout(Duration::from_secs(1), self.stream.write_all(b"QUIT\r\n")).await;
+    }
+}
+
+/// Recipients that got an answer keep it; the others fail with `e`.
+fn finish(outcomes: Vec<Option<RcptOutcome>>, e: ClientError, answered: bool) -> Transaction {
+    Transaction {
+        outcomes: outcomes
+            .into_iter()
+            .map(|o| o.unwrap_or_else(|| RcptOutcome::failed(&e)))
+            .collect(),
+        error: Some(e),
+        answered,
+    }
+}
+
+/// Idle connections to one backend's LMTP, reused across transactions and sessions.
+pub struct BackendPool {
+    /// Which backend.
+    pub route: Route,
+    /// `host:port` of its LMTP listener.
+    pub addr: String,
+    lhlo_name: String,
+    /// Idle connections, with when they went idle.
+    idle: Mutex<Vec<(BackendConn, Instant)>>,
+    max_idle: usize,
+    idle_ttl: Duration,
+}
+
+impl BackendPool {
+    /// A pool keeping at most `max_idle` connections, each for at most `idle_ttl` (less than
+    /// the backend's own idle timeout, so a pooled connection is rarely found closed).
+    pub fn new(
+        route: Route,
+        addr: String,
+        lhlo_name: String,
+        max_idle: usize,
+        idle_ttl: Duration,
+    ) -> Self {
+        BackendPool {
+            route,
+            addr,
+            lhlo_name,
+            idle: Mutex::new(Vec::new()),
+            max_idle,
+            idle_ttl,
+        }
+    }
+
+    /// An idle connection that still looks alive (`true`: reused), or a new one.
+    pub async fn checkout(&self, t: &ClientTimeouts) -> Result<(BackendConn, bool), ClientError> {
+        loop {
+            let candidate = self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop();
+            match candidate {
+                Some((mut conn, since)) => {
+                    if since.elapsed() < self.idle_ttl && !conn.is_stale() {
+                        return Ok((conn, true));
+                    }
+                }
+                None => break,
+            }
+        }
+        Ok((
+            BackendConn::connect(&self.addr, &self.lhlo_name, t).await?,
+            false,
+        ))
+    }
+
+    /// Returns a connection whose last exchange ended cleanly; others are dropped.
+    pub fn checkin(&self, conn: BackendConn) {
+        if !conn.is_reusable() {
+            return;
+        }
+        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        if idle.len() < self.max_idle {
+            idle.push((conn, Instant::now()));
+        }
+    }
+
+    /// Runs one transaction on a pooled or new connection. A pooled connection that fails
+    /// before any reply (the backend closed it while idle) is replaced once: nothing can have
+    /// been stored, so the retry cannot duplicate.
+    pub async fn deliver(
+        &self,
+        mail: &MailFrom,
+        rcpts: &[String],
+        wire: &[u8],
+        size: usize,
+        t: &ClientTimeouts,
+    ) -> Transaction {
+        let mut retried = false;
+        loop {
+            let (mut conn, reused) = match self.checkout(t).await {
+                Ok(c) => c,
+                Err(e) => return Transaction::all_failed(rcpts.len(), e, false),
+            };
+            let tx = conn.transaction(mail, rcpts, wire, size, t).await;
+            if tx.error.is_some() && !tx.answered && reused && !retried {
+                retried = true;
+                continue;
+            }
+            self.checkin(conn);
+            return tx;
+        }
+    }
+
+    /// Number of idle connections (for tests and metrics).
+    pub fn idle_count(&self) -> usize {
+        self.idle.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncBufReadExt, BufReader};
+    use tokio::net::TcpListener;
+
+    fn t() -> ClientTimeouts {
+        ClientTimeouts {
+            connect: Duration::from_secs(5),
+            reply: Duration::from_secs(5),
+            data: Duration::from_secs(5),
+        }
+    }
+
+    fn mail() -> MailFrom {
+        MailFrom {
+            reverse_path: "s@x".into(),
+            size: None,
+            body: Some(BodyType::EightBitMime),
+        }
+    }
+
+    enum Step {
+        Say(String),
+        SayAndClose(String),
+        Silence,
+    }
+
+    /// A scripted backend: answers each line it reads by `script(line, in_data)`.
+    async fn fake<F>(script: F) -> String
+    where
+        F: Fn(&str, &mut bool) -> Step + Send + Sync + 'static,
+    {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        let script = std::sync::Arc::new(script);
+        tokio::spawn(async move {
+            while let Ok((s, _)) = l.accept().await {
+                let script = script.clone();
+                tokio::spawn(async move {
+                    let (r, mut w) = s.into_split();
+                    let mut r = BufReader::new(r);
+                    let _ = w.write_all(b"220 fake\r\n").await;
+                    let mut in_data = false;
+                    let mut line = String::new();
+                    loop {
+                        line.clear();
+                        if r.read_line(&mut line).await.unwrap_or(0) == 0 {
+                            break;
+                        }
+                        match script(line.trim_end(), &mut in_data) {
+                            Step::Say(reply) => {
+                                if w.write_all(reply.as_bytes()).await.is_err() {
+                                    break;
+                                }
+                            }
+                            Step::SayAndClose(reply) => {
+                                let _ = w.write_all(reply.as_bytes()).await;
+                                break;
+                            }
+                            Step::Silence => {}
+                        }
+                    }
+                });
+            }
+        });
+        addr
+    }
+
+    /// The envelope part of a fake backend that offers PIPELINING, 8BITMIME and SIZE and
+    /// refuses `b@y`.
+    fn envelope(line: &str, in_data: &mut bool) -> Step {
+        Step::Say(match line {
+            l if l.starts_with("LHLO") => {
+                "250-fake\r\n250-PIPELINING\r\n250-8BITMIME\r\n250 SIZE 1000\r\n".into()
+            }
+            l if l.starts_with("MAIL") => {
+                assert_eq!(l, "MAIL FROM:<s@x> BODY=8BITMIME SIZE=4");
+                "250 2.1.0 OK\r\n".into()
+            }
+            "RCPT TO:<b@y>" => "550 5.1.1 <b@y> User doesn't exist\r\n".into(),
+            l if l.starts_with("RCPT") => "250 2.1.5 OK\r\n".into(),
+            "DATA" => {
+                *in_data = true;
+                "354 go\r\n".into()
+            }
+            _ => "500 what\r\n".into(),
+        })
+    }
+
+    fn rcpts(list: &[&str]) -> Vec<String> {
+        list.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[tokio::test]
+    async fn closed_mid_replies_fails_only_the_unanswered() {
+        let addr = fake(|line, in_data| match (*in_data, line) {
+            (true, ".") => Step::SayAndClose("250 2.0.0 <a@y> Saved\r\n".into()),
+            (true, _) => Step::Silence,
+            _ => envelope(line, in_data),
+        })
+        .await;
+        let mut conn = BackendConn::connect(&addr, "proxy", &t()).await.unwrap();
+        assert!(conn.capabilities().pipelining && conn.capabilities().eight_bit_mime);
+        let tx = conn
+            .transaction(
+                &mail(),
+                &rcpts(&["a@y", "b@y", "c@y"]),
+                b"hi\r\n.\r\n",
+                4,
+                &t(),
+            )
+            .await;
+        assert!(
+            matches!(&tx.outcomes[0], RcptOutcome::Reply(r) if r.code == 250),
+            "{tx:?}"
+        );
+        assert!(
+            matches!(&tx.outcomes[1], RcptOutcome::Reply(r) if r.code == 550),
+            "{tx:?}"
+        );
+        assert!(
+            matches!(
+                &tx.outcomes[2],
+                RcptOutcome::Failed {
+                    status: "4.4.2",
+                    ..
+                }
+            ),
+            "{tx:?}"
+        );
+        assert!(matches!(tx.error, Some(ClientError::Closed)));
+        assert!(!conn.is_reusable());
+    }
+
+    #[tokio::test]
+    async fn silent_backend_times_out_per_phase() {
+        let addr = fake(|line, in_data| match (*in_data, line) {
+            (true, _) => Step::Silence,
+            _ => envelope(line, in_data),
+        })
+        .await;
+        let short = ClientTimeouts {
+            data: Duration::from_millis(200),
+            ..t()
+        };
+        let mut conn = BackendConn::connect(&addr, "proxy", &short).await.unwrap();
+        let tx = conn
+            .transaction(&mail(), &rcpts(&["a@y"]), b"hi\r\n.\r\n", 4, &short)
+            .await;
+        assert!(matches!(tx.error, Some(ClientError::Timeout(_))), "{tx:?}");
+        assert!(matches!(
+            &tx.outcomes[0],
+            RcptOutcome::Failed {
+                status: "4.4.2",
+                ..
+            }
+        ));
+    }
+
+    #[tokio::test]
+    async fn unreachable_backend_is_4_4_1() {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        drop(l);
+        let pool = BackendPool::new(Route::New, addr, "proxy".into(), 4, Duration::from_secs(30));
+        let tx = pool
+            .deliver(&mail(), &rcpts(&["a@y", "c@y"]), b".\r\n", 0, &t())
+            .await;
+        assert!(tx.outcomes.iter().all(|o| matches!(
+            o,
+            RcptOutcome::Failed {
+                status: "4.4.1",
+                ..
+            }
+        )));
+    }
+
+    #[tokio::test]
+    async fn pooled_connection_closed_while_idle_is_replaced() {
+        let addr = fake(|line, in_data| match (*in_data, line) {
+            // Answer, then close: the pooled connection is dead before its next use.
+            (true, ".") => Step::SayAndClose("250 2.0.0 <a@y> Saved\r\n".into()),
+            (true, _) => Step::Silence,
+            _ => envelope(line, in_data),
+        })
+        .await;
+        let pool = BackendPool::new(
+            Route::Legacy,
+            addr,
+            "proxy".into(),
+            4,
+            Duration::from_secs(30),
+        );
+        for _ in 0..3 {
+            let tx = pool
+                .deliver(&mail(), &rcpts(&["a@y"]), b"hi\r\n.\r\n", 4, &t())
+                .await;
+            assert!(
+                matches!(&tx.outcomes[0], RcptOutcome::Reply(r) if r.code == 250),
+                "{tx:?}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn no_recipient_accepted_sends_no_message() {
+        let addr = fake(|line, in_data| match (*in_data, line) {
+            (true, _) => panic!("message sent although no recipient was accepted"),
+            (false, "DATA") => Step::Say("503 5.5.1 No valid recipients\r\n".into()),
+            _ => envelope(line, in_data),
+        })
+        .await;
+        let mut conn = BackendConn::connect(&addr, "proxy", &t()).await.unwrap();
+        let tx = conn
+            .transaction(&mail(), &rcpts(&["b@y"]), b"hi\r\n.\r\n", 4, &t())
+            .await;
+        assert!(tx.error.is_none());
+        assert!(matches!(&tx.outcomes[0], RcptOutcome::Reply(r) if r.code == 550));
+        assert!(conn.is_reusable());
+    }
+}

@@ -1,0 +1,288 @@
+//! After DATA: recipients de-duplicated and grouped by backend, one backend transaction per
+//! group (the groups run concurrently), and the replies zipped back into RCPT order, one per
+//! accepted RCPT, duplicates included (RFC 2033 §4.2).
+
+use std::time::Instant;
+
+use tracing::{info, warn};
+
+use super::client::RcptOutcome;
+use super::data::stuff;
+use super::reply::Reply;
+use super::server::Message;
+use super::LmtpContext;
+use crate::control::inflight::InFlight;
+use crate::route::Route;
+
+/// The recipients of one message, each user once: a repeated RCPT gets the reply of the
+/// first, and the message is stored once per mailbox.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Plan {
+    /// For each accepted RCPT, in order: the index of its unique recipient.
+    slots: Vec<usize>,
+    /// Unique recipients in order of first appearance: (routing key, address as first given).
+    unique: Vec<(String, String)>,
+}
+
+impl Plan {
+    /// From (routing key, address) per accepted RCPT, in RCPT order.
+    pub fn new<'a>(rcpts: impl IntoIterator<Item = (&'a str, &'a str)>) -> Plan {
+        let mut plan = Plan {
+            slots: Vec::new(),
+            unique: Vec::new(),
+        };
+        for (key, address) in rcpts {
+            let idx = match plan.unique.iter().position(|(k, _)| k == key) {
+                Some(i) => i,
+                None => {
+                    plan.unique.push((key.to_owned(), address.to_owned()));
+                    plan.unique.len() - 1
+                }
+            };
+            plan.slots.push(idx);
+        }
+        plan
+    }
+
+    /// Unique recipients: (routing key, address).
+    pub fn unique(&self) -> &[(String, String)] {
+        &self.unique
+    }
+
+    /// One reply per RCPT, from one reply per unique recipient.
+    pub fn zip(&self, unique_replies: &[Reply]) -> Vec<Reply> {
+        self.slots
+            .iter()
+            .map(|&i| {
+                unique_replies
+                    .get(i)
+                    .cloned()
+                    .unwrap_or_else(|| Reply::new(451, "4.3.0 Internal error, try again later"))
+            })
+            .collect()
+    }
+}
+
+/// Unique-recipient indexes grouped by backend, keeping their order within each group.
+pub fn group(routes: &[Option<Route>]) -> Vec<(Route, Vec<usize>)> {
+    let mut groups: Vec<(Route, Vec<usize>)> = Vec::new();
+    for (i, route) in routes.iter().enumerate() {
+        let Some(route) = route else { continue };
+        match groups.iter_mut().find(|(r, _)| r == route) {
+            Some((_, v)) => v.push(i),
+            None => groups.push((*route, vec![i])),
+        }
+    }
+    groups
+}
+
+/// The 4xx for a user being cut over.
+pub fn cutover_reply(address: &str) -> Reply {
+    Reply::new(
+        451,
+        format!("4.2.0 <{address}> Mailbox is being migrated, try again later"),
+    )
+}
+
+/// The 4xx when the directory cannot be asked.
+pub fn directory_reply(address: &str) -> Reply {
+    Reply::new(
+        451,
+        format!("4.3.0 <{address}> Directory unavailable, try again later"),
+    )
+}
+
+/// The 4xx when the owning backend has no LMTP address configured.
+pub fn no_backend_reply(address: &str, route: Route) -> Reply {
+    Reply::new(
+        451,
+        format!("4.3.5 <{address}> No LMTP configured for backend {route}"),
+    )
+}
+
+fn deferred(reason: &'static str) {
+    metrics::counter!("mailferry_lmtp_deferrals_total", "reason" => reason).increment(1);
+}
+
+/// Delivers a complete message; returns exactly one reply per RCPT of `msg`, in order. The
+/// recipient data is the routing key (normalized user) chosen at RCPT time.
+pub async fn deliver(ctx: &LmtpContext, msg: Message<String>) -> Vec<Reply> {
+    let started = Instant::now();
+    let plan = Plan::new(
+        msg.rcpts
+            .iter()
+            .map(|(addr, key)| (key.as_str(), addr.as_str())),
+    );
+    let n = plan.unique().len();
+    let mut replies: Vec<Option<Reply>> = vec![None; n];
+    let mut routes: Vec<Option<Route>> = vec![None; n];
+    // Held until the backends have answered: the cutover sequence waits for these.
+    let mut slots: Vec<InFlight> = Vec::with_capacity(n);
+    for (u, (key, address)) in plan.unique().iter().enumerate() {
+        // Checked again now, not only at RCPT: a cutover may have started since.
+        let Some(slot) = ctx.deliveries.begin(key) else {
+            deferred("cutover");
+            replies[u] = Some(cutover_reply(address));
+            continue;
+        };
+        // And the route asked again (a cache hit unless it changed): a cutover may have
+        // finished since RCPT, and then the mail belongs on the new side.
+        match ctx.routes.lookup(key).await {
+            Err(e) => {
+                warn!(user = %key, error = %e, "directory lookup failed after DATA");
+                deferred("directory");
+                replies[u] = Some(directory_reply(address));
+            }
+            Ok(lookup) if ctx.pool(lookup.route).is_none() => {
+                deferred("no_backend");
+                replies[u] = Some(no_backend_reply(address, lookup.route));
+            }
+            Ok(lookup) => {
+                routes[u] = Some(lookup.route);
+                slots.push(slot);
+            }
+        }
+    }
+
+    let wire = stuff(&msg.body);
+    let size = msg.body.len();
+    let run = |route: Route, members: Vec<usize>| {
+        let wire = &wire;
+        let plan = &plan;
+        let mail = &msg.mail;
+        async move {
+            let Some(pool) = ctx.pool(route) else {
+                return (route, members, Vec::new());
+            };
+            let addrs: Vec<String> = members
+                .iter()
+                .map(|&u| plan.unique()[u].1.clone())
+                .collect();
+            let tx = pool
+                .deliver(mail, &addrs, wire, size, &ctx.timeouts.client)
+                .await;
+            if let Some(e) = &tx.error {
+                warn!(backend = %route, addr = %pool.addr, error = %e, "backend LMTP transaction failed");
+            }
+            (route, members, tx.outcomes)
+        }
+    };
+    let mut groups = group(&routes).into_iter();
+    let first = groups.next();
+    let second = groups.next();
+    let (a, b) = tokio::join!(
+        async {
+            match first {
+                Some((r, m)) => Some(run(r, m).await),
+                None => None,
+            }
+        },
+        async {
+            match second {
+                Some((r, m)) => Some(run(r, m).await),
+                None => None,
+            }
+        }
+    );
+    let mut delivered = [0usize; 2];
+    let mut failed = 0usize;
+    for (route, members, outcomes) in [a, b].into_iter().flatten() {
+        let mut any_stored = false;
+        for (k, &u) in members.iter().enumerate() {
+            let address = &plan.unique()[u].1;
+            let reply = match outcomes.get(k) {
+                Some(RcptOutcome::Reply(r)) => r.clone(),
+                Some(RcptOutcome::Failed { status, reason }) => Reply::new(
+                    451,
+                    format!(
+                        "{status} <{address}> Backend {route} failed ({reason}), try again later"
+                    ),
+                ),
+                None => Reply::new(
+                    451,
+                    format!("4.3.0 <{address}> Internal error, try again later"),
+                ),
+            };
+            let outcome = if reply.is_positive() {
+                any_stored = true;
+                delivered[(route == Route::New) as usize] += 1;
+                "delivered"
+            } else if reply.is_transient() {
+                failed += 1;
+                deferred("backend");
+                "deferred"
+            } else {
+                failed += 1;
+                "rejected"
+            };
+            metrics::counter!("mailferry_lmtp_deliveries_total", "backend" => route.as_str(), "outcome" => outcome)
+                .increment(1);
+            replies[u] = Some(reply);
+        }
+        if any_stored {
+            metrics::counter!("mailferry_lmtp_bytes_total", "backend" => route.as_str())
+                .increment(size as u64);
+        }
+    }
+    drop(slots);
+
+    let unique: Vec<Reply> = replies
+        .into_iter()
+        .map(|r| r.unwrap_or_else(|| Reply::new(451, "4.3.0 Internal error, try again later")))
+        .collect();
+    let out = plan.zip(&unique);
+    info!(
+        rcpts = out.len(),
+        size,
+        legacy = delivered[0],
+        new = delivered[1],
+        not_delivered = out.iter().filter(|r| !r.is_positive()).count(),
+        backend_failures = failed,
+        normalised = msg.normalised,
+        ms = started.elapsed().as_millis() as u64,
+        "message handled"
+    );
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn duplicates_share_one_delivery_and_replies_keep_rcpt_order() {
+        let plan = Plan::new([
+            ("a", "A@x"),
+            ("b", "b@x"),
+            ("a", "a@x"),
+            ("c", "c@x"),
+            ("b", "B@x"),
+        ]);
+        assert_eq!(
+            plan.unique(),
+            &[
+                ("a".to_string(), "A@x".to_string()),
+                ("b".to_string(), "b@x".to_string()),
+                ("c".to_string(), "c@x".to_string())
+            ]
+        );
+        let replies = [
+            Reply::new(250, "a"),
+            Reply::new(451, "b"),
+            Reply::new(550, "c"),
+        ];
+        let codes: Vec<u16> = plan.zip(&replies).iter().map(|r| r.code).collect();
+        assert_eq!(codes, [250, 451, 250, 550, 451]);
+    }
+
+    #[test]
+    fn groups_by_backend_in_order() {
+        let g = group(&[
+            Some(Route::New),
+            None,
+            Some(Route::Legacy),
+            Some(Route::New),
+        ]);
+        assert_eq!(g, vec![(Route::New, vec![0, 3]), (Route::Legacy, vec![2])]);
+    }
+}

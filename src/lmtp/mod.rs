@@ -1,0 +1,127 @@
+//! The LMTP proxy (DESIGN.md §4): one endpoint for the MTA; each recipient is routed at RCPT
+//! time, deferred with 4xx while its user is being cut over, and delivered after DATA to the
+//! backend that owns it, with one reply per accepted recipient in RCPT order.
+//!
+//! Pure parts: `server` (session state machine and command parser), `data` (DATA
+//! transparency), `reply` (replies and their parser), `fanout::Plan` (grouping and zipping).
+//! I/O parts: `session` (one client connection), `client` (backend connections and pool),
+//! `fanout::deliver`.
+
+pub mod client;
+pub mod data;
+pub mod fanout;
+pub mod reply;
+pub mod server;
+pub mod session;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::config::Config;
+use crate::control::inflight::Deliveries;
+use crate::route::{Route, RouteCache};
+use crate::shutdown::Shutdown;
+use crate::store::Store;
+use client::{BackendPool, ClientTimeouts};
+use server::ServerLimits;
+
+/// Per-phase timeouts of the LMTP proxy, with where each default comes from.
+#[derive(Debug, Clone)]
+pub struct LmtpTimeouts {
+    /// Waiting for the MTA's next command: RFC 5321 §4.5.3.2.7, at least 5 minutes.
+    pub command_idle: Duration,
+    /// Waiting for the next chunk of message data: RFC 5321 §4.5.3.2.5 data block, 3 minutes.
+    pub data_idle: Duration,
+    /// Towards the backends.
+    pub client: ClientTimeouts,
+}
+
+impl LmtpTimeouts {
+    /// The defaults, taking connect and reply timeouts from the shared `[limits]`.
+    pub fn from_limits(limits: &crate::limits::Limits) -> Self {
+        LmtpTimeouts {
+            command_idle: Duration::from_secs(300),
+            data_idle: Duration::from_secs(180),
+            client: ClientTimeouts {
+                connect: limits.backend_connect(),
+                reply: limits.backend_reply(),
+                // RFC 5321 §4.5.3.2.6: 10 minutes for the reply to the end of data.
+                data: Duration::from_secs(600),
+            },
+        }
+    }
+}
+
+/// Idle LMTP connections kept per backend.
+pub const POOL_MAX_IDLE: usize = 16;
+/// How long a pooled connection may sit idle; well below Dovecot's LMTP idle timeout (5 min).
+pub const POOL_IDLE_TTL: Duration = Duration::from_secs(30);
+
+/// Everything LMTP sessions share; built once by `serve` (or by a test).
+pub struct LmtpContext {
+    /// Protocol limits and the host name.
+    pub server: ServerLimits,
+    /// Per-phase timeouts.
+    pub timeouts: LmtpTimeouts,
+    /// Route lookups (the same cache as IMAP).
+    pub routes: Arc<RouteCache>,
+    /// User states (`cutover` defers).
+    pub store: Store,
+    /// In-flight counters and the node-local cutover flag.
+    pub deliveries: Arc<Deliveries>,
+    /// `[directory] reject_unknown`: unknown recipients get 550 instead of the default route.
+    pub reject_unknown: bool,
+    /// Legacy backend's LMTP, if configured.
+    pub legacy: Option<Arc<BackendPool>>,
+    /// New backend's LMTP, if configured.
+    pub new: Option<Arc<BackendPool>>,
+    /// Server shutdown.
+    pub shutdown: Shutdown,
+}
+
+impl LmtpContext {
+    /// Builds the context from the configuration and the shared pieces.
+    pub fn from_config(
+        cfg: &Config,
+        routes: Arc<RouteCache>,
+        store: Store,
+        deliveries: Arc<Deliveries>,
+        shutdown: Shutdown,
+    ) -> Self {
+        let server = ServerLimits {
+            hostname: cfg.lmtp.hostname.clone(),
+            max_message_size: cfg.lmtp.max_message_size,
+            ..ServerLimits::default()
+        };
+        let pool = |route: Route| {
+            cfg.backends.get(route).lmtp.as_ref().map(|addr| {
+                Arc::new(BackendPool::new(
+                    route,
+                    addr.clone(),
+                    cfg.lmtp.hostname.clone(),
+                    POOL_MAX_IDLE,
+                    POOL_IDLE_TTL,
+                ))
+            })
+        };
+        LmtpContext {
+            timeouts: LmtpTimeouts::from_limits(&cfg.limits),
+            legacy: pool(Route::Legacy),
+            new: pool(Route::New),
+            server,
+            routes,
+            store,
+            deliveries,
+            reject_unknown: cfg.directory.reject_unknown,
+            shutdown,
+        }
+    }
+
+    /// The LMTP pool of `route`'s backend, if it has an LMTP address.
+    pub fn pool(&self, route: Route) -> Option<&Arc<BackendPool>> {
+        match route {
+            Route::Legacy => self.legacy.as_ref(),
+            Route::New => self.new.as_ref(),
+        }
+    }
+}
