@@ -41,6 +41,29 @@ enum Command {
         #[command(subcommand)]
         action: UserCommand,
     },
+    /// Copy a user's mail from legacy to new (needs `master_user` and `master_password_file`
+    /// on both backends; state goes to the `[state]` store, so passes resume and never duplicate).
+    Sync {
+        /// The user's login.
+        email: String,
+        /// One pass now, without a server (continuous sync runs in `serve`: `user migrate`).
+        #[arg(long)]
+        once: bool,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+        /// No progress bar.
+        #[arg(long)]
+        quiet: bool,
+    },
+    /// Compare legacy and new for a user: exit 0 same, 1 different, 2 error.
+    Verify {
+        /// The user's login.
+        email: String,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -113,6 +136,127 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         Command::User { action } => {
             let cfg = Config::load(&cli.config)?;
             user(&cfg, action).await
+        }
+        Command::Sync { email, once, json, quiet } => {
+            if !once {
+                eprintln!("mailferry: only `sync EMAIL --once` runs without a server; `user migrate EMAIL` starts continuous sync");
+                return Ok(ExitCode::from(2));
+            }
+            let cfg = Config::load(&cli.config)?;
+            sync_once(&cfg, &email, json, quiet).await
+        }
+        Command::Verify { email, json } => {
+            let cfg = Config::load(&cli.config)?;
+            verify(&cfg, &email, json).await
+        }
+    }
+}
+
+/// Exit code for a sync error: 2 when a backend or the config could not be used, else 1.
+fn sync_exit(e: &mailferry::sync::SyncError) -> ExitCode {
+    use mailferry::sync::SyncError as E;
+    match e {
+        E::Login(_) | E::Io { .. } | E::Timeout { .. } | E::Config(_) => ExitCode::from(2),
+        _ => ExitCode::from(1),
+    }
+}
+
+async fn sync_once(cfg: &Config, email: &str, json: bool, quiet: bool) -> Result<ExitCode> {
+    use mailferry::sync::{pass_with_retry, Engine, Progress};
+    use std::sync::atomic::Ordering::Relaxed;
+    let email = mailferry::route::normalize_user(email);
+    let store = mailferry::store::Store::open(&cfg.state.url).await?;
+    let engine = match Engine::from_config(cfg, store) {
+        Ok(e) => e,
+        Err(e) => {
+            eprintln!("mailferry: {e}");
+            return Ok(ExitCode::from(2));
+        }
+    };
+    let progress = std::sync::Arc::new(Progress::default());
+    let bar = (!quiet && !json).then(|| {
+        let bar = indicatif::ProgressBar::with_draw_target(Some(0), indicatif::ProgressDrawTarget::stderr());
+        if let Ok(style) = indicatif::ProgressStyle::with_template(
+            "{spinner} {bytes}/{total_bytes} {bytes_per_sec} {msg}",
+        ) {
+            bar.set_style(style);
+        }
+        bar
+    });
+    let ticker = bar.clone().map(|bar| {
+        let p = progress.clone();
+        tokio::spawn(async move {
+            loop {
+                bar.set_length(p.bytes_total.load(Relaxed));
+                bar.set_position(p.bytes_done.load(Relaxed));
+                let folder = p.folder.lock().map(|f| f.clone()).unwrap_or_default();
+                bar.set_message(format!(
+                    "{}/{} messages {folder}",
+                    p.messages_done.load(Relaxed),
+                    p.messages_total.load(Relaxed)
+                ));
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+        })
+    });
+    let result = pass_with_retry(&engine, &email, Some(progress), 3).await;
+    if let Some(t) = ticker {
+        t.abort();
+    }
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
+    }
+    match result {
+        Ok(r) => {
+            if json {
+                println!("{}", serde_json::to_string(&r)?);
+            } else {
+                println!(
+                    "{email}: {} folders ({} changed), {} messages appended ({} bytes), {} recovered, {} re-matched, \
+                     {} flag updates, {} expunged, {} not copyable, {} ms",
+                    r.folders, r.folders_changed, r.appended, r.appended_bytes, r.recovered, r.rematched,
+                    r.flag_updates, r.expunged, r.failed, r.duration_ms
+                );
+            }
+            Ok(if r.failed > 0 { ExitCode::from(1) } else { ExitCode::SUCCESS })
+        }
+        Err(e) => {
+            eprintln!("mailferry: sync of {email} failed: {e}");
+            Ok(sync_exit(&e))
+        }
+    }
+}
+
+async fn verify(cfg: &Config, email: &str, json: bool) -> Result<ExitCode> {
+    use mailferry::sync::client::Endpoint;
+    let email = mailferry::route::normalize_user(email);
+    let setup = || -> Result<_, mailferry::sync::SyncError> {
+        mailferry::net::tls::install_provider();
+        let rules = mailferry::sync::mailboxes::Rules::from_config(&cfg.sync)
+            .map_err(|e| mailferry::sync::SyncError::Config(e.to_string()))?;
+        Ok((Endpoint::from_config(cfg, Route::Legacy)?, Endpoint::from_config(cfg, Route::New)?, rules))
+    };
+    let result = match setup() {
+        Ok((legacy, new, rules)) => mailferry::sync::verify::verify(&legacy, &new, &rules, &email).await,
+        Err(e) => Err(e),
+    };
+    match result {
+        Ok(r) => {
+            if json {
+                println!("{}", serde_json::to_string(&r)?);
+            } else if r.same() {
+                println!("{email}: same ({} folders, {} messages)", r.folders, r.messages);
+            } else {
+                println!("{email}: {} difference(s) ({} folders, {} messages on legacy):", r.differences.len(), r.folders, r.messages);
+                for d in &r.differences {
+                    println!("  - {d}");
+                }
+            }
+            Ok(if r.same() { ExitCode::SUCCESS } else { ExitCode::from(1) })
+        }
+        Err(e) => {
+            eprintln!("mailferry: verify of {email} failed: {e}");
+            Ok(ExitCode::from(2))
         }
     }
 }

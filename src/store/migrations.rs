@@ -55,6 +55,10 @@ const MIGRATIONS: &[&[&str]] = &[&[
         last_appended BIGINT,
         last_error TEXT,
         updated_at BIGINT NOT NULL)",
+], &[
+    // When a pending row was written: an APPEND sent by a process that was killed can still be
+    // committed by the server a moment later, so recovery waits this long before giving up.
+    "ALTER TABLE sync_uids ADD COLUMN pending_at BIGINT",
 ]];
 
 /// Brings the schema up to date.

@@ -43,6 +43,8 @@ pub struct UidRow {
     pub hash: String,
     /// Size in bytes.
     pub size: u64,
+    /// When the row was recorded as pending (seconds since the epoch).
+    pub pending_at: Option<i64>,
 }
 
 /// Per-user progress, as `user show` reports it.
@@ -70,7 +72,21 @@ pub struct SyncProgress {
     pub last_error: Option<String>,
 }
 
-type FolderRow = (String, String, String, i64, i64, i64, i64, i64, i64, i64, i64);
+type MapRow = (i64, Option<i64>, String, i64, Option<i64>);
+type PassRow = (i64, Option<i64>, Option<i64>, Option<i64>, Option<String>);
+type FolderRow = (
+    String,
+    String,
+    String,
+    i64,
+    i64,
+    i64,
+    i64,
+    i64,
+    i64,
+    i64,
+    i64,
+);
 
 impl Store {
     /// All folder states of `email`.
@@ -132,7 +148,11 @@ impl Store {
     }
 
     /// Forgets a folder and its UID map (the legacy folder is gone).
-    pub async fn delete_sync_folder(&self, email: &str, source_name: &str) -> Result<(), StoreError> {
+    pub async fn delete_sync_folder(
+        &self,
+        email: &str,
+        source_name: &str,
+    ) -> Result<(), StoreError> {
         let mut tx = self.pool().begin().await?;
         sqlx::query("DELETE FROM sync_uids WHERE email = $1 AND source_name = $2")
             .bind(email)
@@ -149,18 +169,23 @@ impl Store {
     }
 
     /// Moves a folder's state and UID map to a new legacy name (renamed on legacy).
-    pub async fn rename_sync_folder(&self, email: &str, from: &str, to: &str) -> Result<(), StoreError> {
+    pub async fn rename_sync_folder(
+        &self,
+        email: &str,
+        from: &str,
+        to: &str,
+    ) -> Result<(), StoreError> {
         let mut tx = self.pool().begin().await?;
         for table in ["sync_uids", "sync_folders"] {
             // The table name comes from the constant list above, never from input.
             sqlx::query(sqlx::AssertSqlSafe(format!(
                 "UPDATE {table} SET source_name = $3 WHERE email = $1 AND source_name = $2"
             )))
-                .bind(email)
-                .bind(from)
-                .bind(to)
-                .execute(&mut *tx)
-                .await?;
+            .bind(email)
+            .bind(from)
+            .bind(to)
+            .execute(&mut *tx)
+            .await?;
         }
         tx.commit().await?;
         Ok(())
@@ -168,8 +193,8 @@ impl Store {
 
     /// The UID map of a folder, in legacy UID order.
     pub async fn uid_map(&self, email: &str, source_name: &str) -> Result<Vec<UidRow>, StoreError> {
-        let rows: Vec<(i64, Option<i64>, String, i64)> = sqlx::query_as(
-            "SELECT source_uid, target_uid, hash, size FROM sync_uids \
+        let rows: Vec<MapRow> = sqlx::query_as(
+            "SELECT source_uid, target_uid, hash, size, pending_at FROM sync_uids \
              WHERE email = $1 AND source_name = $2 ORDER BY source_uid",
         )
         .bind(email)
@@ -178,34 +203,43 @@ impl Store {
         .await?;
         Ok(rows
             .into_iter()
-            .map(|(s, t, hash, size)| UidRow {
+            .map(|(s, t, hash, size, pending_at)| UidRow {
                 source_uid: s as u32,
                 target_uid: t.map(|t| t as u32),
                 hash,
                 size: size as u64,
+                pending_at,
             })
             .collect())
     }
 
     /// Records messages about to be appended (target UID unknown), before the APPEND is sent:
     /// after a crash these rows say what to look for in the target.
-    pub async fn add_pending(&self, email: &str, source_name: &str, rows: &[UidRow]) -> Result<(), StoreError> {
+    pub async fn add_pending(
+        &self,
+        email: &str,
+        source_name: &str,
+        rows: &[UidRow],
+    ) -> Result<(), StoreError> {
         let mut tx = self.pool().begin().await?;
         for chunk in rows.chunks(100) {
             let mut sql = String::from(
-                "INSERT INTO sync_uids (email, source_name, source_uid, target_uid, hash, size) VALUES ",
+                "INSERT INTO sync_uids (email, source_name, source_uid, target_uid, hash, size, pending_at) \
+                 VALUES ",
             );
             for i in 0..chunk.len() {
-                let b = i * 6;
+                let b = i * 7;
                 if i > 0 {
                     sql.push_str(", ");
                 }
-                sql.push_str(&format!("(${}, ${}, ${}, ${}, ${}, ${})", b + 1, b + 2, b + 3, b + 4, b + 5, b + 6));
+                let p: Vec<String> = (1..=7).map(|k| format!("${}", b + k)).collect();
+                sql.push_str(&format!("({})", p.join(", ")));
             }
             sql.push_str(
                 " ON CONFLICT (email, source_name, source_uid) DO UPDATE SET target_uid = excluded.target_uid, \
-                 hash = excluded.hash, size = excluded.size",
+                 hash = excluded.hash, size = excluded.size, pending_at = excluded.pending_at",
             );
+            let at = now();
             // Only placeholders are generated; every value is bound.
             let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
             for r in chunk {
@@ -215,7 +249,8 @@ impl Store {
                     .bind(i64::from(r.source_uid))
                     .bind(r.target_uid.map(i64::from))
                     .bind(&r.hash)
-                    .bind(r.size as i64);
+                    .bind(r.size as i64)
+                    .bind(at);
             }
             q.execute(&mut *tx).await?;
         }
@@ -259,22 +294,33 @@ impl Store {
     }
 
     /// Forgets UID map rows (expunged on legacy, or never appended).
-    pub async fn delete_uids(&self, email: &str, source_name: &str, uids: &[u32]) -> Result<(), StoreError> {
+    pub async fn delete_uids(
+        &self,
+        email: &str,
+        source_name: &str,
+        uids: &[u32],
+    ) -> Result<(), StoreError> {
         let mut tx = self.pool().begin().await?;
         for u in uids {
-            sqlx::query("DELETE FROM sync_uids WHERE email = $1 AND source_name = $2 AND source_uid = $3")
-                .bind(email)
-                .bind(source_name)
-                .bind(i64::from(*u))
-                .execute(&mut *tx)
-                .await?;
+            sqlx::query(
+                "DELETE FROM sync_uids WHERE email = $1 AND source_name = $2 AND source_uid = $3",
+            )
+            .bind(email)
+            .bind(source_name)
+            .bind(i64::from(*u))
+            .execute(&mut *tx)
+            .await?;
         }
         tx.commit().await?;
         Ok(())
     }
 
     /// Replaces a folder's whole UID map (after a UIDVALIDITY change) in one transaction.
-    pub async fn replace_uid_map(&self, state: &FolderState, rows: &[UidRow]) -> Result<(), StoreError> {
+    pub async fn replace_uid_map(
+        &self,
+        state: &FolderState,
+        rows: &[UidRow],
+    ) -> Result<(), StoreError> {
         let mut tx = self.pool().begin().await?;
         sqlx::query("DELETE FROM sync_uids WHERE email = $1 AND source_name = $2")
             .bind(&state.email)
@@ -283,8 +329,8 @@ impl Store {
             .await?;
         for r in rows {
             sqlx::query(
-                "INSERT INTO sync_uids (email, source_name, source_uid, target_uid, hash, size) \
-                 VALUES ($1, $2, $3, $4, $5, $6)",
+                "INSERT INTO sync_uids (email, source_name, source_uid, target_uid, hash, size, pending_at) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7)",
             )
             .bind(&state.email)
             .bind(&state.source_name)
@@ -292,6 +338,7 @@ impl Store {
             .bind(r.target_uid.map(i64::from))
             .bind(&r.hash)
             .bind(r.size as i64)
+            .bind(r.pending_at)
             .execute(&mut *tx)
             .await?;
         }
@@ -345,13 +392,14 @@ impl Store {
         .fetch_optional(self.pool())
         .await?;
         let (copied, copied_bytes) = self.mapped_totals(email).await?;
-        let pass: Option<(i64, Option<i64>, Option<i64>, Option<i64>, Option<String>)> = sqlx::query_as(
+        let pass: Option<PassRow> = sqlx::query_as(
             "SELECT passes, last_pass_at, last_pass_ms, last_appended, last_error FROM sync_passes WHERE email = $1",
         )
         .bind(email)
         .fetch_optional(self.pool())
         .await?;
-        let (nf, total, total_bytes) = folders.map_or((0, 0, 0), |(a, b, c)| (a, b.unwrap_or(0), c.unwrap_or(0)));
+        let (nf, total, total_bytes) =
+            folders.map_or((0, 0, 0), |(a, b, c)| (a, b.unwrap_or(0), c.unwrap_or(0)));
         let mut p = SyncProgress {
             folders: nf as u64,
             messages_copied: copied as u64,
@@ -372,10 +420,11 @@ impl Store {
 
     /// Users in state `syncing`, for the scheduler.
     pub async fn syncing_users(&self) -> Result<Vec<String>, StoreError> {
-        let rows: Vec<(String,)> = sqlx::query_as("SELECT email FROM users WHERE state = $1 ORDER BY email")
-            .bind("syncing")
-            .fetch_all(self.pool())
-            .await?;
+        let rows: Vec<(String,)> =
+            sqlx::query_as("SELECT email FROM users WHERE state = $1 ORDER BY email")
+                .bind("syncing")
+                .fetch_all(self.pool())
+                .await?;
         Ok(rows.into_iter().map(|r| r.0).collect())
     }
 }
@@ -387,7 +436,9 @@ mod tests {
     #[tokio::test]
     async fn uid_map_life_cycle() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&format!("sqlite://{}/s.db", dir.path().display())).await.unwrap();
+        let store = Store::open(&format!("sqlite://{}/s.db", dir.path().display()))
+            .await
+            .unwrap();
         let mut f = FolderState {
             email: "a@x".into(),
             source_name: "INBOX".into(),
@@ -408,16 +459,23 @@ mod tests {
                 target_uid: None,
                 hash: format!("h{u}"),
                 size: 10,
+                pending_at: None,
             })
             .collect();
         store.add_pending("a@x", "INBOX", &rows).await.unwrap();
-        store.confirm_uids("a@x", "INBOX", &[(1, 11), (2, 12)]).await.unwrap();
+        store
+            .confirm_uids("a@x", "INBOX", &[(1, 11), (2, 12)])
+            .await
+            .unwrap();
         let map = store.uid_map("a@x", "INBOX").await.unwrap();
         assert_eq!(map[0].target_uid, Some(11));
         assert_eq!(map[2].target_uid, None);
         f = store.sync_folders("a@x").await.unwrap().remove(0);
         assert_eq!(f.last_uid, 2);
-        store.rename_sync_folder("a@x", "INBOX", "Other").await.unwrap();
+        store
+            .rename_sync_folder("a@x", "INBOX", "Other")
+            .await
+            .unwrap();
         assert_eq!(store.uid_map("a@x", "Other").await.unwrap().len(), 3);
         let p = store.sync_progress("a@x").await.unwrap();
         assert_eq!((p.folders, p.messages_copied, p.bytes_copied), (1, 2, 20));

@@ -47,7 +47,10 @@ impl Endpoint {
         let master = match (&b.master_user, &b.master_password_file) {
             (Some(user), Some(file)) => {
                 let pw = read_secret(&cfg.resolve(file)).map_err(|e| {
-                    SyncError::Config(format!("backends.{route}.master_password_file {}: {e}", file.display()))
+                    SyncError::Config(format!(
+                        "backends.{route}.master_password_file {}: {e}",
+                        file.display()
+                    ))
                 })?;
                 Some((user.clone(), pw))
             }
@@ -77,7 +80,11 @@ pub struct Caps(HashSet<String>);
 impl Caps {
     /// Parses a space-separated capability list.
     pub fn parse(list: &str) -> Caps {
-        Caps(list.split_ascii_whitespace().map(str::to_ascii_uppercase).collect())
+        Caps(
+            list.split_ascii_whitespace()
+                .map(str::to_ascii_uppercase)
+                .collect(),
+        )
     }
 
     /// Whether `name` was announced.
@@ -196,18 +203,30 @@ impl Client {
     /// Sends `cmd` (without tag and CRLF) and collects untagged responses until its completion.
     /// `verb` names the command in errors (never arguments: they may hold folder names only,
     /// but keep logs uniform).
-    pub async fn command(&mut self, verb: &'static str, cmd: &str) -> Result<Vec<Response>, SyncError> {
+    pub async fn command(
+        &mut self,
+        verb: &'static str,
+        cmd: &str,
+    ) -> Result<Vec<Response>, SyncError> {
         let tag = self.tag();
         self.write(format!("{tag} {cmd}\r\n").as_bytes()).await?;
         self.collect(verb, &tag).await.map(|(u, _)| u)
     }
 
     /// Reads until the tagged response `tag`; errors on NO/BAD.
-    pub async fn collect(&mut self, verb: &'static str, tag: &str) -> Result<(Vec<Response>, StatusText), SyncError> {
+    pub async fn collect(
+        &mut self,
+        verb: &'static str,
+        tag: &str,
+    ) -> Result<(Vec<Response>, StatusText), SyncError> {
         let mut untagged = Vec::new();
         loop {
             match self.read().await? {
-                Response::Tagged { tag: t, status, info } if t.as_ref() == tag.as_bytes() => {
+                Response::Tagged {
+                    tag: t,
+                    status,
+                    info,
+                } if t.as_ref() == tag.as_bytes() => {
                     return match status {
                         Status::Ok => Ok((untagged, info)),
                         _ => Err(self.refused(verb, status, &info)),
@@ -235,7 +254,11 @@ impl Client {
             backend: self.route,
             command: verb,
             code: info.code_name(),
-            text: format!("{} {}", if status == Status::Bad { "BAD" } else { "NO" }, info.text),
+            text: format!(
+                "{} {}",
+                if status == Status::Bad { "BAD" } else { "NO" },
+                info.text
+            ),
         }
     }
 
@@ -250,8 +273,13 @@ impl Client {
     /// Ends the session politely; errors do not matter any more.
     pub async fn logout(mut self) {
         let tag = self.tag();
-        if self.write(format!("{tag} LOGOUT\r\n").as_bytes()).await.is_ok() {
-            let _ = tokio::time::timeout(Duration::from_secs(2), self.collect("LOGOUT", &tag)).await;
+        if self
+            .write(format!("{tag} LOGOUT\r\n").as_bytes())
+            .await
+            .is_ok()
+        {
+            let _ =
+                tokio::time::timeout(Duration::from_secs(2), self.collect("LOGOUT", &tag)).await;
         }
     }
 
@@ -305,7 +333,10 @@ impl Client {
     }
 
     /// STATUS of several mailboxes, pipelined; a mailbox that vanished meanwhile is `None`.
-    pub async fn status_many(&mut self, names: &[String]) -> Result<Vec<Option<MailboxStatus>>, SyncError> {
+    pub async fn status_many(
+        &mut self,
+        names: &[String],
+    ) -> Result<Vec<Option<MailboxStatus>>, SyncError> {
         let items = if self.has("CONDSTORE") {
             "(MESSAGES UIDNEXT UIDVALIDITY HIGHESTMODSEQ)"
         } else {
@@ -318,7 +349,9 @@ impl Client {
             let mut bytes = Vec::new();
             for name in chunk {
                 let tag = self.tag();
-                bytes.extend_from_slice(format!("{tag} STATUS {} {items}\r\n", proto::quote(name)).as_bytes());
+                bytes.extend_from_slice(
+                    format!("{tag} STATUS {} {items}\r\n", proto::quote(name)).as_bytes(),
+                );
                 tags.push(tag);
             }
             self.write(&bytes).await?;
@@ -326,8 +359,14 @@ impl Client {
                 let mut found = None;
                 loop {
                     match self.read().await? {
-                        Response::Tagged { tag: t, status, info } if t.as_ref() == tag.as_bytes() => {
-                            if status != Status::Ok && !matches!(info.code_name().as_str(), "NONEXISTENT" | "TRYCREATE") {
+                        Response::Tagged {
+                            tag: t,
+                            status,
+                            info,
+                        } if t.as_ref() == tag.as_bytes() => {
+                            if status != Status::Ok
+                                && !matches!(info.code_name().as_str(), "NONEXISTENT" | "TRYCREATE")
+                            {
                                 return Err(self.refused("STATUS", status, &info));
                             }
                             break;
@@ -347,7 +386,11 @@ impl Client {
     /// SELECT (or EXAMINE when `read_only`), enabling CONDSTORE where offered.
     pub async fn select(&mut self, name: &str, read_only: bool) -> Result<Selected, SyncError> {
         let verb = if read_only { "EXAMINE" } else { "SELECT" };
-        let condstore = if self.has("CONDSTORE") { " (CONDSTORE)" } else { "" };
+        let condstore = if self.has("CONDSTORE") {
+            " (CONDSTORE)"
+        } else {
+            ""
+        };
         let untagged = self
             .command(verb, &format!("{verb} {}{condstore}", proto::quote(name)))
             .await?;
@@ -370,7 +413,10 @@ impl Client {
     /// `UID SEARCH` for all UIDs in `range` (e.g. `1:500`); ESEARCH is not needed.
     pub async fn uid_search(&mut self, range: &str) -> Result<Vec<u32>, SyncError> {
         let mut out = Vec::new();
-        for r in self.command("UID SEARCH", &format!("UID SEARCH UID {range}")).await? {
+        for r in self
+            .command("UID SEARCH", &format!("UID SEARCH UID {range}"))
+            .await?
+        {
             if let Response::Data { kind, items } = r {
                 if kind == "SEARCH" {
                     out.extend(items.iter().filter_map(|v| v.number()).map(|n| n as u32));

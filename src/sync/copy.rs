@@ -47,6 +47,7 @@ impl Msg {
             target_uid: None,
             hash: self.hash.clone(),
             size: self.body.len() as u64,
+            pending_at: None,
         }
     }
 
@@ -59,7 +60,14 @@ impl Msg {
             out.extend_from_slice(proto::quote(d).as_bytes());
             out.push(b' ');
         }
-        out.extend_from_slice(format!("{{{}{}}}\r\n", self.body.len(), if literal_plus { "+" } else { "" }).as_bytes());
+        out.extend_from_slice(
+            format!(
+                "{{{}{}}}\r\n",
+                self.body.len(),
+                if literal_plus { "+" } else { "" }
+            )
+            .as_bytes(),
+        );
     }
 }
 
@@ -117,7 +125,9 @@ async fn fetch_all(
     let mut in_flight: VecDeque<String> = VecDeque::new();
     loop {
         while in_flight.len() < FETCH_IN_FLIGHT {
-            let Some(chunk) = chunks.pop_front() else { break };
+            let Some(chunk) = chunks.pop_front() else {
+                break;
+            };
             let tag = src.tag();
             let cmd = format!(
                 "{tag} UID FETCH {} (UID FLAGS INTERNALDATE RFC822.SIZE BODY.PEEK[])\r\n",
@@ -126,7 +136,9 @@ async fn fetch_all(
             src.write(cmd.as_bytes()).await?;
             in_flight.push_back(tag);
         }
-        let Some(front) = in_flight.front() else { return Ok(()) };
+        let Some(front) = in_flight.front() else {
+            return Ok(());
+        };
         let resp = src.read().await?;
         match &resp {
             Response::Tagged { tag, status, info } => {
@@ -138,11 +150,16 @@ async fn fetch_all(
                 }
                 in_flight.pop_front();
             }
-            Response::Condition { status: Status::Bye, info } => {
+            Response::Condition {
+                status: Status::Bye,
+                info,
+            } => {
                 return Err(src.refused("UID FETCH", Status::No, info));
             }
             _ => {
-                let Some(f) = Fetched::parse(&resp) else { continue };
+                let Some(f) = Fetched::parse(&resp) else {
+                    continue;
+                };
                 // A flag-only FETCH (another session changed flags) carries no body: skip it.
                 let Some(body) = f.body else { continue };
                 let size = body.len() as u64;
@@ -221,7 +238,10 @@ async fn append_all(
             let rows: Vec<UidRow> = batch.iter().map(Msg::row).collect();
             // Recorded before the APPEND leaves: a crash after this point is resolved by
             // matching these hashes against the target.
-            engine.store.add_pending(email, &state.source_name, &rows).await?;
+            engine
+                .store
+                .add_pending(email, &state.source_name, &rows)
+                .await?;
             let bytes: u64 = batch.iter().map(|m| m.body.len() as u64).sum();
             engine.throttle.acquire(bytes).await;
             if !literal_plus {
@@ -234,7 +254,9 @@ async fn append_all(
                     loop {
                         match tgt.read().await? {
                             Response::Continue => break,
-                            Response::Tagged { status, info, .. } => return Err(tgt.refused("APPEND", status, &info)),
+                            Response::Tagged { status, info, .. } => {
+                                return Err(tgt.refused("APPEND", status, &info))
+                            }
                             _ => {}
                         }
                     }
@@ -242,8 +264,18 @@ async fn append_all(
                     body.extend_from_slice(b"\r\n");
                     tgt.write(&body).await?;
                     let done = InFlight { tag, msgs: vec![m] };
-                    complete(engine, email, tgt, state, done, &mut singles, &mut needs_recovery, report, progress)
-                        .await?;
+                    complete(
+                        engine,
+                        email,
+                        tgt,
+                        state,
+                        done,
+                        &mut singles,
+                        &mut needs_recovery,
+                        report,
+                        progress,
+                    )
+                    .await?;
                 }
                 continue;
             }
@@ -284,10 +316,25 @@ async fn append_all(
                 if tag.as_ref() != front.tag.as_bytes() {
                     return Err(tgt.protocol("tagged response out of order"));
                 }
-                complete_with(engine, email, tgt, state, front, status, info, &mut singles, &mut needs_recovery, report, progress)
-                    .await?;
+                complete_with(
+                    engine,
+                    email,
+                    tgt,
+                    state,
+                    front,
+                    status,
+                    info,
+                    &mut singles,
+                    &mut needs_recovery,
+                    report,
+                    progress,
+                )
+                .await?;
             }
-            Response::Condition { status: Status::Bye, info } => {
+            Response::Condition {
+                status: Status::Bye,
+                info,
+            } => {
                 return Err(tgt.refused("APPEND", Status::No, &info));
             }
             _ => {}
@@ -310,10 +357,25 @@ async fn complete(
     loop {
         match tgt.read().await? {
             Response::Tagged { tag, status, info } if tag.as_ref() == done.tag.as_bytes() => {
-                return complete_with(engine, email, tgt, state, done, status, info, singles, needs_recovery, report, progress)
-                    .await;
+                return complete_with(
+                    engine,
+                    email,
+                    tgt,
+                    state,
+                    done,
+                    status,
+                    info,
+                    singles,
+                    needs_recovery,
+                    report,
+                    progress,
+                )
+                .await;
             }
-            Response::Condition { status: Status::Bye, info } => return Err(tgt.refused("APPEND", Status::No, &info)),
+            Response::Condition {
+                status: Status::Bye,
+                info,
+            } => return Err(tgt.refused("APPEND", Status::No, &info)),
             _ => {}
         }
     }
@@ -338,12 +400,23 @@ async fn complete_with(
         let n = done.msgs.len() as u64;
         let bytes: u64 = done.msgs.iter().map(|m| m.body.len() as u64).sum();
         let uids = (info.code_name() == "APPENDUID")
-            .then(|| info.code.get(2).and_then(|v| v.bytes()).and_then(|b| proto::parse_uid_set(b, done.msgs.len() + 1)))
+            .then(|| {
+                info.code
+                    .get(2)
+                    .and_then(|v| v.bytes())
+                    .and_then(|b| proto::parse_uid_set(b, done.msgs.len() + 1))
+            })
             .flatten();
         match uids {
-            Some(uids) if uids.len() == done.msgs.len() && info.code_number(0) == Some(u64::from(state.target_uidvalidity)) => {
+            Some(uids)
+                if uids.len() == done.msgs.len()
+                    && info.code_number(0) == Some(u64::from(state.target_uidvalidity)) =>
+            {
                 let pairs: Vec<(u32, u32)> = done.msgs.iter().map(|m| m.uid).zip(uids).collect();
-                engine.store.confirm_uids(email, &state.source_name, &pairs).await?;
+                engine
+                    .store
+                    .confirm_uids(email, &state.source_name, &pairs)
+                    .await?;
                 if let Some(max) = pairs.iter().map(|p| p.0).max() {
                     state.last_uid = state.last_uid.max(max);
                 }
@@ -371,7 +444,10 @@ async fn complete_with(
     if status == Status::Bad || matches!(code.as_str(), "" | "PARSE" | "CANNOT") {
         for m in &done.msgs {
             warn!(user = %email, folder = %state.source_name, uid = m.uid, error = %err, "message not copyable");
-            engine.store.confirm_uids(email, &state.source_name, &[(m.uid, 0)]).await?;
+            engine
+                .store
+                .confirm_uids(email, &state.source_name, &[(m.uid, 0)])
+                .await?;
             state.last_uid = state.last_uid.max(m.uid);
             report.failed += 1;
         }

@@ -78,7 +78,10 @@ pub(crate) async fn sync_folder(
     let first = st.last_uid.saturating_add(1);
     if s_sel.exists > 0 {
         for r in src
-            .command("UID FETCH", &format!("UID FETCH {first}:* (UID RFC822.SIZE)"))
+            .command(
+                "UID FETCH",
+                &format!("UID FETCH {first}:* (UID RFC822.SIZE)"),
+            )
             .await?
         {
             if let Some(f) = Fetched::parse(&r) {
@@ -96,8 +99,24 @@ pub(crate) async fn sync_folder(
     todo.sort_unstable();
     for uid in &too_large {
         warn!(user = %email, folder = %folder.raw, uid, "message larger than the copy limit, not copied");
-        engine.store.add_pending(email, &st.source_name, &[UidRow { source_uid: *uid, target_uid: None, hash: String::new(), size: 0 }]).await?;
-        engine.store.confirm_uids(email, &st.source_name, &[(*uid, 0)]).await?;
+        engine
+            .store
+            .add_pending(
+                email,
+                &st.source_name,
+                &[UidRow {
+                    source_uid: *uid,
+                    target_uid: None,
+                    hash: String::new(),
+                    size: 0,
+                    pending_at: None,
+                }],
+            )
+            .await?;
+        engine
+            .store
+            .confirm_uids(email, &st.source_name, &[(*uid, 0)])
+            .await?;
         report.failed += 1;
     }
 
@@ -121,7 +140,10 @@ pub(crate) async fn sync_folder(
             for r in src
                 .command(
                     "UID FETCH",
-                    &format!("UID FETCH 1:{max} (UID FLAGS) (CHANGEDSINCE {})", st.highest_modseq),
+                    &format!(
+                        "UID FETCH 1:{max} (UID FLAGS) (CHANGEDSINCE {})",
+                        st.highest_modseq
+                    ),
                 )
                 .await?
             {
@@ -139,7 +161,8 @@ pub(crate) async fn sync_folder(
     let total_new: u64 = todo.iter().map(|t| t.1).sum();
     add(&progress.messages_total, todo.len() as u64);
     add(&progress.bytes_total, total_new);
-    let mut needs_recovery = copy::copy_new(engine, email, src, tgt, &mut st, &todo, report, progress).await?;
+    let mut needs_recovery =
+        copy::copy_new(engine, email, src, tgt, &mut st, &todo, report, progress).await?;
     if needs_recovery {
         let map = engine.store.uid_map(email, &st.source_name).await?;
         recover(engine, tgt, &st, &map, report).await?;
@@ -148,7 +171,12 @@ pub(crate) async fn sync_folder(
     debug_assert!(!needs_recovery);
 
     let map = engine.store.uid_map(email, &st.source_name).await?;
-    st.last_uid = map.iter().map(|r| r.source_uid).max().unwrap_or(0).max(st.last_uid);
+    st.last_uid = map
+        .iter()
+        .map(|r| r.source_uid)
+        .max()
+        .unwrap_or(0)
+        .max(st.last_uid);
     st.highest_modseq = s_sel.highestmodseq.unwrap_or(0);
     st.source_uidnext = s_sel.uidnext;
     st.source_messages = s_sel.exists;
@@ -159,14 +187,23 @@ pub(crate) async fn sync_folder(
 }
 
 /// Fetches `(UID, SHA-256)` of target messages in `range`, streaming (one body in memory at a time).
-async fn hashes(c: &mut Client, range: &str, min_uid: u32) -> Result<Vec<(u32, String, u64)>, SyncError> {
+async fn hashes(
+    c: &mut Client,
+    range: &str,
+    min_uid: u32,
+) -> Result<Vec<(u32, String, u64)>, SyncError> {
     let tag = c.tag();
     c.write(format!("{tag} UID FETCH {range} (UID BODY.PEEK[])\r\n").as_bytes())
         .await?;
     let mut out = Vec::new();
     loop {
         let r = c.read().await?;
-        if let Response::Tagged { tag: t, status, info } = &r {
+        if let Response::Tagged {
+            tag: t,
+            status,
+            info,
+        } = &r
+        {
             if t.as_ref() == tag.as_bytes() {
                 if *status != proto::Status::Ok {
                     return Err(c.refused("UID FETCH", *status, info));
@@ -184,9 +221,13 @@ async fn hashes(c: &mut Client, range: &str, min_uid: u32) -> Result<Vec<(u32, S
     Ok(out)
 }
 
+/// How long after a pending row was written an APPEND of a killed process may still be
+/// committed by the server (it had received the whole command before the process died).
+const LATE_COMMIT_GRACE_SECS: i64 = 5;
+
 /// After a crash: finds in the target the messages whose APPEND was sent but not recorded,
 /// by content hash, in order; records them, and forgets the pending rows not found (they
-/// will be copied again).
+/// will be copied again) once the server cannot commit them any more.
 async fn recover(
     engine: &Engine,
     tgt: &mut Client,
@@ -195,25 +236,50 @@ async fn recover(
     report: &mut PassReport,
 ) -> Result<(), SyncError> {
     let max_confirmed = map.iter().filter_map(|r| r.target_uid).max().unwrap_or(0);
-    let candidates = hashes(tgt, &format!("{}:*", max_confirmed + 1), max_confirmed + 1).await?;
-    let mut by_hash: HashMap<&str, VecDeque<u32>> = HashMap::new();
-    for (uid, h, _) in &candidates {
-        by_hash.entry(h.as_str()).or_default().push_back(*uid);
-    }
+    let mut pending: Vec<&UidRow> = map.iter().filter(|r| r.target_uid.is_none()).collect();
+    let newest = pending
+        .iter()
+        .filter_map(|r| r.pending_at)
+        .max()
+        .unwrap_or(0);
+    let mut by_hash: HashMap<String, VecDeque<u32>> = HashMap::new();
+    let mut seen = max_confirmed;
     let mut matched = Vec::new();
-    let mut missing = Vec::new();
-    for r in map.iter().filter(|r| r.target_uid.is_none()) {
-        match by_hash.get_mut(r.hash.as_str()).and_then(|q| q.pop_front()) {
-            Some(t) => matched.push((r.source_uid, t)),
-            None => missing.push(r.source_uid),
+    loop {
+        // NOOP first: messages committed by another (dead) session become visible.
+        tgt.command("NOOP", "NOOP").await?;
+        for (uid, h, _) in hashes(tgt, &format!("{}:*", seen + 1), seen + 1).await? {
+            seen = seen.max(uid);
+            by_hash.entry(h).or_default().push_back(uid);
         }
+        pending.retain(
+            |r| match by_hash.get_mut(r.hash.as_str()).and_then(|q| q.pop_front()) {
+                Some(t) => {
+                    matched.push((r.source_uid, t));
+                    false
+                }
+                None => true,
+            },
+        );
+        if pending.is_empty() || crate::store::now() - newest > LATE_COMMIT_GRACE_SECS {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
     }
+    matched.sort_unstable();
+    let missing: Vec<u32> = pending.iter().map(|r| r.source_uid).collect();
     info!(
         user = %st.email, folder = %st.source_name, found = matched.len(), not_found = missing.len(),
         "recovered unacknowledged appends"
     );
-    engine.store.confirm_uids(&st.email, &st.source_name, &matched).await?;
-    engine.store.delete_uids(&st.email, &st.source_name, &missing).await?;
+    engine
+        .store
+        .confirm_uids(&st.email, &st.source_name, &matched)
+        .await?;
+    engine
+        .store
+        .delete_uids(&st.email, &st.source_name, &missing)
+        .await?;
     report.recovered += matched.len() as u64;
     Ok(())
 }
@@ -244,6 +310,7 @@ async fn rematch(
                 target_uid: Some(t),
                 hash: h.clone(),
                 size: *size,
+                pending_at: None,
             });
         }
     }
@@ -278,15 +345,28 @@ async fn expunge(
     report: &mut PassReport,
 ) -> Result<(), SyncError> {
     let max = map.iter().map(|r| r.source_uid).max().unwrap_or(0);
-    let present: HashSet<u32> = src.uid_search(&format!("1:{max}")).await?.into_iter().collect();
-    let gone: Vec<&UidRow> = map.iter().filter(|r| !present.contains(&r.source_uid)).collect();
+    let present: HashSet<u32> = src
+        .uid_search(&format!("1:{max}"))
+        .await?
+        .into_iter()
+        .collect();
+    let gone: Vec<&UidRow> = map
+        .iter()
+        .filter(|r| !present.contains(&r.source_uid))
+        .collect();
     if gone.is_empty() {
         return Ok(());
     }
-    let targets: Vec<u32> = gone.iter().filter_map(|r| r.target_uid.filter(|t| *t > 0)).collect();
+    let targets: Vec<u32> = gone
+        .iter()
+        .filter_map(|r| r.target_uid.filter(|t| *t > 0))
+        .collect();
     expunge_target(tgt, &targets).await?;
     let uids: Vec<u32> = gone.iter().map(|r| r.source_uid).collect();
-    engine.store.delete_uids(email, &st.source_name, &uids).await?;
+    engine
+        .store
+        .delete_uids(email, &st.source_name, &uids)
+        .await?;
     report.expunged += targets.len() as u64;
     Ok(())
 }
@@ -296,10 +376,14 @@ async fn expunge_target(tgt: &mut Client, uids: &[u32]) -> Result<(), SyncError>
         return Ok(());
     }
     let set = proto::format_uid_set(uids);
-    tgt.command("UID STORE", &format!("UID STORE {set} +FLAGS.SILENT (\\Deleted)"))
-        .await?;
+    tgt.command(
+        "UID STORE",
+        &format!("UID STORE {set} +FLAGS.SILENT (\\Deleted)"),
+    )
+    .await?;
     if tgt.has("UIDPLUS") {
-        tgt.command("UID EXPUNGE", &format!("UID EXPUNGE {set}")).await?;
+        tgt.command("UID EXPUNGE", &format!("UID EXPUNGE {set}"))
+            .await?;
     } else {
         // Without UIDPLUS, EXPUNGE also removes other \Deleted messages; those mirror
         // legacy's \Deleted flags, which legacy users expect to be expunged eventually.
@@ -353,7 +437,10 @@ async fn store_flags(tgt: &mut Client, changes: Vec<(u32, Vec<String>)>) -> Resu
     let n = changes.len() as u64;
     let mut groups: BTreeMap<Vec<String>, Vec<u32>> = BTreeMap::new();
     for (uid, flags) in changes {
-        let mut f: Vec<String> = flags.into_iter().filter(|f| !f.eq_ignore_ascii_case("\\Recent")).collect();
+        let mut f: Vec<String> = flags
+            .into_iter()
+            .filter(|f| !f.eq_ignore_ascii_case("\\Recent"))
+            .collect();
         f.sort();
         groups.entry(f).or_default().push(uid);
     }

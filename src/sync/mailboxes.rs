@@ -73,7 +73,10 @@ pub fn mutf7_decode(name: &str) -> Option<String> {
             if bytes.len() % 2 != 0 {
                 return None;
             }
-            let units: Vec<u16> = bytes.chunks(2).map(|c| u16::from_be_bytes([c[0], c[1]])).collect();
+            let units: Vec<u16> = bytes
+                .chunks(2)
+                .map(|c| u16::from_be_bytes([c[0], c[1]]))
+                .collect();
             let s = String::from_utf16(&units).ok()?;
             // Printable ASCII must not be base64-encoded (RFC 3501), so a canonical round trip holds.
             if s.chars().any(|c| ('\x20'..='\x7e').contains(&c)) {
@@ -143,7 +146,10 @@ impl Folder {
         // A name that is not valid modified UTF-7 is kept as it is rather than dropped.
         let decoded = mutf7_decode(&e.name).unwrap_or_else(|| e.name.clone());
         let mut path: Vec<String> = decoded.split(sep).map(str::to_owned).collect();
-        if path.first().is_some_and(|p| p.eq_ignore_ascii_case("INBOX")) {
+        if path
+            .first()
+            .is_some_and(|p| p.eq_ignore_ascii_case("INBOX"))
+        {
             path[0] = "INBOX".into();
         }
         Folder {
@@ -194,7 +200,11 @@ impl Rules {
             })
         };
         Ok(Rules {
-            exclude: cfg.exclude.iter().map(|p| compile(p)).collect::<Result<_, _>>()?,
+            exclude: cfg
+                .exclude
+                .iter()
+                .map(|p| compile(p))
+                .collect::<Result<_, _>>()?,
             rename: cfg
                 .rename
                 .iter()
@@ -224,8 +234,10 @@ impl Mapper {
                 target_roles.entry(r).or_insert_with(|| f.path.clone());
             }
         }
-        let mut source_roles: Vec<(Vec<String>, Role)> =
-            source.iter().filter_map(|f| Some((f.path.clone(), f.role?))).collect();
+        let mut source_roles: Vec<(Vec<String>, Role)> = source
+            .iter()
+            .filter_map(|f| Some((f.path.clone(), f.role?)))
+            .collect();
         source_roles.sort_by_key(|(p, _)| std::cmp::Reverse(p.len()));
         Mapper {
             target_sep,
@@ -274,7 +286,11 @@ impl Mapper {
                 break;
             }
         }
-        let mut out: Vec<String> = joined.split('/').filter(|c| !c.is_empty()).map(str::to_owned).collect();
+        let mut out: Vec<String> = joined
+            .split('/')
+            .filter(|c| !c.is_empty())
+            .map(str::to_owned)
+            .collect();
         if out.is_empty() {
             return None;
         }
@@ -295,7 +311,10 @@ impl Mapper {
             let mut n = 2;
             while taken.contains(&key(&p)) {
                 if let Some(last) = p.last_mut() {
-                    *last = format!("{}_{n}", last.trim_end_matches(|c: char| c.is_ascii_digit() || c == '_'));
+                    *last = format!(
+                        "{}_{n}",
+                        last.trim_end_matches(|c: char| c.is_ascii_digit() || c == '_')
+                    );
                 }
                 n += 1;
             }
@@ -324,8 +343,14 @@ mod tests {
 
     #[test]
     fn rfc3501_examples() {
-        assert_eq!(mutf7_encode("~peter/mail/台北/日本語"), "~peter/mail/&U,BTFw-/&ZeVnLIqe-");
-        assert_eq!(mutf7_decode("~peter/mail/&U,BTFw-/&ZeVnLIqe-").unwrap(), "~peter/mail/台北/日本語");
+        assert_eq!(
+            mutf7_encode("~peter/mail/台北/日本語"),
+            "~peter/mail/&U,BTFw-/&ZeVnLIqe-"
+        );
+        assert_eq!(
+            mutf7_decode("~peter/mail/&U,BTFw-/&ZeVnLIqe-").unwrap(),
+            "~peter/mail/台北/日本語"
+        );
         assert_eq!(mutf7_encode("Tom & Jerry"), "Tom &- Jerry");
         assert_eq!(mutf7_decode("Entw&APw-rfe").unwrap(), "Entwürfe");
         assert!(mutf7_decode("&Jjo!").is_none());
@@ -349,7 +374,10 @@ mod tests {
     fn rules(exclude: &[&str], rename: &[(&str, &str)]) -> Rules {
         Rules {
             exclude: exclude.iter().map(|r| Regex::new(r).unwrap()).collect(),
-            rename: rename.iter().map(|(a, b)| (Regex::new(a).unwrap(), b.to_string())).collect(),
+            rename: rename
+                .iter()
+                .map(|(a, b)| (Regex::new(a).unwrap(), b.to_string()))
+                .collect(),
         }
     }
 
@@ -366,7 +394,12 @@ mod tests {
             folder("Old.Stuff", '.', &[]),
         ];
         let target = vec![folder("INBOX", '/', &[]), folder("Sent", '/', &["\\Sent"])];
-        let m = Mapper::new(&source, &target, '/', rules(&["^Spam$"], &[("^Old/(.*)$", "Archive/$1")]));
+        let m = Mapper::new(
+            &source,
+            &target,
+            '/',
+            rules(&["^Spam$"], &[("^Old/(.*)$", "Archive/$1")]),
+        );
         let mapped: Vec<(String, Option<String>)> = source
             .iter()
             .map(|f| (f.raw.clone(), m.map(f).map(|p| encode_path(&p, '/'))))
@@ -376,7 +409,10 @@ mod tests {
         assert_eq!(get("INBOX.Rechnungen").as_deref(), Some("INBOX/Rechnungen"));
         assert_eq!(get("Sent Items").as_deref(), Some("Sent"));
         assert_eq!(get("Sent Items.2023").as_deref(), Some("Sent/2023"));
-        assert_eq!(get("Projekte.Gr&APYA3w-e").as_deref(), Some("Projekte/Gr&APYA3w-e"));
+        assert_eq!(
+            get("Projekte.Gr&APYA3w-e").as_deref(),
+            Some("Projekte/Gr&APYA3w-e")
+        );
         assert_eq!(get("a/b").as_deref(), Some("a_b"));
         assert_eq!(get("Spam"), None);
         assert_eq!(get("Old.Stuff").as_deref(), Some("Archive/Stuff"));

@@ -89,7 +89,10 @@ impl SyncError {
         match self {
             SyncError::Io { .. } | SyncError::Timeout { .. } => true,
             SyncError::Refused { code, .. } => {
-                matches!(code.as_str(), "LIMIT" | "INUSE" | "UNAVAILABLE" | "SERVERBUG")
+                matches!(
+                    code.as_str(),
+                    "LIMIT" | "INUSE" | "UNAVAILABLE" | "SERVERBUG"
+                )
             }
             SyncError::Login(e) => matches!(
                 e,
@@ -194,18 +197,27 @@ impl Engine {
     }
 
     /// Runs one pass for `email` and records its outcome in the store.
-    pub async fn pass(&self, email: &str, progress: Option<Arc<Progress>>) -> Result<PassReport, SyncError> {
+    pub async fn pass(
+        &self,
+        email: &str,
+        progress: Option<Arc<Progress>>,
+    ) -> Result<PassReport, SyncError> {
         let started = Instant::now();
         let progress = progress.unwrap_or_default();
         let result = self.pass_inner(email, &progress).await;
         let ms = started.elapsed().as_millis() as i64;
         match &result {
             Ok(r) => {
-                self.store.record_pass(email, ms, r.appended as i64, None).await?;
+                self.store
+                    .record_pass(email, ms, r.appended as i64, None)
+                    .await?;
                 info!(user = %email, appended = r.appended, changed = r.folders_changed, ms, "sync pass done");
             }
             Err(e) => {
-                let _ = self.store.record_pass(email, ms, 0, Some(&e.to_string())).await;
+                let _ = self
+                    .store
+                    .record_pass(email, ms, 0, Some(&e.to_string()))
+                    .await;
                 warn!(user = %email, error = %e, "sync pass failed");
             }
         }
@@ -217,9 +229,20 @@ impl Engine {
 
     async fn pass_inner(&self, email: &str, progress: &Progress) -> Result<PassReport, SyncError> {
         // Permits are never closed, so acquire only fails if the engine is gone.
-        let _l = self.legacy_slots.acquire().await.map_err(|_| SyncError::Config("engine stopped".into()))?;
-        let _n = self.new_slots.acquire().await.map_err(|_| SyncError::Config("engine stopped".into()))?;
-        let (mut src, mut tgt) = tokio::try_join!(Client::login(&self.legacy, email), Client::login(&self.new, email))?;
+        let _l = self
+            .legacy_slots
+            .acquire()
+            .await
+            .map_err(|_| SyncError::Config("engine stopped".into()))?;
+        let _n = self
+            .new_slots
+            .acquire()
+            .await
+            .map_err(|_| SyncError::Config("engine stopped".into()))?;
+        let (mut src, mut tgt) = tokio::try_join!(
+            Client::login(&self.legacy, email),
+            Client::login(&self.new, email)
+        )?;
         let result = self.run(email, &mut src, &mut tgt, progress).await;
         tokio::join!(src.logout(), tgt.logout());
         result
@@ -241,7 +264,10 @@ impl Engine {
             .map(|e| Folder::from_list(e, src_sep))
             .filter(|f| f.selectable)
             .collect();
-        let mut target: Vec<Folder> = tgt_list.iter().map(|e| Folder::from_list(e, tgt_sep)).collect();
+        let mut target: Vec<Folder> = tgt_list
+            .iter()
+            .map(|e| Folder::from_list(e, tgt_sep))
+            .collect();
         let mapper = Mapper::new(&source, &target, tgt_sep, self.rules.clone());
         let mapped: Vec<(&Folder, String)> = mapper
             .map_all(&source)
@@ -279,21 +305,33 @@ impl Engine {
                     .zip(&fresh)
                     .find(|(_, st)| st.is_some_and(|st| st.uidvalidity == old.source_uidvalidity))
                     .map(|(n, _)| n.clone());
-                let target_exists = |name: &str, list: &[ListEntry]| list.iter().any(|e| e.name == name);
+                let target_exists =
+                    |name: &str, list: &[ListEntry]| list.iter().any(|e| e.name == name);
                 match renamed_to {
                     Some(new_src) => {
-                        let Some((_, new_tgt)) = mapped.iter().find(|(f, _)| f.raw == new_src) else { continue };
-                        if target_exists(&old.target_name, &tgt_list) && !target_exists(new_tgt, &tgt_list) {
+                        let Some((_, new_tgt)) = mapped.iter().find(|(f, _)| f.raw == new_src)
+                        else {
+                            continue;
+                        };
+                        if target_exists(&old.target_name, &tgt_list)
+                            && !target_exists(new_tgt, &tgt_list)
+                        {
                             tgt.command(
                                 "RENAME",
-                                &format!("RENAME {} {}", proto::quote(&old.target_name), proto::quote(new_tgt)),
+                                &format!(
+                                    "RENAME {} {}",
+                                    proto::quote(&old.target_name),
+                                    proto::quote(new_tgt)
+                                ),
                             )
                             .await?;
                             tgt_list = tgt.list().await?;
                             report.renamed += 1;
                         }
                         info!(user = %email, from = %old.source_name, to = %new_src, "folder renamed on legacy");
-                        self.store.rename_sync_folder(email, &old.source_name, &new_src).await?;
+                        self.store
+                            .rename_sync_folder(email, &old.source_name, &new_src)
+                            .await?;
                         let mut st = old.clone();
                         st.source_name = new_src.clone();
                         st.target_name = new_tgt.clone();
@@ -303,25 +341,37 @@ impl Engine {
                     }
                     None => {
                         let protected = old.target_name.eq_ignore_ascii_case("INBOX")
-                            || target.iter().any(|t| t.raw == old.target_name && t.role.is_some());
+                            || target
+                                .iter()
+                                .any(|t| t.raw == old.target_name && t.role.is_some());
                         if !protected && target_exists(&old.target_name, &tgt_list) {
-                            tgt.command("DELETE", &format!("DELETE {}", proto::quote(&old.target_name)))
-                                .await?;
+                            tgt.command(
+                                "DELETE",
+                                &format!("DELETE {}", proto::quote(&old.target_name)),
+                            )
+                            .await?;
                             report.deleted += 1;
                         }
                         info!(user = %email, folder = %old.source_name, "folder deleted on legacy");
-                        self.store.delete_sync_folder(email, &old.source_name).await?;
+                        self.store
+                            .delete_sync_folder(email, &old.source_name)
+                            .await?;
                         states.remove(&old.source_name);
                     }
                 }
             }
-            target = tgt_list.iter().map(|e| Folder::from_list(e, tgt_sep)).collect();
+            target = tgt_list
+                .iter()
+                .map(|e| Folder::from_list(e, tgt_sep))
+                .collect();
         }
 
         // Create what the target lacks.
         for (_, name) in &mapped {
             if !target.iter().any(|t| &t.raw == name && t.selectable) {
-                let r = tgt.command("CREATE", &format!("CREATE {}", proto::quote(name))).await;
+                let r = tgt
+                    .command("CREATE", &format!("CREATE {}", proto::quote(name)))
+                    .await;
                 match r {
                     Ok(_) => report.created += 1,
                     // A parent created implicitly by an earlier CREATE, or a race: fine.
@@ -334,7 +384,8 @@ impl Engine {
         // STATUS both sides, pipelined, to find the folders that changed.
         let src_names: Vec<String> = mapped.iter().map(|(f, _)| f.raw.clone()).collect();
         let tgt_names: Vec<String> = mapped.iter().map(|(_, t)| t.clone()).collect();
-        let (src_status, tgt_status) = tokio::try_join!(src.status_many(&src_names), tgt.status_many(&tgt_names))?;
+        let (src_status, tgt_status) =
+            tokio::try_join!(src.status_many(&src_names), tgt.status_many(&tgt_names))?;
         let condstore = src.has("CONDSTORE");
         for (i, (folder, tname)) in mapped.iter().enumerate() {
             let (Some(ss), Some(ts)) = (src_status[i], tgt_status[i]) else {
@@ -347,8 +398,18 @@ impl Engine {
             }
             report.folders_changed += 1;
             progress.set_folder(&folder.raw);
-            incremental::sync_folder(self, email, src, tgt, folder, tname, state.cloned(), &mut report, progress)
-                .await?;
+            incremental::sync_folder(
+                self,
+                email,
+                src,
+                tgt,
+                folder,
+                tname,
+                state.cloned(),
+                &mut report,
+                progress,
+            )
+            .await?;
         }
 
         // Subscriptions follow legacy for every mapped folder.
@@ -356,8 +417,13 @@ impl Engine {
         for (folder, tname) in &mapped {
             let on_target = tgt_list.iter().any(|e| &e.name == tname && e.subscribed);
             if folder.subscribed != on_target {
-                let verb = if folder.subscribed { "SUBSCRIBE" } else { "UNSUBSCRIBE" };
-                tgt.command(verb, &format!("{verb} {}", proto::quote(tname))).await?;
+                let verb = if folder.subscribed {
+                    "SUBSCRIBE"
+                } else {
+                    "UNSUBSCRIBE"
+                };
+                tgt.command(verb, &format!("{verb} {}", proto::quote(tname)))
+                    .await?;
                 report.subscriptions += 1;
             }
         }
@@ -366,7 +432,13 @@ impl Engine {
 }
 
 /// Whether nothing changed on either side since the state was recorded.
-fn unchanged(s: &FolderState, src: &MailboxStatus, tgt: &MailboxStatus, tname: &str, condstore: bool) -> bool {
+fn unchanged(
+    s: &FolderState,
+    src: &MailboxStatus,
+    tgt: &MailboxStatus,
+    tname: &str,
+    condstore: bool,
+) -> bool {
     s.target_name == tname
         && s.source_uidvalidity == src.uidvalidity
         && s.source_uidnext == src.uidnext

@@ -33,7 +33,12 @@ pub struct Framer {
 impl Framer {
     /// Length of the first complete response in `buf` (including its final CRLF), if there is one.
     /// `max_literal` bounds each literal, `max_line` each line between literals.
-    pub fn frame(&mut self, buf: &[u8], max_literal: u64, max_line: usize) -> Result<Option<usize>, ProtoError> {
+    pub fn frame(
+        &mut self,
+        buf: &[u8],
+        max_literal: u64,
+        max_line: usize,
+    ) -> Result<Option<usize>, ProtoError> {
         loop {
             if self.scan > buf.len() {
                 // The literal being skipped has not fully arrived yet.
@@ -264,11 +269,8 @@ impl Cursor {
                 b' ' | b'(' | b')' | b'"' | b'\r' | b'\n' => break,
                 b'{' if bracket == 0 => break,
                 b'[' => bracket += 1,
-                b']' if bracket == 0 => {
-                    if in_code {
-                        break;
-                    }
-                }
+                b']' if bracket == 0 && in_code => break,
+                b']' if bracket == 0 => {}
                 b']' => bracket -= 1,
                 _ => {}
             }
@@ -324,7 +326,9 @@ impl Cursor {
     }
 
     fn literal(&mut self) -> Result<Bytes, ProtoError> {
-        let close = memchr::memchr(b'}', &self.buf[self.pos..]).ok_or_else(|| malformed("bad literal"))? + self.pos;
+        let close = memchr::memchr(b'}', &self.buf[self.pos..])
+            .ok_or_else(|| malformed("bad literal"))?
+            + self.pos;
         let digits = &self.buf[self.pos + 1..close];
         let digits = digits.strip_suffix(b"+").unwrap_or(digits);
         let n: usize = std::str::from_utf8(digits)
@@ -358,7 +362,9 @@ impl Cursor {
                             self.pos += 1;
                             return Ok(Value::List(items));
                         }
-                        None | Some(b'\r') | Some(b'\n') => return Err(malformed("unterminated list")),
+                        None | Some(b'\r') | Some(b'\n') => {
+                            return Err(malformed("unterminated list"))
+                        }
                         _ => items.push(self.value(in_code)?),
                     }
                 }
@@ -415,7 +421,9 @@ impl Cursor {
                         self.pos += 1;
                         break;
                     }
-                    None | Some(b'\r') | Some(b'\n') => return Err(malformed("unterminated response code")),
+                    None | Some(b'\r') | Some(b'\n') => {
+                        return Err(malformed("unterminated response code"))
+                    }
                     _ => code.push(self.value(true)?),
                 }
             }
@@ -465,7 +473,8 @@ pub fn parse(frame: Bytes) -> Result<Response, ProtoError> {
         Some(_) => {
             let tag = c.word();
             let status_word = c.word();
-            let status = Status::parse(&status_word).ok_or_else(|| malformed("tagged response without status"))?;
+            let status = Status::parse(&status_word)
+                .ok_or_else(|| malformed("tagged response without status"))?;
             Ok(Response::Tagged {
                 tag,
                 status,
@@ -558,11 +567,17 @@ mod tests {
         let mut f = Framer::default();
         for cut in 0..40 {
             let mut f2 = Framer::default();
-            assert_eq!(f2.frame(&msg[..cut], 1 << 20, 1 << 16).unwrap(), None, "cut {cut}");
+            assert_eq!(
+                f2.frame(&msg[..cut], 1 << 20, 1 << 16).unwrap(),
+                None,
+                "cut {cut}"
+            );
         }
         let n = f.frame(msg, 1 << 20, 1 << 16).unwrap().unwrap();
         assert_eq!(&msg[n..], b"t1 OK done\r\n");
-        let Response::Numbered { n, kind, items } = parse(Bytes::copy_from_slice(&msg[..n])).unwrap() else {
+        let Response::Numbered { n, kind, items } =
+            parse(Bytes::copy_from_slice(&msg[..n])).unwrap()
+        else {
             panic!()
         };
         assert_eq!((n, kind.as_str()), (1, "FETCH"));
@@ -588,7 +603,10 @@ mod tests {
                 assert_eq!(status, Status::Ok);
                 assert_eq!(info.code_name(), "APPENDUID");
                 assert_eq!(info.code_number(0), Some(1699));
-                assert_eq!(parse_uid_set(info.code[2].bytes().unwrap(), 100).unwrap(), vec![12, 13, 14]);
+                assert_eq!(
+                    parse_uid_set(info.code[2].bytes().unwrap(), 100).unwrap(),
+                    vec![12, 13, 14]
+                );
                 assert_eq!(info.text, "Append completed.");
             }
             other => panic!("{other:?}"),

@@ -39,8 +39,14 @@ struct Sig {
 }
 
 /// Compares both sides of `email`.
-pub async fn verify(legacy: &Endpoint, new: &Endpoint, rules: &Rules, email: &str) -> Result<VerifyReport, SyncError> {
-    let (mut src, mut tgt) = tokio::try_join!(Client::login(legacy, email), Client::login(new, email))?;
+pub async fn verify(
+    legacy: &Endpoint,
+    new: &Endpoint,
+    rules: &Rules,
+    email: &str,
+) -> Result<VerifyReport, SyncError> {
+    let (mut src, mut tgt) =
+        tokio::try_join!(Client::login(legacy, email), Client::login(new, email))?;
     let r = compare(&mut src, &mut tgt, rules).await;
     tokio::join!(src.logout(), tgt.logout());
     r
@@ -50,11 +56,19 @@ fn separator(list: &[ListEntry]) -> char {
     list.iter().find_map(|e| e.delimiter).unwrap_or('/')
 }
 
-async fn compare(src: &mut Client, tgt: &mut Client, rules: &Rules) -> Result<VerifyReport, SyncError> {
+async fn compare(
+    src: &mut Client,
+    tgt: &mut Client,
+    rules: &Rules,
+) -> Result<VerifyReport, SyncError> {
     let mut report = VerifyReport::default();
     let (sl, tl) = tokio::try_join!(src.list(), tgt.list())?;
     let (ssep, tsep) = (separator(&sl), separator(&tl));
-    let source: Vec<Folder> = sl.iter().map(|e| Folder::from_list(e, ssep)).filter(|f| f.selectable).collect();
+    let source: Vec<Folder> = sl
+        .iter()
+        .map(|e| Folder::from_list(e, ssep))
+        .filter(|f| f.selectable)
+        .collect();
     let target: Vec<Folder> = tl.iter().map(|e| Folder::from_list(e, tsep)).collect();
     let mapper = Mapper::new(&source, &target, tsep, rules.clone());
     let mapped: Vec<(&Folder, String)> = mapper
@@ -75,12 +89,17 @@ async fn compare(src: &mut Client, tgt: &mut Client, rules: &Rules) -> Result<Ve
                     ));
                 }
             }
-            _ => report.differences.push(format!("folder {:?} (legacy {:?}) missing on new", t, f.raw)),
+            _ => report.differences.push(format!(
+                "folder {:?} (legacy {:?}) missing on new",
+                t, f.raw
+            )),
         }
     }
     for tf in target.iter().filter(|t| t.selectable) {
         if !mapped.iter().any(|(_, t)| t == &tf.raw) {
-            report.differences.push(format!("folder {:?} exists only on new", tf.raw));
+            report
+                .differences
+                .push(format!("folder {:?} exists only on new", tf.raw));
         }
     }
     for (f, t) in &mapped {
@@ -114,7 +133,12 @@ async fn signatures(c: &mut Client, mailbox: &str) -> Result<Vec<Sig>, SyncError
         .await?;
     loop {
         let r = c.read().await?;
-        if let Response::Tagged { tag: t, status, info } = &r {
+        if let Response::Tagged {
+            tag: t,
+            status,
+            info,
+        } = &r
+        {
             if t.as_ref() == tag.as_bytes() {
                 if *status != Status::Ok {
                     return Err(c.refused("UID FETCH", *status, info));
@@ -141,7 +165,11 @@ fn short(h: &str) -> &str {
 
 fn diff_folder(name: &str, s: &[Sig], n: &[Sig], out: &mut Vec<String>) {
     if s.len() != n.len() {
-        out.push(format!("{name:?}: {} messages on legacy, {} on new", s.len(), n.len()));
+        out.push(format!(
+            "{name:?}: {} messages on legacy, {} on new",
+            s.len(),
+            n.len()
+        ));
     }
     let group = |v: &[Sig]| {
         let mut m: BTreeMap<String, Vec<Sig>> = BTreeMap::new();
@@ -206,10 +234,16 @@ pub fn parse_internaldate(s: &str) -> Option<i64> {
     let day: i64 = d.next()?.trim().parse().ok()?;
     let mon = d.next()?;
     let year: i64 = d.next()?.parse().ok()?;
-    const MONTHS: [&str; 12] = ["jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec"];
+    const MONTHS: [&str; 12] = [
+        "jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec",
+    ];
     let month = MONTHS.iter().position(|m| m.eq_ignore_ascii_case(mon))? as i64 + 1;
     let mut t = time.split(':');
-    let (h, m, sec): (i64, i64, i64) = (t.next()?.parse().ok()?, t.next()?.parse().ok()?, t.next()?.parse().ok()?);
+    let (h, m, sec): (i64, i64, i64) = (
+        t.next()?.parse().ok()?,
+        t.next()?.parse().ok()?,
+        t.next()?.parse().ok()?,
+    );
     let (sign, z) = zone.split_at(1);
     let z: i64 = z.parse().ok()?;
     let offset = (z / 100 * 60 + z % 100) * 60 * if sign == "-" { -1 } else { 1 };
@@ -231,7 +265,10 @@ mod tests {
     #[test]
     fn internaldate_is_an_instant() {
         assert_eq!(parse_internaldate("01-Jan-1970 00:00:00 +0000"), Some(0));
-        assert_eq!(parse_internaldate("17-Jul-1996 02:44:25 -0700"), Some(837_596_665));
+        assert_eq!(
+            parse_internaldate("17-Jul-1996 02:44:25 -0700"),
+            Some(837_596_665)
+        );
         assert_eq!(
             parse_internaldate(" 1-Mar-2024 01:00:00 +0100"),
             parse_internaldate("01-Mar-2024 00:00:00 +0000")
@@ -248,7 +285,12 @@ mod tests {
             uid,
         };
         let mut out = Vec::new();
-        diff_folder("INBOX", &[sig("aa", &[], 1), sig("bb", &["\\seen"], 2)], &[sig("bb", &[], 7), sig("cc", &[], 8)], &mut out);
+        diff_folder(
+            "INBOX",
+            &[sig("aa", &[], 1), sig("bb", &["\\seen"], 2)],
+            &[sig("bb", &[], 7), sig("cc", &[], 8)],
+            &mut out,
+        );
         assert_eq!(out.len(), 3, "{out:#?}");
         assert!(out.iter().any(|l| l.contains("missing on new")));
         assert!(out.iter().any(|l| l.contains("extra on new")));

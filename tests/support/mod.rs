@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod client;
+pub mod corpus;
 pub mod dovecot;
 pub mod mailferry;
 pub mod postfix;

@@ -1,0 +1,416 @@
+//! The sync engine against real Dovecot on both sides (legacy maildir `.` → new sdbox `/`),
+//! driven through the real `mailferry` binary: `sync EMAIL --once` and `verify EMAIL`.
+
+mod support;
+
+use std::path::PathBuf;
+use std::process::{Command, Output, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use support::corpus::{self, Session, Spec};
+use support::{Backends, Dovecot, MASTER_PASSWORD, MASTER_USER};
+
+/// Runs `f` on a thread and fails the test if it takes longer than `secs`.
+fn within<T: Send + 'static>(secs: u64, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let (tx, rx) = mpsc::channel();
+    let h = std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    match rx.recv_timeout(Duration::from_secs(secs)) {
+        Ok(v) => v,
+        Err(mpsc::RecvTimeoutError::Disconnected) => match h.join() {
+            Err(p) => std::panic::resume_unwind(p),
+            Ok(()) => unreachable!("test thread ended without a result"),
+        },
+        Err(mpsc::RecvTimeoutError::Timeout) => panic!("test timed out after {secs} s"),
+    }
+}
+
+/// Two backends and a mailferry config (no server) pointing at them.
+struct Env {
+    backends: Backends,
+    config: PathBuf,
+    state: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+fn backend_toml(name: &str, d: &Dovecot, tls: &str, secret: &std::path::Path) -> String {
+    let imap = if tls == "implicit" { d.imaps } else { d.imap };
+    format!(
+        "[backends.{name}]\nimap = \"{imap}\"\nimap_tls = \"{tls}\"\ntls_server_name = \"localhost\"\nca_file = \"{}\"\n\
+         master_user = \"{MASTER_USER}\"\nmaster_password_file = \"{}\"\n\n",
+        d.cert.cert_pem.display(),
+        secret.display()
+    )
+}
+
+impl Env {
+    fn new(tls: &str, sync_toml: &str) -> Env {
+        let backends = Backends::start();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let secret = dir.path().join("master.secret");
+        std::fs::write(&secret, format!("{MASTER_PASSWORD}\n")).unwrap();
+        let state = dir.path().join("state.db");
+        let mut text = format!(
+            "[admin]\ntoken_file = \"{}\"\n\n[state]\nurl = \"sqlite://{}\"\n\n",
+            secret.display(),
+            state.display()
+        );
+        text.push_str(&backend_toml("legacy", &backends.legacy, tls, &secret));
+        text.push_str(&backend_toml("new", &backends.new, tls, &secret));
+        text.push_str("[sync]\n");
+        text.push_str(sync_toml);
+        let config = dir.path().join("mailferry.toml");
+        std::fs::write(&config, text).unwrap();
+        Env {
+            backends,
+            config,
+            state,
+            _dir: dir,
+        }
+    }
+
+    /// Empties `user`'s new INBOX (the harness seeds a marker there) so that both sides can agree.
+    fn fresh_target(&self, user: &str) {
+        let out = self
+            .backends
+            .new
+            .doveadm(&["expunge", "-u", user, "mailbox", "INBOX", "all"]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    fn cli(&self, args: &[&str]) -> Output {
+        let mut child = Command::new(support::mailferry::binary())
+            .arg("-c")
+            .arg(&self.config)
+            .args(args)
+            .env("MAILFERRY_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn mailferry");
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            if let Ok(Some(_)) = child.try_wait() {
+                return child.wait_with_output().expect("output");
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("mailferry {args:?} did not finish in time");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// `sync EMAIL --once --json`, asserting exit 0; returns the report.
+    fn sync(&self, user: &str) -> serde_json::Value {
+        let out = self.cli(&["sync", user, "--once", "--json"]);
+        assert!(
+            out.status.success(),
+            "sync failed ({}): {}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).expect("json report")
+    }
+
+    /// `verify EMAIL`: asserts exit 0 ("same").
+    fn assert_same(&self, user: &str) {
+        let out = self.cli(&["verify", user]);
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "verify reports differences:\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+fn n(v: &serde_json::Value, k: &str) -> u64 {
+    v.get(k)
+        .and_then(|x| x.as_u64())
+        .unwrap_or_else(|| panic!("no {k} in {v}"))
+}
+
+const USER: &str = "alice@example.org";
+
+#[test]
+fn one_pass_copies_the_corpus_and_a_second_pass_appends_nothing() {
+    within(150, || {
+        let env = Env::new("none", "");
+        env.fresh_target(USER);
+        let c = corpus::generate(&Spec::default());
+        corpus::load(&env.backends.legacy, USER, &c);
+
+        // Before any sync, verify reports a difference and exits 1.
+        let out = env.cli(&["verify", USER]);
+        assert_eq!(
+            out.status.code(),
+            Some(1),
+            "{}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        assert!(String::from_utf8_lossy(&out.stdout).contains("missing on new"));
+
+        let first = env.sync(USER);
+        // The corpus plus the harness's legacy marker message.
+        assert_eq!(
+            n(&first, "appended"),
+            c.messages.len() as u64 + 1,
+            "{first}"
+        );
+        env.assert_same(USER);
+        let second = env.sync(USER);
+        assert_eq!(n(&second, "appended"), 0, "{second}");
+        assert_eq!(n(&second, "folders_changed"), 0, "{second}");
+        env.assert_same(USER);
+        // Folder names arrived translated: "." → "/", modified UTF-7 kept, INBOX children.
+        let folders = env.backends.new.mailboxes(USER);
+        for want in [
+            "Projekte/2024/Größe Ä",
+            "INBOX/Rechnungen",
+            "日本語",
+            "Tom & Jerry",
+        ] {
+            assert!(
+                folders.iter().any(|f| f == want),
+                "{want} missing in {folders:?}"
+            );
+        }
+    });
+}
+
+#[test]
+fn changes_on_legacy_are_reflected_by_the_next_pass() {
+    within(150, || {
+        let env = Env::new("none", "");
+        env.fresh_target(USER);
+        let c = corpus::generate(&Spec {
+            seed: 7,
+            messages: 40,
+            large: 0,
+            ..Spec::default()
+        });
+        corpus::load(&env.backends.legacy, USER, &c);
+        env.sync(USER);
+        env.assert_same(USER);
+
+        let legacy = &env.backends.legacy;
+        let mut s = Session::open(legacy, USER);
+        s.ok("SELECT INBOX");
+        // Flag and keyword changes, an expunge.
+        s.ok("UID STORE 1:3 +FLAGS (\\Flagged projekt_y)");
+        s.ok("UID STORE 4 -FLAGS (\\Seen \\Answered \\Flagged \\Draft)");
+        s.ok("UID STORE 5 +FLAGS.SILENT (\\Deleted)");
+        s.ok("UID EXPUNGE 5");
+        // A folder renamed, with its child.
+        s.ok("RENAME \"Projekte\" \"Projects\"");
+        s.close();
+        // New messages.
+        let more = corpus::generate(&Spec {
+            seed: 8,
+            messages: 5,
+            large: 0,
+            folders: false,
+            ..Spec::default()
+        });
+        corpus::load(legacy, USER, &more);
+        // A UIDVALIDITY change (as after a maildir rebuild on the legacy server).
+        let out = legacy.doveadm(&[
+            "mailbox",
+            "update",
+            "-u",
+            USER,
+            "--uid-validity",
+            "12345",
+            "Archive",
+        ]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+
+        let r = env.sync(USER);
+        assert!(n(&r, "flag_updates") >= 4, "{r}");
+        assert_eq!(n(&r, "expunged"), 1, "{r}");
+        assert_eq!(n(&r, "appended"), 5, "{r}");
+        assert_eq!(n(&r, "renamed"), 1, "{r}");
+        env.assert_same(USER);
+        let folders = env.backends.new.mailboxes(USER);
+        assert!(folders.iter().any(|f| f == "Projects/2024"), "{folders:?}");
+        assert!(
+            !folders.iter().any(|f| f.starts_with("Projekte")),
+            "{folders:?}"
+        );
+        assert_eq!(n(&env.sync(USER), "appended"), 0);
+    });
+}
+
+#[test]
+fn killed_passes_resume_without_duplicates() {
+    within(170, || {
+        let env = Env::new("none", "");
+        env.fresh_target(USER);
+        let c = corpus::generate(&Spec {
+            seed: 99,
+            messages: 400,
+            large: 3,
+            large_min: 1024 * 1024,
+            large_max: 3 * 1024 * 1024,
+            folders: true,
+            small_size: 4000,
+        });
+        corpus::load(&env.backends.legacy, USER, &c);
+        // Kill at increasing progress: as soon as the UID map holds N rows (pending or done).
+        let watcher = MapWatcher::new(&env.state);
+        for threshold in [1, 60, 200, 350] {
+            let mut child = Command::new(support::mailferry::binary())
+                .arg("-c")
+                .arg(&env.config)
+                .args(["sync", USER, "--once", "--quiet"])
+                .env("MAILFERRY_LOG", "info")
+                .stdout(Stdio::null())
+                .stderr(
+                    std::fs::File::create(env.state.with_extension(format!("kill{threshold}.log")))
+                        .unwrap(),
+                )
+                .spawn()
+                .expect("spawn");
+            let deadline = Instant::now() + Duration::from_secs(60);
+            loop {
+                if watcher.rows() >= threshold || Instant::now() > deadline {
+                    break;
+                }
+                if let Ok(Some(_)) = child.try_wait() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            let _ = child.kill(); // SIGKILL
+            let _ = child.wait();
+        }
+        eprintln!("before final: {}", watcher.dump());
+        let r = env.sync(USER);
+        eprintln!("after final: {}", watcher.dump());
+        for t in [1, 60, 200, 350] {
+            let log = std::fs::read_to_string(env.state.with_extension(format!("kill{t}.log")))
+                .unwrap_or_default();
+            eprintln!("--- pass killed at {t} rows ---\n{log}");
+        }
+        eprintln!("final pass: {r}");
+        assert!(n(&r, "appended") > 0 || n(&r, "recovered") > 0, "{r}");
+        env.assert_same(USER);
+        assert_eq!(n(&env.sync(USER), "appended"), 0);
+    });
+}
+
+/// Counts rows of the UID map while a pass runs in another process (SQLite WAL allows it).
+struct MapWatcher {
+    rt: tokio::runtime::Runtime,
+    store: mailferry::store::Store,
+}
+
+impl MapWatcher {
+    fn new(db: &std::path::Path) -> MapWatcher {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let store = rt
+            .block_on(mailferry::store::Store::open(&format!(
+                "sqlite://{}",
+                db.display()
+            )))
+            .expect("open state");
+        MapWatcher { rt, store }
+    }
+
+    fn dump(&self) -> String {
+        let q = sqlx::query_as::<_, (String, i64, i64, i64, i64, i64)>(
+            "SELECT f.source_name, f.last_uid, f.source_uidnext, f.source_messages, \
+             (SELECT COUNT(*) FROM sync_uids u WHERE u.source_name = f.source_name), \
+             (SELECT COUNT(*) FROM sync_uids u WHERE u.source_name = f.source_name AND u.target_uid IS NULL) \
+             FROM sync_folders f",
+        );
+        format!("{:?}", self.rt.block_on(q.fetch_all(self.store.pool())))
+    }
+
+    fn rows(&self) -> u64 {
+        let q = sqlx::query_as::<_, (i64,)>("SELECT COUNT(*) FROM sync_uids");
+        self.rt
+            .block_on(q.fetch_one(self.store.pool()))
+            .map_or(0, |r| r.0 as u64)
+    }
+}
+
+#[test]
+fn tls_modes_and_throttling() {
+    within(150, || {
+        // 400 KB/s with one connection per backend: the copy cannot be faster than the budget.
+        let budget = 400 * 1024;
+        let env = Env::new(
+            "starttls",
+            &format!("concurrency = 1\nper_backend = 1\nbytes_per_second = {budget}\n"),
+        );
+        env.fresh_target(USER);
+        let c = corpus::generate(&Spec {
+            seed: 3,
+            messages: 30,
+            large: 1,
+            large_min: 600 * 1024,
+            large_max: 700 * 1024,
+            folders: false,
+            small_size: 8000,
+        });
+        corpus::load(&env.backends.legacy, USER, &c);
+        let start = Instant::now();
+        let r = env.sync(USER);
+        let took = start.elapsed().as_secs_f64();
+        let bytes = n(&r, "appended_bytes") as f64;
+        assert!(bytes > 1_000_000.0, "{r}");
+        // The bucket allows a burst of a tenth of a second's budget.
+        let rate = bytes / took;
+        assert!(
+            rate <= budget as f64 * 1.15,
+            "measured {rate:.0} B/s over a budget of {budget} B/s"
+        );
+        env.assert_same(USER);
+    });
+}
+
+#[test]
+fn implicit_tls_and_folder_rules() {
+    within(120, || {
+        let env = Env::new(
+            "implicit",
+            "exclude = [\"^Tom & Jerry$\", \"^Listen(/|$)\"]\n[[sync.rename]]\nfrom = \"^Archive/(.*)$\"\nto = \"Archive/Old/$1\"\n",
+        );
+        env.fresh_target(USER);
+        let c = corpus::generate(&Spec {
+            seed: 5,
+            messages: 30,
+            large: 0,
+            ..Spec::default()
+        });
+        corpus::load(&env.backends.legacy, USER, &c);
+        env.sync(USER);
+        env.assert_same(USER);
+        let folders = env.backends.new.mailboxes(USER);
+        assert!(
+            folders.iter().any(|f| f == "Archive/Old/2019"),
+            "{folders:?}"
+        );
+        assert!(
+            !folders.iter().any(|f| f.starts_with("Listen")),
+            "{folders:?}"
+        );
+    });
+}
