@@ -87,6 +87,14 @@ enum UserCommand {
         #[arg(long)]
         json: bool,
     },
+    /// State `syncing`: the server copies the user's mail in the background, then keeps it current.
+    Migrate {
+        /// The user's login.
+        email: String,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn parse_route(s: &str) -> Result<Route, String> {
@@ -330,6 +338,9 @@ async fn user(cfg: &Config, action: UserCommand) -> Result<ExitCode> {
             Some(serde_json::json!({ "route": route })),
             *json,
         ),
+        UserCommand::Migrate { email, json } => {
+            (Method::POST, format!("/api/users/{}/migrate", segment(email)), None, *json)
+        }
     };
     let resp = client::call(addr, &token, method, &path, body).await?;
     if resp.status != 200 {
@@ -351,6 +362,30 @@ async fn user(cfg: &Config, action: UserCommand) -> Result<ExitCode> {
             println!("state:      {}", s("state"));
             println!("sessions:   {}", b.get("sessions").and_then(|v| v.as_u64()).unwrap_or(0));
             println!("last error: {}", s("last_error"));
+            if let Some(p) = b.get("sync") {
+                let n = |k: &str| p.get(k).and_then(|v| v.as_u64()).unwrap_or(0);
+                let pct = |a: u64, t: u64| if t == 0 { 100.0 } else { a as f64 * 100.0 / t as f64 };
+                println!(
+                    "sync:       {}/{} messages ({:.1}%), {:.1}/{:.1} MB, {} folders, {} passes",
+                    n("messages_copied"),
+                    n("messages_total"),
+                    pct(n("messages_copied"), n("messages_total")),
+                    n("bytes_copied") as f64 / 1e6,
+                    n("bytes_total") as f64 / 1e6,
+                    n("folders"),
+                    n("passes")
+                );
+                let last = p.get("last_pass_at").and_then(|v| v.as_i64());
+                let ago = last.map_or("never".to_string(), |t| {
+                    format!("{} s ago, {} ms, {} appended", mailferry::store::now() - t, n("last_pass_ms"), n("last_appended"))
+                });
+                println!("last pass:  {ago}");
+                let err = p.get("last_error").and_then(|v| v.as_str()).unwrap_or("-");
+                println!("sync error: {err}");
+            }
+        }
+        UserCommand::Migrate { .. } => {
+            println!("{} is now {}: background sync started", s("email"), s("state"));
         }
         UserCommand::Route { .. } => {
             let kicked = b.get("kicked").and_then(|v| v.as_u64()).unwrap_or(0);

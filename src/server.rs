@@ -118,6 +118,7 @@ pub async fn serve(cfg: Config, metrics: metrics_exporter_prometheus::Prometheus
     let sessions = Arc::new(SessionRegistry::default());
     let shutdown = Shutdown::new();
     let limits = cfg.limits.clone();
+    let sync_queue = Arc::new(crate::sync::scheduler::SyncQueue::default());
     let imap = Arc::new(ImapContext {
         allow_plaintext: cfg.tls.allow_plaintext_auth,
         proxy: cfg.proxy.clone(),
@@ -133,8 +134,12 @@ pub async fn serve(cfg: Config, metrics: metrics_exporter_prometheus::Prometheus
         ),
         shutdown: shutdown.clone(),
         limits: limits.clone(),
+        on_login: Some(Arc::new({
+            let q = sync_queue.clone();
+            move |user: &str| q.bump(user)
+        })),
     });
-    let control = Arc::new(Control::new(routes.clone(), store.clone(), sessions.clone()));
+    let control = Arc::new(Control::new(routes.clone(), store.clone(), sessions.clone()).with_sync_queue(sync_queue.clone()));
     let permits = Arc::new(Semaphore::new(limits.max_connections));
 
     let mut tasks = tokio::task::JoinSet::new();
@@ -193,6 +198,18 @@ pub async fn serve(cfg: Config, metrics: metrics_exporter_prometheus::Prometheus
                 error!(error = %e, "admin API failed");
             }
         });
+    }
+    // The sync engine needs both backends' master users; without them the proxy runs alone.
+    match crate::sync::Engine::from_config(&cfg, store.clone()) {
+        Ok(engine) => {
+            let schedule = crate::sync::scheduler::Schedule {
+                concurrency: cfg.sync.concurrency,
+                interval: Duration::from_secs(cfg.sync.interval_secs),
+            };
+            info!(concurrency = schedule.concurrency, interval_secs = cfg.sync.interval_secs, "sync scheduler running");
+            tasks.spawn(crate::sync::scheduler::run(Arc::new(engine), sync_queue.clone(), schedule, shutdown.clone()));
+        }
+        Err(e) => tracing::warn!(error = %e, "sync engine disabled"),
     }
     let upkeep = metrics.clone();
     tasks.spawn(async move {

@@ -9,7 +9,7 @@ use axum::extract::{Path, Request, State};
 use axum::http::{header, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, put};
+use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde::Deserialize;
@@ -39,6 +39,7 @@ pub fn router(state: Arc<AdminState>) -> Router {
         .route("/api/users/{email}", get(show_user))
         .route("/api/users/{email}/route", put(set_route))
         .route("/api/users/{email}/state", put(set_state))
+        .route("/api/users/{email}/migrate", post(migrate))
         .layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
@@ -122,6 +123,15 @@ async fn set_state(
     };
     match state.control.set_state(&email, new_state).await {
         Ok(change) => Json(change).into_response(),
+        Err(e) => error(e),
+    }
+}
+
+/// `user migrate`: state `syncing`, background sync starts.
+async fn migrate(State(state): State<Arc<AdminState>>, Path(email): Path<String>) -> Response {
+    match state.control.migrate(&email).await {
+        Ok(change) => Json(change).into_response(),
+        Err(ControlError::Conflict(msg)) => (StatusCode::CONFLICT, Json(json!({"error": msg}))).into_response(),
         Err(e) => error(e),
     }
 }

@@ -8,7 +8,9 @@ use std::sync::Arc;
 use serde::Serialize;
 
 use crate::route::{DirectoryError, Route, RouteCache};
+use crate::store::sync::SyncProgress;
 use crate::store::{Store, StoreError, UserState};
+use crate::sync::scheduler::SyncQueue;
 use sessions::SessionRegistry;
 
 /// Failures of a control operation.
@@ -20,6 +22,9 @@ pub enum ControlError {
     /// The state store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The requested transition is not allowed from the user's current state.
+    #[error("{0}")]
+    Conflict(String),
 }
 
 /// What an operator sees of a user.
@@ -37,6 +42,8 @@ pub struct UserView {
     pub last_error: Option<String>,
     /// Live proxied IMAP sessions on this node.
     pub sessions: usize,
+    /// Sync progress: messages and bytes copied of total, folders, last pass, last error.
+    pub sync: SyncProgress,
 }
 
 /// The result of a route change.
@@ -68,6 +75,8 @@ pub struct Control {
     sessions: Arc<SessionRegistry>,
     /// LMTP deliveries in flight and the node-local cutover flag, shared with the LMTP proxy.
     deliveries: Arc<inflight::Deliveries>,
+    /// The sync scheduler's queue (absent when the sync engine is not configured).
+    sync: Option<Arc<SyncQueue>>,
 }
 
 /// Reason sent in the BYE of a kicked session.
@@ -81,7 +90,41 @@ impl Control {
             store,
             sessions,
             deliveries: Arc::new(inflight::Deliveries::default()),
+            sync: None,
         }
+    }
+
+    /// Connects the sync scheduler, so `migrate` starts syncing at once.
+    pub fn with_sync_queue(mut self, queue: Arc<SyncQueue>) -> Self {
+        self.sync = Some(queue);
+        self
+    }
+
+    /// `user migrate`: puts `email` in `syncing` (from `legacy` or `failed`; idempotent), so the
+    /// scheduler runs its initial and then incremental passes.
+    pub async fn migrate(&self, email: &str) -> Result<StateChange, ControlError> {
+        let email = crate::route::normalize_user(email);
+        let current = self.store.user_state(&email).await?;
+        match current {
+            UserState::Legacy | UserState::Failed => {
+                self.store.set_user_state(&email, UserState::Syncing, None).await?;
+                tracing::info!(user = %email, from = %current, "migration started: syncing");
+            }
+            UserState::Syncing => {}
+            other => {
+                return Err(ControlError::Conflict(format!(
+                    "{email} is in state {other}; migrate needs legacy or failed"
+                )))
+            }
+        }
+        if let Some(q) = &self.sync {
+            q.wake();
+        }
+        Ok(StateChange {
+            in_flight: self.deliveries.in_flight(&email),
+            email,
+            state: UserState::Syncing,
+        })
     }
 
     /// The LMTP in-flight registry and cutover flags (the LMTP proxy checks them per recipient).
@@ -128,6 +171,7 @@ impl Control {
             state: record.as_ref().map_or(UserState::Legacy, |r| r.state),
             last_error: record.and_then(|r| r.last_error),
             sessions: self.sessions.count(&email),
+            sync: self.store.sync_progress(&email).await?,
             email,
         })
     }

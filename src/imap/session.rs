@@ -56,6 +56,8 @@ pub struct ImapContext {
     pub auth_delay: AuthDelay,
     /// Server shutdown.
     pub shutdown: Shutdown,
+    /// Called with the user after each successful login (the sync scheduler's lazy bump).
+    pub on_login: Option<Arc<dyn Fn(&str) + Send + Sync>>,
 }
 
 impl ImapContext {
@@ -184,6 +186,9 @@ impl PreAuthPhase {
                     }
                     Event::Login(req) => match self.login(ctx, &req).await {
                         Ok((routed, backend)) => {
+                            if let Some(on_login) = &ctx.on_login {
+                                on_login(&routed.user);
+                            }
                             let authed = BackendAuthed {
                                 client: self.conn,
                                 leftover: self.preauth.into_leftover(),

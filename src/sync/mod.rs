@@ -12,6 +12,7 @@ pub mod copy;
 pub mod incremental;
 pub mod mailboxes;
 pub mod proto;
+pub mod scheduler;
 pub mod throttle;
 pub mod verify;
 
