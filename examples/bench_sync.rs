@@ -80,8 +80,10 @@ fn ceiling(new: &Dovecot, users: &[String], corpora: &[Corpus]) -> Rate {
                 let mut line = String::new();
                 r.read_line(&mut line).expect("greeting");
                 let mut w = stream;
-                w.write_all(format!("l LOGIN \"{u}*{MASTER_USER}\" \"{MASTER_PASSWORD}\"\r\n").as_bytes())
-                    .expect("login");
+                w.write_all(
+                    format!("l LOGIN \"{u}*{MASTER_USER}\" \"{MASTER_PASSWORD}\"\r\n").as_bytes(),
+                )
+                .expect("login");
                 loop {
                     line.clear();
                     r.read_line(&mut line).expect("login reply");
@@ -107,8 +109,14 @@ fn ceiling(new: &Dovecot, users: &[String], corpora: &[Corpus]) -> Rate {
                 });
                 let mut out = std::io::BufWriter::with_capacity(256 * 1024, &mut w);
                 for (i, m) in c.messages.iter().enumerate() {
-                    write!(out, "a{i} APPEND INBOX ({}) \"{}\" {{{}+}}\r\n", m.flags.join(" "), m.date, m.body.len())
-                        .expect("write");
+                    write!(
+                        out,
+                        "a{i} APPEND INBOX ({}) \"{}\" {{{}+}}\r\n",
+                        m.flags.join(" "),
+                        m.date,
+                        m.body.len()
+                    )
+                    .expect("write");
                     out.write_all(&m.body).expect("write");
                     out.write_all(b"\r\n").expect("write");
                 }
@@ -146,7 +154,10 @@ fn doveadm_backup(b: &Backends, pairs: &[(String, String)], corpora: &[Corpus]) 
                     match out {
                         Ok(o) if o.status.success() => true,
                         Ok(o) => {
-                            eprintln!("doveadm backup {src}: {}", String::from_utf8_lossy(&o.stderr));
+                            eprintln!(
+                                "doveadm backup {src}: {}",
+                                String::from_utf8_lossy(&o.stderr)
+                            );
                             false
                         }
                         Err(e) => {
@@ -183,7 +194,11 @@ fn config(b: &Backends, dir: &Path) -> Config {
 }
 
 /// Passes for `users` in parallel; returns (wall seconds, CPU seconds, messages appended).
-fn sync_all(rt: &tokio::runtime::Runtime, engine: &Arc<Engine>, users: &[String]) -> (f64, f64, u64) {
+fn sync_all(
+    rt: &tokio::runtime::Runtime,
+    engine: &Arc<Engine>,
+    users: &[String],
+) -> (f64, f64, u64) {
     let cpu = cpu_seconds();
     let start = Instant::now();
     let appended = rt.block_on(async {
@@ -219,12 +234,28 @@ fn main() {
         (a.join().unwrap(), b.join().unwrap())
     });
     let b = Backends { legacy, new };
-    let names = |p: &str, n: usize| (1..=n).map(|i| format!("{p}{i}@bench.test")).collect::<Vec<_>>();
+    let names = |p: &str, n: usize| {
+        (1..=n)
+            .map(|i| format!("{p}{i}@bench.test"))
+            .collect::<Vec<_>>()
+    };
     let (small, large, idle) = (names("s", 4), names("l", 4), names("n", 16));
-    let (cs, cl, ds, dl) = (names("cs", 4), names("cl", 4), names("ds", 4), names("dl", 4));
-    let legacy_users: Vec<String> = [&small, &large, &idle].into_iter().flatten().cloned().collect();
-    let new_users: Vec<String> =
-        [&small, &large, &idle, &cs, &cl, &ds, &dl].into_iter().flatten().cloned().collect();
+    let (cs, cl, ds, dl) = (
+        names("cs", 4),
+        names("cl", 4),
+        names("ds", 4),
+        names("dl", 4),
+    );
+    let legacy_users: Vec<String> = [&small, &large, &idle]
+        .into_iter()
+        .flatten()
+        .cloned()
+        .collect();
+    let new_users: Vec<String> = [&small, &large, &idle, &cs, &cl, &ds, &dl]
+        .into_iter()
+        .flatten()
+        .cloned()
+        .collect();
     std::thread::scope(|s| {
         s.spawn(|| add_users(&b.legacy, &legacy_users));
         add_users(&b.new, &new_users);
@@ -273,8 +304,16 @@ fn main() {
     }
 
     let dir = tempfile::tempdir().unwrap();
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
-    let store = rt.block_on(Store::open(&format!("sqlite://{}", dir.path().join("state.db").display()))).unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let store = rt
+        .block_on(Store::open(&format!(
+            "sqlite://{}",
+            dir.path().join("state.db").display()
+        )))
+        .unwrap();
     let engine = Arc::new(Engine::from_config(&config(&b, dir.path()), store).unwrap());
 
     let mut results = Vec::new();
@@ -284,7 +323,10 @@ fn main() {
     ] {
         let n: usize = corpora.iter().map(|c| c.messages.len()).sum();
         let bytes: u64 = corpora.iter().map(Corpus::bytes).sum();
-        eprintln!("{label}: {n} messages, {:.1} MB, 4 users", bytes as f64 / 1e6);
+        eprintln!(
+            "{label}: {n} messages, {:.1} MB, 4 users",
+            bytes as f64 / 1e6
+        );
         let ceil = ceiling(&b.new, ceil_users, corpora);
         let (secs, cpu, appended) = sync_all(&rt, &engine, users);
         // Every legacy INBOX also holds no harness marker here: appended must equal the corpus.
@@ -292,7 +334,11 @@ fn main() {
             eprintln!("warning: mailferry appended {appended} of {n}");
         }
         let mf = Rate::new(n, bytes, secs);
-        let pairs: Vec<(String, String)> = users.iter().cloned().zip(dsync_users.iter().cloned()).collect();
+        let pairs: Vec<(String, String)> = users
+            .iter()
+            .cloned()
+            .zip(dsync_users.iter().cloned())
+            .collect();
         let dsync = doveadm_backup(&b, &pairs, corpora);
         results.push((label, n, ceil, mf, cpu, dsync));
     }
@@ -306,7 +352,14 @@ fn main() {
     println!("mailferry sync benchmark (legacy Dovecot maildir -> new Dovecot sdbox, 4 users in parallel)");
     println!(
         "{:<16} {:>8} {:>18} {:>18} {:>18} {:>9} {:>9} {:>12}",
-        "corpus", "msgs", "APPEND ceiling", "mailferry", "doveadm backup", "mf/ceil", "mf/dsync", "CPU/10k msgs"
+        "corpus",
+        "msgs",
+        "APPEND ceiling",
+        "mailferry",
+        "doveadm backup",
+        "mf/ceil",
+        "mf/dsync",
+        "CPU/10k msgs"
     );
     for (label, n, ceil, mf, cpu, dsync) in &results {
         let d = dsync.as_ref();

@@ -109,6 +109,7 @@ async fn bind(addr: std::net::SocketAddr) -> Result<TcpListener, ServeError> {
 
 /// Runs the server until a termination signal; returns after draining.
 pub async fn serve(cfg: Config, metrics: metrics_exporter_prometheus::PrometheusHandle) -> Result<(), ServeError> {
+    let mut signals = Signals::install()?;
     let cfg = Arc::new(cfg);
     let (store, routes) = open_directory(&cfg).await?;
     let server_tls = Arc::new(ReloadableServer::new(tls::server_config(
@@ -220,7 +221,7 @@ pub async fn serve(cfg: Config, metrics: metrics_exporter_prometheus::Prometheus
         }
     });
 
-    wait_for_signals(&cfg, &server_tls, &routes).await;
+    wait_for_signals(&mut signals, &cfg, &server_tls, &routes).await;
     info!(grace_secs = limits.shutdown_grace_secs, sessions = sessions.total(), "shutting down");
     shutdown.drain(limits.shutdown_grace()).await;
     tasks.abort_all();
@@ -228,17 +229,34 @@ pub async fn serve(cfg: Config, metrics: metrics_exporter_prometheus::Prometheus
     Ok(())
 }
 
-#[cfg(unix)]
-async fn wait_for_signals(cfg: &Config, server_tls: &ReloadableServer, routes: &RouteCache) {
-    use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-        signal(SignalKind::hangup()),
-    ) else {
-        error!("cannot install signal handlers");
-        return;
-    };
+/// The signals `serve` reacts to, installed before any listener binds so that a SIGTERM
+/// arriving during start-up drains instead of killing the process.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> Result<Signals, ServeError> {
+        use tokio::signal::unix::{signal, SignalKind};
+        let install = |kind| {
+            signal(kind).map_err(|source| ServeError::File {
+                what: "signal handler",
+                path: format!("{kind:?}"),
+                source,
+            })
+        };
+        Ok(Signals {
+            term: install(SignalKind::terminate())?,
+            int: install(SignalKind::interrupt())?,
+            hup: install(SignalKind::hangup())?,
+        })
+    }
+}
+
+async fn wait_for_signals(signals: &mut Signals, cfg: &Config, server_tls: &ReloadableServer, routes: &RouteCache) {
+    let Signals { term, int, hup } = signals;
     loop {
         tokio::select! {
             _ = term.recv() => return,

@@ -34,7 +34,8 @@ impl Conn {
 
     /// Reads once into the buffer, at most `max` bytes; 0 means end of stream.
     pub async fn read_some(&mut self, max: usize) -> io::Result<usize> {
-        self.buf.reserve(max.min(16 * 1024));
+        // Login-phase exchanges are small; a large reservation per connection fragments the heap.
+        self.buf.reserve(max.min(4 * 1024));
         let mut limited = (&mut self.stream).take(max as u64);
         limited.read_buf(&mut self.buf).await
     }

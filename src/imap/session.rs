@@ -57,8 +57,11 @@ pub struct ImapContext {
     /// Server shutdown.
     pub shutdown: Shutdown,
     /// Called with the user after each successful login (the sync scheduler's lazy bump).
-    pub on_login: Option<Arc<dyn Fn(&str) + Send + Sync>>,
+    pub on_login: Option<LoginHook>,
 }
+
+/// A callback run with the user's login after a successful backend login.
+pub type LoginHook = Arc<dyn Fn(&str) + Send + Sync>;
 
 impl ImapContext {
     fn backend(&self, route: Route) -> &ProxyBackend {
@@ -84,15 +87,19 @@ pub async fn handle(ctx: Arc<ImapContext>, tcp: TcpStream, implicit_tls: bool) {
         local,
         sid,
     };
-    async move {
+    let fut = async move {
         let _ = tcp_nodelay(&accepted.tcp);
         let Some(pre) = accepted.secure(&ctx, implicit_tls).await else {
             return;
         };
-        pre.run(&ctx).await;
-    }
-    .instrument(span)
-    .await
+        // The pre-auth phase is dropped before the splice starts: only the splice's own
+        // state lives as long as the session.
+        let authed = Box::pin(pre.run(&ctx)).await;
+        if let Some(authed) = authed {
+            Box::pin(authed.splice(&ctx)).await;
+        }
+    };
+    fut.instrument(span).await
 }
 
 fn tcp_nodelay(tcp: &TcpStream) -> std::io::Result<()> {
@@ -116,7 +123,9 @@ impl Accepted {
     async fn secure(self, ctx: &ImapContext, implicit_tls: bool) -> Option<PreAuthPhase> {
         let stream = if implicit_tls {
             let acceptor = tokio_rustls::TlsAcceptor::from(ctx.tls.get());
-            match timeout(ctx.limits.tls_handshake(), acceptor.accept(self.tcp)).await {
+            // Boxed here and below: a session's future is sized for its largest phase, and the
+            // handshake and login states are far larger than what an idle splice needs.
+            match timeout(ctx.limits.tls_handshake(), Box::pin(acceptor.accept(self.tcp))).await {
                 Ok(Ok(tls)) => Stream::ServerTls(Box::new(tls)),
                 Ok(Err(e)) => {
                     info!(error = %e, "TLS handshake failed");
@@ -158,33 +167,34 @@ struct PreAuthPhase {
 }
 
 impl PreAuthPhase {
-    async fn run(mut self, ctx: &ImapContext) {
+    /// Talks to the client until a login succeeds (`Some`) or the session ends (`None`).
+    async fn run(mut self, ctx: &ImapContext) -> Option<BackendAuthed> {
         if self.conn.write_all(&self.preauth.greeting()).await.is_err() {
-            return;
+            return None;
         }
         loop {
             while let Some(event) = self.preauth.next_event() {
                 match event {
                     Event::Reply(bytes) => {
                         if self.conn.write_all(&bytes).await.is_err() {
-                            return;
+                            return None;
                         }
                     }
                     Event::Close(bytes) => {
                         let _ = self.conn.write_all(&bytes).await;
-                        return;
+                        return None;
                     }
                     Event::StartTls(bytes) => {
                         if self.conn.write_all(&bytes).await.is_err() {
-                            return;
+                            return None;
                         }
                         let Some(conn) = start_tls(ctx, self.conn).await else {
-                            return;
+                            return None;
                         };
                         self.conn = conn;
                         self.preauth.tls_started();
                     }
-                    Event::Login(req) => match self.login(ctx, &req).await {
+                    Event::Login(req) => match Box::pin(self.login(ctx, &req)).await {
                         Ok((routed, backend)) => {
                             if let Some(on_login) = &ctx.on_login {
                                 on_login(&routed.user);
@@ -203,11 +213,11 @@ impl PreAuthPhase {
                                 registration: ctx.sessions.register(&routed.user),
                                 user: routed.user,
                             };
-                            return authed.splice(ctx).await;
+                            return Some(authed);
                         }
                         Err((reply, close)) => {
                             if self.conn.write_all(reply.as_bytes()).await.is_err() || close {
-                                return;
+                                return None;
                             }
                             self.preauth.login_failed();
                         }
@@ -218,15 +228,15 @@ impl PreAuthPhase {
                 r = timeout(ctx.limits.preauth_idle(), self.conn.read_some(16 * 1024)) => r,
                 _ = ctx.shutdown.forced() => {
                     let _ = self.conn.write_all(b"* BYE Server shutting down.\r\n").await;
-                    return;
+                    return None;
                 }
             };
             match read {
                 Err(_) => {
                     let _ = self.conn.write_all(b"* BYE Disconnected for inactivity.\r\n").await;
-                    return;
+                    return None;
                 }
-                Ok(Ok(0)) | Ok(Err(_)) => return,
+                Ok(Ok(0)) | Ok(Err(_)) => return None,
                 Ok(Ok(_)) => {
                     let bytes = self.conn.buffer().split();
                     self.preauth.feed(&bytes);
@@ -239,7 +249,7 @@ impl PreAuthPhase {
     async fn login(&mut self, ctx: &ImapContext, req: &LoginRequest) -> Result<(Routed, LoggedIn), (String, bool)> {
         tracing::Span::current().record("user", req.user.as_str());
         let routed = Routed::lookup(ctx, req).await.map_err(|r| (r, false))?;
-        match routed.authenticate(ctx, req, &self.info).await {
+        match Box::pin(routed.authenticate(ctx, req, &self.info)).await {
             Ok(backend) => {
                 ctx.auth_delay.succeeded(self.info.peer.ip());
                 metrics::counter!("mailferry_logins_total", "result" => "ok", "backend" => routed.route.as_str()).increment(1);
@@ -270,7 +280,7 @@ async fn start_tls(ctx: &ImapContext, conn: Conn) -> Option<Conn> {
         return None;
     };
     let acceptor = tokio_rustls::TlsAcceptor::from(ctx.tls.get());
-    match timeout(ctx.limits.tls_handshake(), acceptor.accept(tcp)).await {
+    match timeout(ctx.limits.tls_handshake(), Box::pin(acceptor.accept(tcp))).await {
         Ok(Ok(tls)) => Some(Conn::new(Stream::ServerTls(Box::new(tls)))),
         Ok(Err(e)) => {
             info!(error = %e, "STARTTLS handshake failed");
@@ -389,6 +399,8 @@ impl BackendAuthed {
         if self.client.write_all(self.reply.as_bytes()).await.is_err() {
             return;
         }
+        // Idle sessions are counted in thousands: keep nothing the splice does not need.
+        self.reply = String::new();
         let route = self.route.as_str();
         let gauge = metrics::gauge!("mailferry_sessions", "backend" => route);
         gauge.increment(1.0);

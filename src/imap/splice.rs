@@ -90,24 +90,26 @@ impl Activity {
     }
 }
 
-/// Bytes an idle session reads into; responses to NOOP, IDLE keep-alives and most commands fit.
-const SMALL: usize = 1024;
+/// Bytes a quiet session reads client commands into (NOOP, IDLE, DONE and most commands fit).
+const SMALL_UP: usize = 256;
+/// Bytes a quiet session reads backend responses into (tagged replies, IDLE keep-alives).
+const SMALL_DOWN: usize = 512;
 /// A large buffer is given back after this long without traffic.
 const RELEASE_AFTER: Duration = Duration::from_secs(1);
 
-/// A read buffer that costs `SMALL` bytes while a connection is quiet and grows to `max` only
+/// A read buffer that costs `S` bytes while a connection is quiet and grows to `max` only
 /// while reads keep filling it, so thousands of idle sessions stay cheap and bulk transfers
 /// (a 10 MB FETCH) still move in large reads.
-struct Reader {
-    small: [u8; SMALL],
+struct Reader<const S: usize> {
+    small: [u8; S],
     big: Option<Vec<u8>>,
     max: usize,
 }
 
-impl Reader {
+impl<const S: usize> Reader<S> {
     fn new(max: usize) -> Self {
         Reader {
-            small: [0; SMALL],
+            small: [0; S],
             big: None,
             max,
         }
@@ -124,7 +126,7 @@ impl Reader {
             }
         }
         let n = r.read(&mut self.small).await?;
-        if n == SMALL {
+        if n == S {
             self.big = Some(Vec::with_capacity(self.max));
         }
         Ok(n)
@@ -214,7 +216,7 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let mut buf = Reader::new(size);
+    let mut buf = Reader::<SMALL_UP>::new(size);
     loop {
         let n = buf.read(r).await.map_err(|e| format!("client read: {e}"))?;
         if n == 0 {
@@ -239,7 +241,7 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let mut buf = Reader::new(p.buffer);
+    let mut buf = Reader::<SMALL_DOWN>::new(p.buffer);
     // A stop waiting for the current response to end.
     let mut pending: Option<Stop> = None;
     loop {

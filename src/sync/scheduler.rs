@@ -39,7 +39,10 @@ impl SyncQueue {
     }
 
     fn take_urgent(&self) -> Vec<String> {
-        self.urgent.lock().map(|mut q| q.drain(..).collect()).unwrap_or_default()
+        self.urgent
+            .lock()
+            .map(|mut q| q.drain(..).collect())
+            .unwrap_or_default()
     }
 }
 
@@ -54,7 +57,12 @@ pub struct Schedule {
 
 /// Runs until `shutdown` says stop. Passes still running then are dropped with the runtime;
 /// the store makes them resumable.
-pub async fn run(engine: Arc<Engine>, queue: Arc<SyncQueue>, schedule: Schedule, shutdown: Shutdown) {
+pub async fn run(
+    engine: Arc<Engine>,
+    queue: Arc<SyncQueue>,
+    schedule: Schedule,
+    shutdown: Shutdown,
+) {
     let mut due: HashMap<String, Instant> = HashMap::new();
     let mut failures: HashMap<String, u32> = HashMap::new();
     let mut running: HashSet<String> = HashSet::new();
