@@ -132,6 +132,24 @@ fn ceiling(new: &Dovecot, users: &[String], corpora: &[Corpus]) -> Rate {
     Rate::new(n, b, start.elapsed().as_secs_f64())
 }
 
+/// FETCH ceiling of legacy: 4 connections reading every message (`BODY.PEEK[]`) of the users.
+fn fetch_ceiling(legacy: &Dovecot, users: &[String], corpora: &[Corpus]) -> Rate {
+    let start = Instant::now();
+    std::thread::scope(|s| {
+        for u in users {
+            s.spawn(move || {
+                let mut sess = corpus::Session::open(legacy, u);
+                sess.ok("EXAMINE INBOX");
+                sess.ok("UID FETCH 1:* (UID FLAGS INTERNALDATE RFC822.SIZE BODY.PEEK[])");
+                sess.close();
+            });
+        }
+    });
+    let n: usize = corpora.iter().map(|c| c.messages.len()).sum();
+    let b: u64 = corpora.iter().map(Corpus::bytes).sum();
+    Rate::new(n, b, start.elapsed().as_secs_f64())
+}
+
 /// `doveadm backup -R` from legacy (imapc, master user) into fresh users of new, in parallel.
 fn doveadm_backup(b: &Backends, pairs: &[(String, String)], corpora: &[Corpus]) -> Option<Rate> {
     let start = Instant::now();
@@ -328,6 +346,7 @@ fn main() {
             bytes as f64 / 1e6
         );
         let ceil = ceiling(&b.new, ceil_users, corpora);
+        let fetch = fetch_ceiling(&b.legacy, users, corpora);
         let (secs, cpu, appended) = sync_all(&rt, &engine, users);
         // Every legacy INBOX also holds no harness marker here: appended must equal the corpus.
         if appended as usize != n {
@@ -340,7 +359,7 @@ fn main() {
             .zip(dsync_users.iter().cloned())
             .collect();
         let dsync = doveadm_backup(&b, &pairs, corpora);
-        results.push((label, n, ceil, mf, cpu, dsync));
+        results.push((label, n, ceil, fetch, mf, cpu, dsync));
     }
 
     eprintln!("initial pass for the 16 other users...");
@@ -361,7 +380,7 @@ fn main() {
         "mf/dsync",
         "CPU/10k msgs"
     );
-    for (label, n, ceil, mf, cpu, dsync) in &results {
+    for (label, n, ceil, fetch, mf, cpu, dsync) in &results {
         let d = dsync.as_ref();
         println!(
             "{:<16} {:>8} {:>8.0} m/s {:>5.1} MB/s {:>8.0} m/s {:>5.1} MB/s {:>8} {:>9.2} {:>9} {:>10.2} s",
@@ -377,11 +396,23 @@ fn main() {
             cpu / *n as f64 * 10_000.0
         );
         println!(
-            "{:<16} wall: ceiling {:.2} s, mailferry {:.2} s, doveadm {}",
+            "{:<16} wall: APPEND ceiling {:.2} s, legacy FETCH ceiling {:.2} s, mailferry {:.2} s, doveadm {}",
             "",
             ceil.secs,
+            fetch.secs,
             mf.secs,
             d.map_or("n/a".to_string(), |d| format!("{:.2} s", d.secs))
+        );
+        // Both Dovecots share this machine's cores: reading legacy and writing new cannot
+        // fully overlap, so FETCH + APPEND time is the bound a copy can reach here.
+        let bound = *n as f64 / (ceil.secs + fetch.secs);
+        println!(
+            "{:<16} FETCH ceiling {:.0} m/s {:.1} MB/s; serial FETCH+APPEND bound {:.0} m/s; mailferry/bound {:.2}",
+            "",
+            fetch.msgs,
+            fetch.mb,
+            bound,
+            mf.msgs / bound
         );
     }
     println!(
