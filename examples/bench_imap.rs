@@ -15,7 +15,8 @@ use support::mailferry::{Mailferry, Options};
 
 /// One imap process hosts many clients so thousands of idle sessions fit in memory and
 /// logins measure the proxy rather than Dovecot's process spawning.
-const DOVECOT_BENCH: &str = "service imap {\n  service_count = 0\n  client_limit = 1000\n  process_limit = 64\n}\n";
+const DOVECOT_BENCH: &str =
+    "service imap {\n  service_count = 0\n  client_limit = 1000\n  process_limit = 64\n}\n";
 
 struct Conn {
     r: BufReader<TcpStream>,
@@ -39,7 +40,10 @@ impl Conn {
     fn cmd(&mut self, cmd: &str) -> usize {
         self.tag += 1;
         let tag = format!("b{}", self.tag);
-        self.r.get_mut().write_all(format!("{tag} {cmd}\r\n").as_bytes()).unwrap();
+        self.r
+            .get_mut()
+            .write_all(format!("{tag} {cmd}\r\n").as_bytes())
+            .unwrap();
         let mut lit = 0;
         let mut line = Vec::new();
         loop {
@@ -58,7 +62,11 @@ impl Conn {
                 continue;
             }
             if line.starts_with(tag.as_bytes()) {
-                assert!(line[tag.len()..].starts_with(b" OK"), "{}", String::from_utf8_lossy(&line));
+                assert!(
+                    line[tag.len()..].starts_with(b" OK"),
+                    "{}",
+                    String::from_utf8_lossy(&line)
+                );
                 return lit;
             }
         }
@@ -158,7 +166,10 @@ fn rss_kib(pid: u32) -> u64 {
 fn cpu_ms(pid: u32) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     let after = stat.rsplit_once(')').map_or("", |(_, r)| r);
-    let f: Vec<u64> = after.split_whitespace().filter_map(|x| x.parse().ok()).collect();
+    let f: Vec<u64> = after
+        .split_whitespace()
+        .filter_map(|x| x.parse().ok())
+        .collect();
     // Fields 14 and 15 of stat (utime, stime) are 11 and 12 after the state field.
     let ticks = f.get(10).copied().unwrap_or(0) + f.get(11).copied().unwrap_or(0);
     ticks as f64 * 1000.0 / 100.0
@@ -190,11 +201,19 @@ fn main() {
     let args: Vec<String> = std::env::args().collect();
     let quick = args.iter().any(|a| a == "--quick");
     // `--only noop|login|fetch|idle` runs one section (for profiling); default: all.
-    let only = args.iter().position(|a| a == "--only").and_then(|i| args.get(i + 1)).cloned();
+    let only = args
+        .iter()
+        .position(|a| a == "--only")
+        .and_then(|i| args.get(i + 1))
+        .cloned();
     let run = |name: &str| only.as_deref().is_none_or(|o| o == name);
     let extra = std::env::var("MAILFERRY_BENCH_CONFIG").unwrap_or_default();
     let _ = std::process::Command::new("prlimit")
-        .args(["--pid", &std::process::id().to_string(), "--nofile=65536:65536"])
+        .args([
+            "--pid",
+            &std::process::id().to_string(),
+            "--nofile=65536:65536",
+        ])
         .status();
     println!("starting Dovecot (legacy) and mailferry ...");
     let backends = Backends {
@@ -207,7 +226,11 @@ fn main() {
         big.extend_from_slice(b"\r\n");
     }
     backends.legacy.save("bob@example.org", "INBOX", &big);
-    backends.legacy.save("alice@example.org", "INBOX", b"Subject: hi\r\n\r\nhello\r\n");
+    backends.legacy.save(
+        "alice@example.org",
+        "INBOX",
+        b"Subject: hi\r\n\r\nhello\r\n",
+    );
     let proxy = Mailferry::start(
         &backends,
         Options {
@@ -225,53 +248,63 @@ fn main() {
 
     let n = if quick { 2000 } else { 10000 };
     if run("noop") {
-    let (dp50, dp99) = noop_latency(direct, n);
-    let (pp50, pp99) = noop_latency(via, n);
-    println!("NOOP round trip ({n} sequential)    direct p50 {dp50:.0} µs p99 {dp99:.0} µs | proxied p50 {pp50:.0} µs p99 {pp99:.0} µs | added p50 {:+.0} µs, p99 {:+.0} µs",
+        let (dp50, dp99) = noop_latency(direct, n);
+        let (pp50, pp99) = noop_latency(via, n);
+        println!("NOOP round trip ({n} sequential)    direct p50 {dp50:.0} µs p99 {dp99:.0} µs | proxied p50 {pp50:.0} µs p99 {pp99:.0} µs | added p50 {:+.0} µs, p99 {:+.0} µs",
         pp50 - dp50, pp99 - dp99);
     }
 
     let logins = if quick { 400 } else { 2000 };
     if run("login") {
-    let d = logins_per_sec(direct, logins, 4);
-    let cpu0 = cpu_ms(pid);
-    let p = logins_per_sec(via, logins, 4);
-    let cpu = cpu_ms(pid) - cpu0;
-    println!("LOGIN+SELECT+LOGOUT ({logins}, 4 threads) direct {d:.0}/s | proxied {p:.0}/s | ratio {:.2}x | proxy CPU {:.3} ms per login",
+        let d = logins_per_sec(direct, logins, 4);
+        let cpu0 = cpu_ms(pid);
+        let p = logins_per_sec(via, logins, 4);
+        let cpu = cpu_ms(pid) - cpu0;
+        println!("LOGIN+SELECT+LOGOUT ({logins}, 4 threads) direct {d:.0}/s | proxied {p:.0}/s | ratio {:.2}x | proxy CPU {:.3} ms per login",
         p / d, cpu / logins as f64);
     }
 
     let rounds = if quick { 11 } else { 41 };
     if run("fetch") {
-    let (d, p) = fetch_mb_per_sec(direct, via, rounds);
-    println!("FETCH 10 MB message (median of {rounds})   direct {d:.0} MB/s | proxied {p:.0} MB/s | ratio {:.3}x", p / d);
+        let (d, p) = fetch_mb_per_sec(direct, via, rounds);
+        println!("FETCH 10 MB message (median of {rounds})   direct {d:.0} MB/s | proxied {p:.0} MB/s | ratio {:.3}x", p / d);
     }
 
     if run("idle") {
-    let base = rss_kib(pid);
-    let mut keep = Vec::new();
-    for target in [1000usize, 5000] {
-        let have = keep.len();
-        idle_sessions(via, target - have, &mut keep);
-        std::thread::sleep(Duration::from_secs(2));
-        let rss = rss_kib(pid);
-        println!("idle proxied sessions {target:>5}          proxy RSS {rss} KiB (base {base} KiB) → {:.1} KiB per session",
+        let base = rss_kib(pid);
+        let mut keep = Vec::new();
+        for target in [1000usize, 5000] {
+            let have = keep.len();
+            idle_sessions(via, target - have, &mut keep);
+            std::thread::sleep(Duration::from_secs(2));
+            let rss = rss_kib(pid);
+            println!("idle proxied sessions {target:>5}          proxy RSS {rss} KiB (base {base} KiB) → {:.1} KiB per session",
             (rss.saturating_sub(base)) as f64 / target as f64);
-    }
-    drop(keep);
-    std::thread::sleep(Duration::from_secs(3));
-    println!("after closing all sessions               proxy RSS {} KiB (base {base} KiB)", rss_kib(pid));
-    // glibc keeps freed pages for reuse: a second wave of the same size must not grow RSS.
-    let mut keep = Vec::new();
-    idle_sessions(via, 5000, &mut keep);
-    std::thread::sleep(Duration::from_secs(2));
-    println!("5000 sessions again (reuse, no leak)     proxy RSS {} KiB", rss_kib(pid));
-    drop(keep);
+        }
+        drop(keep);
+        std::thread::sleep(Duration::from_secs(3));
+        println!(
+            "after closing all sessions               proxy RSS {} KiB (base {base} KiB)",
+            rss_kib(pid)
+        );
+        // glibc keeps freed pages for reuse: a second wave of the same size must not grow RSS.
+        let mut keep = Vec::new();
+        idle_sessions(via, 5000, &mut keep);
+        std::thread::sleep(Duration::from_secs(2));
+        println!(
+            "5000 sessions again (reuse, no leak)     proxy RSS {} KiB",
+            rss_kib(pid)
+        );
+        drop(keep);
     }
     let mut s = TcpStream::connect(proxy.admin).unwrap();
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .unwrap();
     let mut m = String::new();
     let _ = s.read_to_string(&mut m);
-    let ok = m.lines().filter(|l| l.starts_with("mailferry_logins_total")).collect::<Vec<_>>();
+    let ok = m
+        .lines()
+        .filter(|l| l.starts_with("mailferry_logins_total"))
+        .collect::<Vec<_>>();
     println!("\n{}", ok.join("\n"));
 }

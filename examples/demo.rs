@@ -16,8 +16,14 @@ fn main() {
     let wait = !std::env::args().any(|a| a == "--no-wait");
     println!("Starting two Dovecot backends (legacy: maildir, '.'; new: sdbox, '/') ...");
     let backends = Backends::start();
-    println!("  legacy IMAP {}  LMTP {}", backends.legacy.imap, backends.legacy.lmtp);
-    println!("  new    IMAP {}  LMTP {}", backends.new.imap, backends.new.lmtp);
+    println!(
+        "  legacy IMAP {}  LMTP {}",
+        backends.legacy.imap, backends.legacy.lmtp
+    );
+    println!(
+        "  new    IMAP {}  LMTP {}",
+        backends.new.imap, backends.new.lmtp
+    );
     let proxy = Mailferry::start(
         &backends,
         Options {
@@ -26,7 +32,10 @@ fn main() {
         },
     );
     println!("mailferry is serving:");
-    println!("  IMAP (STARTTLS) {}   IMAPS {}   LMTP {}   admin {}", proxy.imap, proxy.imaps, proxy.lmtp, proxy.admin);
+    println!(
+        "  IMAP (STARTTLS) {}   IMAPS {}   LMTP {}   admin {}",
+        proxy.imap, proxy.imaps, proxy.lmtp, proxy.admin
+    );
     println!("  config: {}", proxy.config.display());
     println!();
 
@@ -38,7 +47,10 @@ fn main() {
     c.send(b"i IDLE\r\n");
     let _ = c.line();
 
-    println!("2. the operator flips her: mailferry -c {} user route alice@example.org new", proxy.config.display());
+    println!(
+        "2. the operator flips her: mailferry -c {} user route alice@example.org new",
+        proxy.config.display()
+    );
     proxy.route("alice@example.org", "new");
     println!("   her client receives: {}", c.line());
 
@@ -56,11 +68,20 @@ fn main() {
         println!("demo OK");
         return;
     }
-    println!("Try it yourself (users alice/bob/carol/dave@example.org, passwords alicepw/bobpw/...):");
-    println!("  openssl s_client -quiet -starttls imap -connect {}", proxy.imap);
+    println!(
+        "Try it yourself (users alice/bob/carol/dave@example.org, passwords alicepw/bobpw/...):"
+    );
+    println!(
+        "  openssl s_client -quiet -starttls imap -connect {}",
+        proxy.imap
+    );
     println!("  openssl s_client -quiet -connect {}", proxy.imaps);
     println!("    then: a LOGIN bob@example.org bobpw / b SELECT INBOX / c FETCH 1:* ENVELOPE");
-    println!("  {} -c {} user route bob@example.org new", support::mailferry::binary().display(), proxy.config.display());
+    println!(
+        "  {} -c {} user route bob@example.org new",
+        support::mailferry::binary().display(),
+        proxy.config.display()
+    );
     println!("  curl -s http://{}/metrics | grep mailferry_", proxy.admin);
     println!("Press Ctrl-C to stop everything.");
     loop {

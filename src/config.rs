@@ -375,7 +375,11 @@ fn default_master_separator() -> String {
     "*".into()
 }
 fn default_strip_caps() -> Vec<String> {
-    vec!["COMPRESS=DEFLATE".into(), "STARTTLS".into(), "LOGINDISABLED".into()]
+    vec![
+        "COMPRESS=DEFLATE".into(),
+        "STARTTLS".into(),
+        "LOGINDISABLED".into(),
+    ]
 }
 
 impl Default for ProxyConfig {
@@ -451,7 +455,10 @@ impl Config {
     /// Checks consistency that serde cannot express; lists every problem at once.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let mut problems = Vec::new();
-        for (name, b) in [("legacy", &self.backends.legacy), ("new", &self.backends.new)] {
+        for (name, b) in [
+            ("legacy", &self.backends.legacy),
+            ("new", &self.backends.new),
+        ] {
             if !b.imap.contains(':') {
                 problems.push(format!("backends.{name}.imap must be host:port"));
             }
@@ -480,7 +487,12 @@ impl Config {
         if self.sync.concurrency == 0 || self.sync.per_backend == 0 {
             problems.push("sync.concurrency and sync.per_backend must be at least 1".into());
         }
-        for p in self.sync.exclude.iter().chain(self.sync.rename.iter().map(|r| &r.from)) {
+        for p in self
+            .sync
+            .exclude
+            .iter()
+            .chain(self.sync.rename.iter().map(|r| &r.from))
+        {
             if let Err(e) = regex::Regex::new(p) {
                 problems.push(format!("sync rule {p:?}: {e}"));
             }

@@ -53,7 +53,11 @@ pub enum ServeError {
     Unsupported(String),
 }
 
-fn read_file(what: &'static str, cfg: &Config, p: &std::path::Path) -> Result<crate::secret::Secret<String>, ServeError> {
+fn read_file(
+    what: &'static str,
+    cfg: &Config,
+    p: &std::path::Path,
+) -> Result<crate::secret::Secret<String>, ServeError> {
     crate::config::read_secret(&cfg.resolve(p)).map_err(|source| ServeError::File {
         what,
         path: cfg.resolve(p).display().to_string(),
@@ -87,7 +91,9 @@ fn proxy_backend(cfg: &Config, route: Route) -> Result<ProxyBackend, ServeError>
     let master = match (&b.master_user, &b.master_password_file) {
         (Some(user), Some(file)) => Some((user.clone(), read_file("master password", cfg, file)?)),
         _ if b.auth == BackendAuth::Master => {
-            return Err(ServeError::Unsupported(format!("backends.{route}: master auth without master credentials")))
+            return Err(ServeError::Unsupported(format!(
+                "backends.{route}: master auth without master credentials"
+            )))
         }
         _ => None,
     };
@@ -108,7 +114,10 @@ async fn bind(addr: std::net::SocketAddr) -> Result<TcpListener, ServeError> {
 }
 
 /// Runs the server until a termination signal; returns after draining.
-pub async fn serve(cfg: Config, metrics: metrics_exporter_prometheus::PrometheusHandle) -> Result<(), ServeError> {
+pub async fn serve(
+    cfg: Config,
+    metrics: metrics_exporter_prometheus::PrometheusHandle,
+) -> Result<(), ServeError> {
     let mut signals = Signals::install()?;
     let cfg = Arc::new(cfg);
     let (store, routes) = open_directory(&cfg).await?;
@@ -140,7 +149,10 @@ pub async fn serve(cfg: Config, metrics: metrics_exporter_prometheus::Prometheus
             move |user: &str| q.bump(user)
         })),
     });
-    let control = Arc::new(Control::new(routes.clone(), store.clone(), sessions.clone()).with_sync_queue(sync_queue.clone()));
+    let control = Arc::new(
+        Control::new(routes.clone(), store.clone(), sessions.clone())
+            .with_sync_queue(sync_queue.clone()),
+    );
     let permits = Arc::new(Semaphore::new(limits.max_connections));
 
     let mut tasks = tokio::task::JoinSet::new();
@@ -207,8 +219,17 @@ pub async fn serve(cfg: Config, metrics: metrics_exporter_prometheus::Prometheus
                 concurrency: cfg.sync.concurrency,
                 interval: Duration::from_secs(cfg.sync.interval_secs),
             };
-            info!(concurrency = schedule.concurrency, interval_secs = cfg.sync.interval_secs, "sync scheduler running");
-            tasks.spawn(crate::sync::scheduler::run(Arc::new(engine), sync_queue.clone(), schedule, shutdown.clone()));
+            info!(
+                concurrency = schedule.concurrency,
+                interval_secs = cfg.sync.interval_secs,
+                "sync scheduler running"
+            );
+            tasks.spawn(crate::sync::scheduler::run(
+                Arc::new(engine),
+                sync_queue.clone(),
+                schedule,
+                shutdown.clone(),
+            ));
         }
         Err(e) => tracing::warn!(error = %e, "sync engine disabled"),
     }
@@ -222,7 +243,11 @@ pub async fn serve(cfg: Config, metrics: metrics_exporter_prometheus::Prometheus
     });
 
     wait_for_signals(&mut signals, &cfg, &server_tls, &routes).await;
-    info!(grace_secs = limits.shutdown_grace_secs, sessions = sessions.total(), "shutting down");
+    info!(
+        grace_secs = limits.shutdown_grace_secs,
+        sessions = sessions.total(),
+        "shutting down"
+    );
     shutdown.drain(limits.shutdown_grace()).await;
     tasks.abort_all();
     info!("stopped");
@@ -255,7 +280,12 @@ impl Signals {
     }
 }
 
-async fn wait_for_signals(signals: &mut Signals, cfg: &Config, server_tls: &ReloadableServer, routes: &RouteCache) {
+async fn wait_for_signals(
+    signals: &mut Signals,
+    cfg: &Config,
+    server_tls: &ReloadableServer,
+    routes: &RouteCache,
+) {
     let Signals { term, int, hup } = signals;
     loop {
         tokio::select! {

@@ -47,8 +47,14 @@ impl Shutdown {
     pub async fn drain(&self, grace: Duration) {
         self.stop.cancel();
         self.tracker.close();
-        if tokio::time::timeout(grace, self.tracker.wait()).await.is_err() {
-            tracing::info!(sessions = self.tracker.len(), "grace period over, closing sessions");
+        if tokio::time::timeout(grace, self.tracker.wait())
+            .await
+            .is_err()
+        {
+            tracing::info!(
+                sessions = self.tracker.len(),
+                "grace period over, closing sessions"
+            );
             self.force.cancel();
             let _ = tokio::time::timeout(Duration::from_secs(5), self.tracker.wait()).await;
         }

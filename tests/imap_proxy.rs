@@ -18,7 +18,11 @@ fn start(opts: Options) -> (Backends, Mailferry) {
 }
 
 fn assert_ok(reply: &str, what: &str, proxy: &Mailferry) {
-    assert!(reply.starts_with("OK"), "{what}: {reply}\nproxy log:\n{}", proxy.log());
+    assert!(
+        reply.starts_with("OK"),
+        "{what}: {reply}\nproxy log:\n{}",
+        proxy.log()
+    );
 }
 
 #[test]
@@ -33,7 +37,10 @@ fn each_user_lands_on_their_route_over_starttls_and_implicit_tls() {
     let mut alice = Client::starttls(proxy.imap, &proxy.cert.cert_pem);
     let ok = alice.login("alice@example.org", "alicepw");
     assert_ok(&ok, "alice login", &proxy);
-    assert!(ok.contains("[CAPABILITY IMAP4rev1"), "backend capabilities relayed: {ok}");
+    assert!(
+        ok.contains("[CAPABILITY IMAP4rev1"),
+        "backend capabilities relayed: {ok}"
+    );
     assert!(!ok.contains("COMPRESS"), "COMPRESS stripped: {ok}");
     assert_eq!(alice.inbox_subjects(), vec!["legacy marker"]);
 
@@ -131,7 +138,10 @@ fn wrong_password_is_authenticationfailed_and_repeated_failures_close() {
     assert!(no.starts_with("NO [AUTHENTICATIONFAILED]"), "{no}");
     assert!(c.line().starts_with("* BYE"));
     assert!(c.try_line().is_none(), "closed after too many failures");
-    assert!(!proxy.log().contains("wrong"), "passwords never reach the log");
+    assert!(
+        !proxy.log().contains("wrong"),
+        "passwords never reach the log"
+    );
 }
 
 #[test]
@@ -152,7 +162,11 @@ fn starttls_pipelining_is_not_executed() {
         tls_wrap(s, &proxy.cert.cert_pem, &[]).expect("handshake"),
     )));
     c.send(b"c NOOP\r\n");
-    assert_eq!(c.line(), "c OK NOOP completed.", "the injected b NOOP got no reply");
+    assert_eq!(
+        c.line(),
+        "c OK NOOP completed.",
+        "the injected b NOOP got no reply"
+    );
 }
 
 /// Feeds a fake greeting first so `Client::over` can be used after STARTTLS.
@@ -263,7 +277,11 @@ fn route_change_kicks_an_idling_client_which_reconnects_to_new() {
     assert!(c.try_line().is_none(), "closed after BYE");
 
     let mut again = Client::plain(proxy.imap);
-    assert_ok(&again.login("alice@example.org", "alicepw"), "relogin", &proxy);
+    assert_ok(
+        &again.login("alice@example.org", "alicepw"),
+        "relogin",
+        &proxy,
+    );
     assert_eq!(again.inbox_subjects(), vec!["new marker"]);
     let metrics = http_get(proxy.admin, "/metrics");
     assert!(metrics.contains("mailferry_kicks_total 1"), "{metrics}");
@@ -276,7 +294,9 @@ fn kick_during_a_large_fetch_waits_for_the_end_of_the_literal() {
     let size = 16 * 1024 * 1024;
     let mut msg = b"Subject: big\r\nFrom: a@example.net\r\n\r\n".to_vec();
     while msg.len() < size {
-        msg.extend_from_slice(b"0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ{123}\r\n");
+        msg.extend_from_slice(
+            b"0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ{123}\r\n",
+        );
     }
     b.legacy.save("alice@example.org", "INBOX", &msg);
 
@@ -306,14 +326,23 @@ fn kick_during_a_large_fetch_waits_for_the_end_of_the_literal() {
     assert!(body == msg, "literal delivered whole and unchanged");
     assert_eq!(c.line(), ")", "the FETCH response completes before the BYE");
     let mut next = c.line();
-    if next.starts_with("f1 OK") || next.starts_with("f2 OK") || next.starts_with("* ") && !next.starts_with("* BYE") {
+    if next.starts_with("f1 OK")
+        || next.starts_with("f2 OK")
+        || next.starts_with("* ") && !next.starts_with("* BYE")
+    {
         next = c.line();
     }
-    assert!(next.starts_with("* BYE [UNAVAILABLE]") || next.starts_with("f"), "{next}");
+    assert!(
+        next.starts_with("* BYE [UNAVAILABLE]") || next.starts_with("f"),
+        "{next}"
+    );
     while !next.starts_with("* BYE") {
         next = c.try_line().expect("BYE before close");
     }
-    assert!(proxy.log().contains("kick deferred"), "the kick waited for a response boundary");
+    assert!(
+        proxy.log().contains("kick deferred"),
+        "the kick waited for a response boundary"
+    );
 }
 
 #[test]
@@ -325,7 +354,8 @@ fn backend_sees_the_real_client_address() {
     assert_ok(&c.login("alice@example.org", "alicepw"), "login", &proxy);
     let _ = c.cmd("LOGOUT");
     assert!(
-        b.legacy.wait_for_log("rip=127.0.0.2", Duration::from_secs(5)),
+        b.legacy
+            .wait_for_log("rip=127.0.0.2", Duration::from_secs(5)),
         "Dovecot logs the client's address from ID:\n{}",
         b.legacy.log_tail(20)
     );
@@ -333,7 +363,10 @@ fn backend_sees_the_real_client_address() {
 
 fn bind_connect(source: &str, to: SocketAddr) -> TcpStream {
     // std cannot bind before connect; tokio's TcpSocket can.
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     rt.block_on(async {
         let sock = tokio::net::TcpSocket::new_v4().unwrap();
         sock.bind(format!("{source}:0").parse().unwrap()).unwrap();
@@ -365,9 +398,16 @@ fn sigterm_says_bye_to_live_sessions_and_exits() {
     assert_ok(&ok, "select", &proxy);
     c.send(b"i IDLE\r\n");
     assert!(c.line().starts_with("+ "));
-    assert!(proxy.terminate(Duration::from_secs(20)), "exited after draining");
+    assert!(
+        proxy.terminate(Duration::from_secs(20)),
+        "exited after draining"
+    );
     let bye = c.try_line().unwrap_or_default();
-    assert!(bye.starts_with("* BYE [UNAVAILABLE]"), "{bye:?}\n{}", proxy.log());
+    assert!(
+        bye.starts_with("* BYE [UNAVAILABLE]"),
+        "{bye:?}\n{}",
+        proxy.log()
+    );
     assert!(proxy.log().contains("session end"), "session end logged");
 }
 
@@ -381,7 +421,10 @@ fn admin_api_requires_the_token() {
     let out = proxy.cli(&["user", "show", "nobody@example.org"]);
     assert!(out.status.success());
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.contains("legacy (default: not in directory)"), "{text}");
+    assert!(
+        text.contains("legacy (default: not in directory)"),
+        "{text}"
+    );
 }
 
 fn http_get(addr: SocketAddr, path: &str) -> String {

@@ -104,7 +104,18 @@ fn mbsync_through_the_proxy_equals_a_direct_sync() {
     let proxied = mbsync(dir.path(), "proxied", proxy.imaps, &proxy.cert.cert_pem);
     let direct = contents(&direct);
     let proxied = contents(&proxied);
-    assert!(direct.len() >= 4, "folders synced: {:?}", direct.keys().collect::<Vec<_>>());
-    assert_eq!(direct.values().map(Vec::len).sum::<usize>(), 21, "20 messages + the marker");
-    assert_eq!(direct, proxied, "same folders, same messages, byte for byte");
+    assert!(
+        direct.len() >= 4,
+        "folders synced: {:?}",
+        direct.keys().collect::<Vec<_>>()
+    );
+    assert_eq!(
+        direct.values().map(Vec::len).sum::<usize>(),
+        21,
+        "20 messages + the marker"
+    );
+    assert_eq!(
+        direct, proxied,
+        "same folders, same messages, byte for byte"
+    );
 }

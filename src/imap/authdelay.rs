@@ -28,7 +28,8 @@ impl AuthDelay {
     /// Records a failure from `ip` and returns how long to wait before answering.
     pub fn failed(&self, ip: IpAddr) -> Duration {
         if self.failures.len() > 100_000 {
-            self.failures.retain(|_, (_, at)| at.elapsed() < FORGET_AFTER);
+            self.failures
+                .retain(|_, (_, at)| at.elapsed() < FORGET_AFTER);
         }
         let mut e = self.failures.entry(ip).or_insert((0, Instant::now()));
         if e.1.elapsed() >= FORGET_AFTER {

@@ -152,7 +152,11 @@ impl Ctx<'_> {
     }
 
     /// Reads one complete response (line plus any literals), without its final CRLF.
-    async fn response(&self, conn: &mut Conn, phase: &'static str) -> Result<Vec<u8>, BackendError> {
+    async fn response(
+        &self,
+        conn: &mut Conn,
+        phase: &'static str,
+    ) -> Result<Vec<u8>, BackendError> {
         let mut out = Vec::new();
         let mut scan = 0;
         loop {
@@ -186,7 +190,11 @@ impl Ctx<'_> {
                 return Err(self.protocol(format!("{phase}: response too large")));
             }
             let n = self
-                .within(phase, self.limits.backend_reply(), conn.read_some(16 * 1024))
+                .within(
+                    phase,
+                    self.limits.backend_reply(),
+                    conn.read_some(16 * 1024),
+                )
                 .await?;
             if n == 0 {
                 return Err(BackendError::Io {
@@ -208,7 +216,10 @@ impl Ctx<'_> {
         let mut untagged = Vec::new();
         loop {
             let resp = self.response(conn, phase).await?;
-            if let Some(rest) = resp.strip_prefix(tag.as_bytes()).and_then(|r| r.strip_prefix(b" ")) {
+            if let Some(rest) = resp
+                .strip_prefix(tag.as_bytes())
+                .and_then(|r| r.strip_prefix(b" "))
+            {
                 return Ok((String::from_utf8_lossy(rest).into_owned(), untagged));
             }
             if resp.starts_with(b"+") {
@@ -242,15 +253,17 @@ pub async fn login(
     if !greeting.starts_with(b"* OK") {
         return Err(ctx.protocol("greeting is not * OK"));
     }
-    let mut sasl_ir = capability_code(&String::from_utf8_lossy(&greeting))
-        .is_some_and(|c| has_cap(c, "SASL-IR"));
+    let mut sasl_ir =
+        capability_code(&String::from_utf8_lossy(&greeting)).is_some_and(|c| has_cap(c, "SASL-IR"));
 
     if target.cfg.imap_tls == BackendTls::Starttls {
-        conn.write_all(b"m0 STARTTLS\r\n").await.map_err(|source| BackendError::Io {
-            backend: target.route,
-            phase: "starttls",
-            source,
-        })?;
+        conn.write_all(b"m0 STARTTLS\r\n")
+            .await
+            .map_err(|source| BackendError::Io {
+                backend: target.route,
+                phase: "starttls",
+                source,
+            })?;
         let (status, _) = ctx.tagged(&mut conn, "m0", "starttls").await?;
         if !status.starts_with("OK") {
             return Err(ctx.protocol(format!("STARTTLS refused: {status}")));
@@ -308,7 +321,10 @@ pub async fn login(
         let (caps, text) = match capability_code(rest) {
             Some(caps) => (
                 Some(caps.to_owned()),
-                rest.split_once(']').map_or("", |(_, t)| t).trim().to_owned(),
+                rest.split_once(']')
+                    .map_or("", |(_, t)| t)
+                    .trim()
+                    .to_owned(),
             ),
             None => (None, rest.to_owned()),
         };
@@ -329,8 +345,8 @@ pub async fn login(
             text,
         });
     }
-    if status.starts_with("NO") {
-        let code = status[2..].trim_start();
+    if let Some(code) = status.strip_prefix("NO") {
+        let code = code.trim_start();
         if code.starts_with('[') && !code.starts_with("[AUTHENTICATIONFAILED]") {
             return Err(BackendError::Refused {
                 backend: target.route,
@@ -341,17 +357,30 @@ pub async fn login(
             backend: target.route,
         });
     }
-    Err(ctx.protocol(format!("login answered {}", status.split(' ').next().unwrap_or(""))))
+    Err(ctx.protocol(format!(
+        "login answered {}",
+        status.split(' ').next().unwrap_or("")
+    )))
 }
 
-async fn write(ctx: &Ctx<'_>, conn: &mut Conn, bytes: &[u8], phase: &'static str) -> Result<(), BackendError> {
+async fn write(
+    ctx: &Ctx<'_>,
+    conn: &mut Conn,
+    bytes: &[u8],
+    phase: &'static str,
+) -> Result<(), BackendError> {
     ctx.within(phase, ctx.limits.backend_reply(), conn.write_all(bytes))
         .await
 }
 
 async fn connect(target: &BackendTarget, ctx: &Ctx<'_>) -> Result<Conn, BackendError> {
     let addr = &target.cfg.imap;
-    let tcp = match timeout(ctx.limits.backend_connect(), TcpStream::connect(addr.as_str())).await {
+    let tcp = match timeout(
+        ctx.limits.backend_connect(),
+        TcpStream::connect(addr.as_str()),
+    )
+    .await
+    {
         Err(_) => {
             return Err(BackendError::Timeout {
                 backend: target.route,
@@ -377,7 +406,11 @@ async fn connect(target: &BackendTarget, ctx: &Ctx<'_>) -> Result<Conn, BackendE
     Ok(Conn::new(stream))
 }
 
-async fn tls_handshake(target: &BackendTarget, ctx: &Ctx<'_>, tcp: TcpStream) -> Result<Stream, BackendError> {
+async fn tls_handshake(
+    target: &BackendTarget,
+    ctx: &Ctx<'_>,
+    tcp: TcpStream,
+) -> Result<Stream, BackendError> {
     let name = target
         .cfg
         .tls_server_name
@@ -387,7 +420,11 @@ async fn tls_handshake(target: &BackendTarget, ctx: &Ctx<'_>, tcp: TcpStream) ->
         .map_err(|_| ctx.protocol(format!("invalid TLS server name {name:?}")))?;
     let connector = tokio_rustls::TlsConnector::from(target.tls.clone());
     let tls = ctx
-        .within("tls handshake", ctx.limits.tls_handshake(), connector.connect(server_name, tcp))
+        .within(
+            "tls handshake",
+            ctx.limits.tls_handshake(),
+            connector.connect(server_name, tcp),
+        )
         .await?;
     Ok(Stream::ClientTls(Box::new(tls)))
 }
@@ -425,9 +462,15 @@ mod tests {
     #[test]
     fn capability_handling() {
         let t = "[CAPABILITY IMAP4rev1 SASL-IR COMPRESS=DEFLATE IDLE] Logged in";
-        assert_eq!(capability_code(t), Some("IMAP4rev1 SASL-IR COMPRESS=DEFLATE IDLE"));
         assert_eq!(
-            filter_capabilities("IMAP4rev1 SASL-IR COMPRESS=DEFLATE IDLE", &["compress=deflate".into()]),
+            capability_code(t),
+            Some("IMAP4rev1 SASL-IR COMPRESS=DEFLATE IDLE")
+        );
+        assert_eq!(
+            filter_capabilities(
+                "IMAP4rev1 SASL-IR COMPRESS=DEFLATE IDLE",
+                &["compress=deflate".into()]
+            ),
             "IMAP4rev1 SASL-IR IDLE"
         );
     }

@@ -96,7 +96,11 @@ impl ResponseFramer {
             State::Literal(left) => {
                 let take = usize::try_from(left).unwrap_or(usize::MAX).min(buf.len());
                 let left = left - take as u64;
-                self.state = if left == 0 { State::Line } else { State::Literal(left) };
+                self.state = if left == 0 {
+                    State::Line
+                } else {
+                    State::Literal(left)
+                };
                 take
             }
             State::Boundary | State::Line => match memchr::memchr(b'\n', buf) {
@@ -137,7 +141,8 @@ impl ResponseFramer {
             return;
         }
         let keep = (TAIL - chunk.len()).min(self.tail_len);
-        self.tail.copy_within(self.tail_len - keep..self.tail_len, 0);
+        self.tail
+            .copy_within(self.tail_len - keep..self.tail_len, 0);
         self.tail[keep..keep + chunk.len()].copy_from_slice(chunk);
         self.tail_len = keep + chunk.len();
     }

@@ -5,8 +5,6 @@
 //! pipelined after its LOGIN stay available for the splice (`into_leftover`); complete
 //! commands are decoded with imap-codec.
 
-use std::borrow::Cow;
-
 use base64::Engine;
 use bytes::{Buf, BytesMut};
 use imap_codec::decode::Decoder;
@@ -94,7 +92,10 @@ pub enum Event {
 #[derive(Debug)]
 enum Pending {
     /// Reading a command: `msg` holds complete lines/literals so far.
-    Command { msg: Vec<u8>, literal: Option<usize> },
+    Command {
+        msg: Vec<u8>,
+        literal: Option<usize>,
+    },
     /// `AUTHENTICATE PLAIN` sent `+`; the next line is the base64 response.
     AuthData { tag: String },
 }
@@ -140,7 +141,11 @@ impl PreAuth {
 
     /// The untagged greeting sent on connect.
     pub fn greeting(&self) -> Vec<u8> {
-        format!("* OK [CAPABILITY {}] mailferry ready.\r\n", self.capabilities()).into_bytes()
+        format!(
+            "* OK [CAPABILITY {}] mailferry ready.\r\n",
+            self.capabilities()
+        )
+        .into_bytes()
     }
 
     fn auth_allowed(&self) -> bool {
@@ -196,18 +201,23 @@ impl PreAuth {
             Pending::AuthData { .. } => self.auth_data()?,
             Pending::Command { .. } => self.command()?,
         };
-        if matches!(event, Event::StartTls(_) | Event::Login(_) | Event::Close(_)) {
+        if matches!(
+            event,
+            Event::StartTls(_) | Event::Login(_) | Event::Close(_)
+        ) {
             self.paused = true;
         }
         Some(event)
     }
 
     /// Takes one line (with its LF) from input, enforcing the line limit.
-    fn take_line(&mut self) -> Result<Option<BytesMut>, Event> {
+    fn take_line(&mut self) -> Result<Option<BytesMut>, Box<Event>> {
         match memchr::memchr(b'\n', &self.input) {
             Some(i) if i < self.limits.line => Ok(Some(self.input.split_to(i + 1))),
             None if self.input.len() <= self.limits.line => Ok(None),
-            _ => Err(Event::Close(b"* BAD [TOOBIG] Line too long\r\n".to_vec())),
+            _ => Err(Box::new(Event::Close(
+                b"* BAD [TOOBIG] Line too long\r\n".to_vec(),
+            ))),
         }
     }
 
@@ -228,13 +238,15 @@ impl PreAuth {
             let line = match self.take_line() {
                 Ok(Some(line)) => line,
                 Ok(None) => return None,
-                Err(e) => return Some(e),
+                Err(e) => return Some(*e),
             };
             let Pending::Command { msg, literal } = &mut self.pending else {
                 return None;
             };
             if msg.len() + line.len() > self.limits.line + 2 * self.limits.literal {
-                return Some(Event::Close(b"* BAD [TOOBIG] Command too long\r\n".to_vec()));
+                return Some(Event::Close(
+                    b"* BAD [TOOBIG] Command too long\r\n".to_vec(),
+                ));
             }
             msg.extend_from_slice(&line);
             let content = line.strip_suffix(b"\n").unwrap_or(&line);
@@ -260,7 +272,7 @@ impl PreAuth {
         let line = match self.take_line() {
             Ok(Some(line)) => line,
             Ok(None) => return None,
-            Err(e) => return Some(e),
+            Err(e) => return Some(*e),
         };
         let Pending::AuthData { tag } = std::mem::replace(
             &mut self.pending,
@@ -280,7 +292,7 @@ impl PreAuth {
 
     fn dispatch(&mut self, msg: &[u8]) -> Event {
         let command = match CommandCodec::default().decode(msg) {
-            Ok((rest, command)) if rest.is_empty() => command,
+            Ok(([], command)) => command,
             _ => {
                 let tag = tag_of(msg);
                 return reply(&tag, "BAD", CMD_BAD);
@@ -353,7 +365,7 @@ impl PreAuth {
         }
     }
 
-    fn plain(&mut self, tag: &str, data: &Cow<'_, [u8]>) -> Event {
+    fn plain(&mut self, tag: &str, data: &[u8]) -> Event {
         let mut parts = data.split(|&b| b == 0);
         let (Some(authzid), Some(authcid), Some(password), None) =
             (parts.next(), parts.next(), parts.next(), parts.next())
@@ -392,7 +404,9 @@ impl PreAuth {
         let too_long = params.len() > self.limits.id_pairs
             || params.iter().any(|(k, v)| {
                 k.as_ref().len() > self.limits.id_field
-                    || v.0.as_ref().is_some_and(|v| v.as_ref().len() > self.limits.id_value)
+                    || v.0
+                        .as_ref()
+                        .is_some_and(|v| v.as_ref().len() > self.limits.id_value)
             });
         if too_long {
             return reply(tag, "BAD", "ID parameters exceed RFC 2971 limits.");
@@ -473,7 +487,10 @@ mod tests {
         let mut p = session(false);
         assert!(String::from_utf8_lossy(&p.greeting()).contains("LOGINDISABLED"));
         let ev = replies(&mut p, b"a LOGIN alice pw\r\n");
-        assert_eq!(text(&ev[0]), "a NO [PRIVACYREQUIRED] Plaintext authentication is not allowed before STARTTLS.\r\n");
+        assert_eq!(
+            text(&ev[0]),
+            "a NO [PRIVACYREQUIRED] Plaintext authentication is not allowed before STARTTLS.\r\n"
+        );
     }
 
     #[test]
@@ -492,8 +509,13 @@ mod tests {
         let mut p = session(true);
         let ev = replies(&mut p, b"a LOGIN {17}\r\n");
         assert_eq!(text(&ev[0]), "+ Ready for literal data\r\n");
-        let ev = replies(&mut p, b"Alice@Example.org {2+}\r\npw\r\nb SELECT INBOX\r\n");
-        let Event::Login(l) = &ev[0] else { panic!("{ev:?}") };
+        let ev = replies(
+            &mut p,
+            b"Alice@Example.org {2+}\r\npw\r\nb SELECT INBOX\r\n",
+        );
+        let Event::Login(l) = &ev[0] else {
+            panic!("{ev:?}")
+        };
         assert_eq!(l.user, "alice@example.org");
         assert_eq!(l.credentials.password.expose(), b"pw");
         assert_eq!(&p.into_leftover()[..], b"b SELECT INBOX\r\n");
@@ -503,7 +525,9 @@ mod tests {
     fn master_logins_route_by_the_target_user() {
         let mut p = session(true);
         let ev = replies(&mut p, b"a LOGIN \"bob@example.org*admin\" secret\r\n");
-        let Event::Login(l) = &ev[0] else { panic!("{ev:?}") };
+        let Event::Login(l) = &ev[0] else {
+            panic!("{ev:?}")
+        };
         assert_eq!(l.user, "bob@example.org");
         assert_eq!(l.credentials.authcid, "bob@example.org*admin");
 
@@ -542,8 +566,14 @@ mod tests {
     #[test]
     fn other_commands_are_bad_and_garbage_is_answered() {
         let mut p = session(true);
-        let ev = replies(&mut p, b"a SELECT INBOX\r\n\x00\x01garbage\r\nc ID (\"name\" \"x\")\r\n");
-        assert_eq!(text(&ev[0]), "a BAD SELECT is not allowed before login.\r\n");
+        let ev = replies(
+            &mut p,
+            b"a SELECT INBOX\r\n\x00\x01garbage\r\nc ID (\"name\" \"x\")\r\n",
+        );
+        assert_eq!(
+            text(&ev[0]),
+            "a BAD SELECT is not allowed before login.\r\n"
+        );
         assert!(text(&ev[1]).contains("BAD"));
         assert!(text(&ev[2]).starts_with("* ID"));
     }

@@ -125,7 +125,12 @@ impl Accepted {
             let acceptor = tokio_rustls::TlsAcceptor::from(ctx.tls.get());
             // Boxed here and below: a session's future is sized for its largest phase, and the
             // handshake and login states are far larger than what an idle splice needs.
-            match timeout(ctx.limits.tls_handshake(), Box::pin(acceptor.accept(self.tcp))).await {
+            match timeout(
+                ctx.limits.tls_handshake(),
+                Box::pin(acceptor.accept(self.tcp)),
+            )
+            .await
+            {
                 Ok(Ok(tls)) => Stream::ServerTls(Box::new(tls)),
                 Ok(Err(e)) => {
                     info!(error = %e, "TLS handshake failed");
@@ -188,10 +193,7 @@ impl PreAuthPhase {
                         if self.conn.write_all(&bytes).await.is_err() {
                             return None;
                         }
-                        let Some(conn) = start_tls(ctx, self.conn).await else {
-                            return None;
-                        };
-                        self.conn = conn;
+                        self.conn = start_tls(ctx, self.conn).await?;
                         self.preauth.tls_started();
                     }
                     Event::Login(req) => match Box::pin(self.login(ctx, &req)).await {
@@ -207,7 +209,10 @@ impl PreAuthPhase {
                                 reply: format!(
                                     "{} OK [CAPABILITY {}] {}\r\n",
                                     req.tag,
-                                    backend::filter_capabilities(&backend.capabilities, &ctx.proxy.strip_capabilities),
+                                    backend::filter_capabilities(
+                                        &backend.capabilities,
+                                        &ctx.proxy.strip_capabilities
+                                    ),
                                     backend.text
                                 ),
                                 registration: ctx.sessions.register(&routed.user),
@@ -233,7 +238,10 @@ impl PreAuthPhase {
             };
             match read {
                 Err(_) => {
-                    let _ = self.conn.write_all(b"* BYE Disconnected for inactivity.\r\n").await;
+                    let _ = self
+                        .conn
+                        .write_all(b"* BYE Disconnected for inactivity.\r\n")
+                        .await;
                     return None;
                 }
                 Ok(Ok(0)) | Ok(Err(_)) => return None,
@@ -246,7 +254,11 @@ impl PreAuthPhase {
     }
 
     /// Routes and logs in; on failure returns the reply for the client and whether to close.
-    async fn login(&mut self, ctx: &ImapContext, req: &LoginRequest) -> Result<(Routed, LoggedIn), (String, bool)> {
+    async fn login(
+        &mut self,
+        ctx: &ImapContext,
+        req: &LoginRequest,
+    ) -> Result<(Routed, LoggedIn), (String, bool)> {
         tracing::Span::current().record("user", req.user.as_str());
         let routed = Routed::lookup(ctx, req).await.map_err(|r| (r, false))?;
         match Box::pin(routed.authenticate(ctx, req, &self.info)).await {
@@ -261,7 +273,10 @@ impl PreAuthPhase {
                 let delay = ctx.auth_delay.failed(self.info.peer.ip());
                 info!(backend = %routed.route, delay_ms = delay.as_millis() as u64, "authentication failed");
                 tokio::time::sleep(delay).await;
-                let mut reply = format!("{} NO [AUTHENTICATIONFAILED] Authentication failed.\r\n", req.tag);
+                let mut reply = format!(
+                    "{} NO [AUTHENTICATIONFAILED] Authentication failed.\r\n",
+                    req.tag
+                );
                 let close = self.failures >= ctx.limits.max_auth_failures;
                 if close {
                     reply.push_str("* BYE Too many invalid authentication attempts.\r\n");
@@ -306,9 +321,10 @@ struct Routed {
 impl Routed {
     async fn lookup(ctx: &ImapContext, req: &LoginRequest) -> Result<Routed, String> {
         match ctx.routes.lookup(&req.user).await {
-            Ok(l) if !l.known && ctx.reject_unknown => {
-                Err(format!("{} NO [AUTHENTICATIONFAILED] Authentication failed.\r\n", req.tag))
-            }
+            Ok(l) if !l.known && ctx.reject_unknown => Err(format!(
+                "{} NO [AUTHENTICATIONFAILED] Authentication failed.\r\n",
+                req.tag
+            )),
             Ok(l) => Ok(Routed {
                 user: req.user.clone(),
                 route: l.route,
@@ -316,12 +332,20 @@ impl Routed {
             Err(e) => {
                 warn!(error = %e, "route lookup failed");
                 metrics::counter!("mailferry_logins_total", "result" => "unavailable", "backend" => "none").increment(1);
-                Err(format!("{} NO [UNAVAILABLE] Directory temporarily unavailable.\r\n", req.tag))
+                Err(format!(
+                    "{} NO [UNAVAILABLE] Directory temporarily unavailable.\r\n",
+                    req.tag
+                ))
             }
         }
     }
 
-    async fn authenticate(&self, ctx: &ImapContext, req: &LoginRequest, info: &ClientInfo) -> Result<LoggedIn, LoginFailure> {
+    async fn authenticate(
+        &self,
+        ctx: &ImapContext,
+        req: &LoginRequest,
+        info: &ClientInfo,
+    ) -> Result<LoggedIn, LoginFailure> {
         let backend = ctx.backend(self.route);
         let c = &req.credentials;
         let client = PlainLogin {
@@ -357,7 +381,11 @@ impl Routed {
 }
 
 async fn logout(mut done: LoggedIn) {
-    let _ = timeout(std::time::Duration::from_secs(2), done.conn.write_all(b"m9 LOGOUT\r\n")).await;
+    let _ = timeout(
+        std::time::Duration::from_secs(2),
+        done.conn.write_all(b"m9 LOGOUT\r\n"),
+    )
+    .await;
 }
 
 fn failure(e: BackendError) -> LoginFailure {
@@ -437,4 +465,3 @@ impl BackendAuthed {
         );
     }
 }
-

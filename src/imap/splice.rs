@@ -82,7 +82,8 @@ impl Activity {
     }
 
     fn touch(&self) {
-        self.millis.store(self.start.elapsed().as_millis() as u64, Relaxed);
+        self.millis
+            .store(self.start.elapsed().as_millis() as u64, Relaxed);
     }
 
     fn get(&self) -> Instant {
@@ -211,7 +212,13 @@ pub async fn splice(
     }
 }
 
-async fn copy_up<R, W>(r: &mut R, w: &mut W, size: usize, last: &Activity, total: &AtomicU64) -> Result<(), String>
+async fn copy_up<R, W>(
+    r: &mut R,
+    w: &mut W,
+    size: usize,
+    last: &Activity,
+    total: &AtomicU64,
+) -> Result<(), String>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
@@ -225,7 +232,9 @@ where
         }
         last.touch();
         total.fetch_add(n as u64, Relaxed);
-        w.write_all(buf.filled(n)).await.map_err(|e| format!("backend write: {e}"))?;
+        w.write_all(buf.filled(n))
+            .await
+            .map_err(|e| format!("backend write: {e}"))?;
     }
 }
 

@@ -54,7 +54,8 @@ pub async fn accept_loop<F, Fut>(
                 metrics::counter!("mailferry_connections_refused_total").increment(1);
                 tokio::spawn(async move {
                     let mut tcp = tcp;
-                    let _ = tokio::time::timeout(Duration::from_secs(1), tcp.write_all(overload)).await;
+                    let _ =
+                        tokio::time::timeout(Duration::from_secs(1), tcp.write_all(overload)).await;
                 });
             }
         }

@@ -3,27 +3,29 @@
 use sqlx::AnyPool;
 
 /// Each entry is one schema version; never edit a released entry, append a new one.
-const MIGRATIONS: &[&[&str]] = &[&[
-    "CREATE TABLE IF NOT EXISTS directory_routes (
+const MIGRATIONS: &[&[&str]] = &[
+    &[
+        "CREATE TABLE IF NOT EXISTS directory_routes (
         email TEXT PRIMARY KEY,
         route TEXT NOT NULL,
         updated_at BIGINT NOT NULL)",
-    "CREATE TABLE IF NOT EXISTS users (
+        "CREATE TABLE IF NOT EXISTS users (
         email TEXT PRIMARY KEY,
         state TEXT NOT NULL,
         wave TEXT,
         last_error TEXT,
         updated_at BIGINT NOT NULL)",
-    "CREATE TABLE IF NOT EXISTS events (
+        "CREATE TABLE IF NOT EXISTS events (
         at BIGINT NOT NULL,
         email TEXT NOT NULL,
         from_state TEXT,
         to_state TEXT NOT NULL,
         detail TEXT)",
-    "CREATE INDEX IF NOT EXISTS events_email ON events (email, at)",
-], &[
-    // Sync engine: one row per legacy folder of a user (keyed by its wire name).
-    "CREATE TABLE IF NOT EXISTS sync_folders (
+        "CREATE INDEX IF NOT EXISTS events_email ON events (email, at)",
+    ],
+    &[
+        // Sync engine: one row per legacy folder of a user (keyed by its wire name).
+        "CREATE TABLE IF NOT EXISTS sync_folders (
         email TEXT NOT NULL,
         source_name TEXT NOT NULL,
         target_name TEXT NOT NULL,
@@ -37,9 +39,9 @@ const MIGRATIONS: &[&[&str]] = &[&[
         subscribed BIGINT NOT NULL,
         updated_at BIGINT NOT NULL,
         PRIMARY KEY (email, source_name))",
-    // Legacy UID -> new UID; target_uid NULL: APPEND sent but not yet acknowledged
-    // (crash recovery matches these by content hash); 0: not copyable (recorded error).
-    "CREATE TABLE IF NOT EXISTS sync_uids (
+        // Legacy UID -> new UID; target_uid NULL: APPEND sent but not yet acknowledged
+        // (crash recovery matches these by content hash); 0: not copyable (recorded error).
+        "CREATE TABLE IF NOT EXISTS sync_uids (
         email TEXT NOT NULL,
         source_name TEXT NOT NULL,
         source_uid BIGINT NOT NULL,
@@ -47,7 +49,7 @@ const MIGRATIONS: &[&[&str]] = &[&[
         hash TEXT NOT NULL,
         size BIGINT NOT NULL,
         PRIMARY KEY (email, source_name, source_uid))",
-    "CREATE TABLE IF NOT EXISTS sync_passes (
+        "CREATE TABLE IF NOT EXISTS sync_passes (
         email TEXT PRIMARY KEY,
         passes BIGINT NOT NULL,
         last_pass_at BIGINT,
@@ -55,21 +57,22 @@ const MIGRATIONS: &[&[&str]] = &[&[
         last_appended BIGINT,
         last_error TEXT,
         updated_at BIGINT NOT NULL)",
-], &[
-    // When a pending row was written: an APPEND sent by a process that was killed can still be
-    // committed by the server a moment later, so recovery waits this long before giving up.
-    "ALTER TABLE sync_uids ADD COLUMN pending_at BIGINT",
-]];
+    ],
+    &[
+        // When a pending row was written: an APPEND sent by a process that was killed can still be
+        // committed by the server a moment later, so recovery waits this long before giving up.
+        "ALTER TABLE sync_uids ADD COLUMN pending_at BIGINT",
+    ],
+];
 
 /// Brings the schema up to date.
 pub async fn run(pool: &AnyPool) -> Result<(), sqlx::Error> {
     sqlx::query("CREATE TABLE IF NOT EXISTS schema_version (version BIGINT NOT NULL)")
         .execute(pool)
         .await?;
-    let (current,): (i64,) =
-        sqlx::query_as("SELECT COALESCE(MAX(version), 0) FROM schema_version")
-            .fetch_one(pool)
-            .await?;
+    let (current,): (i64,) = sqlx::query_as("SELECT COALESCE(MAX(version), 0) FROM schema_version")
+        .fetch_one(pool)
+        .await?;
     let current = current as usize;
     for (i, steps) in MIGRATIONS.iter().enumerate().skip(current) {
         let mut tx = pool.begin().await?;

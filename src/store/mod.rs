@@ -46,8 +46,12 @@ impl Store {
                 Box::pin(async move {
                     if sqlite {
                         // WAL lets the proxy read routes while the CLI or sync writes state.
-                        sqlx::query("PRAGMA journal_mode=WAL").execute(&mut *conn).await?;
-                        sqlx::query("PRAGMA busy_timeout=5000").execute(&mut *conn).await?;
+                        sqlx::query("PRAGMA journal_mode=WAL")
+                            .execute(&mut *conn)
+                            .await?;
+                        sqlx::query("PRAGMA busy_timeout=5000")
+                            .execute(&mut *conn)
+                            .await?;
                     }
                     Ok(())
                 })
@@ -70,16 +74,23 @@ fn prepare_url(url: &str) -> Result<String, StoreError> {
         if url.starts_with("postgres://") || url.starts_with("postgresql://") {
             return Ok(url.to_owned());
         }
-        return Err(StoreError::Url(url.into(), "expected sqlite:// or postgres://".into()));
+        return Err(StoreError::Url(
+            url.into(),
+            "expected sqlite:// or postgres://".into(),
+        ));
     };
     let (path, query) = rest.split_once('?').unwrap_or((rest, ""));
     if path.is_empty() {
         return Err(StoreError::Url(url.into(), "missing database path".into()));
     }
     if path != ":memory:" {
-        if let Some(dir) = Path::new(path).parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir)
-                .map_err(|e| StoreError::Url(url.into(), format!("cannot create {}: {e}", dir.display())))?;
+        if let Some(dir) = Path::new(path)
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+        {
+            std::fs::create_dir_all(dir).map_err(|e| {
+                StoreError::Url(url.into(), format!("cannot create {}: {e}", dir.display()))
+            })?;
         }
     }
     let mut out = format!("sqlite://{path}");
@@ -109,7 +120,10 @@ mod tests {
 
     #[test]
     fn sqlite_urls_create_their_file() {
-        assert_eq!(prepare_url("sqlite://var/x.db").unwrap(), "sqlite://var/x.db?mode=rwc");
+        assert_eq!(
+            prepare_url("sqlite://var/x.db").unwrap(),
+            "sqlite://var/x.db?mode=rwc"
+        );
         assert_eq!(
             prepare_url("sqlite://:memory:").unwrap(),
             "sqlite://:memory:?mode=rwc"

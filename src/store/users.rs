@@ -71,10 +71,13 @@ pub struct UserRecord {
     pub updated_at: i64,
 }
 
+/// A `users` row as selected by `Store::user`.
+type UserRow = (String, String, Option<String>, Option<String>, i64);
+
 impl Store {
     /// The record of `email`, if the store has one.
     pub async fn user(&self, email: &str) -> Result<Option<UserRecord>, StoreError> {
-        let row: Option<(String, String, Option<String>, Option<String>, i64)> = sqlx::query_as(
+        let row: Option<UserRow> = sqlx::query_as(
             "SELECT email, state, wave, last_error, updated_at FROM users WHERE email = $1",
         )
         .bind(email)
@@ -94,7 +97,10 @@ impl Store {
 
     /// The state of `email`; users the store does not know are `legacy`.
     pub async fn user_state(&self, email: &str) -> Result<UserState, StoreError> {
-        Ok(self.user(email).await?.map_or(UserState::Legacy, |u| u.state))
+        Ok(self
+            .user(email)
+            .await?
+            .map_or(UserState::Legacy, |u| u.state))
     }
 
     /// Records a transition (and its audit event); `error` becomes `last_error`.
