@@ -239,9 +239,6 @@ fn main() {
         },
     );
     let pid = proxy.pid();
-    let _ = std::process::Command::new("prlimit")
-        .args(["--pid", &pid.to_string(), "--nofile=65536:65536"])
-        .status();
     let direct = backends.legacy.imap;
     let via = proxy.imap;
     println!("direct: Dovecot {direct}   proxied: mailferry {via} → Dovecot\n");
