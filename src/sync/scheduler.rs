@@ -15,10 +15,22 @@ use tracing::{debug, warn};
 use super::{Engine, PassReport, SyncError};
 use crate::shutdown::Shutdown;
 
+/// Bumps kept until the scheduler next looks. Every proxy login bumps, syncing or not, and the
+/// scheduler may not be running at all (no master credentials): past this, bumps are dropped
+/// and those users are reached by their normal schedule.
+const MAX_URGENT: usize = 10_000;
+
+/// Logins waiting to be looked at, in arrival order, each once.
+#[derive(Default)]
+struct Urgent {
+    order: VecDeque<String>,
+    members: HashSet<String>,
+}
+
 /// The handle others use to talk to the scheduler: bumps from logins, wake-ups from `migrate`.
 #[derive(Default)]
 pub struct SyncQueue {
-    urgent: Mutex<VecDeque<String>>,
+    urgent: Mutex<Urgent>,
     notify: Notify,
 }
 
@@ -26,8 +38,8 @@ impl SyncQueue {
     /// Moves `email`'s next pass to the front (ignored unless the user is `syncing`).
     pub fn bump(&self, email: &str) {
         if let Ok(mut q) = self.urgent.lock() {
-            if !q.iter().any(|u| u == email) {
-                q.push_back(email.to_owned());
+            if q.order.len() < MAX_URGENT && q.members.insert(email.to_owned()) {
+                q.order.push_back(email.to_owned());
             }
         }
         self.notify.notify_one();
@@ -41,7 +53,10 @@ impl SyncQueue {
     fn take_urgent(&self) -> Vec<String> {
         self.urgent
             .lock()
-            .map(|mut q| q.drain(..).collect())
+            .map(|mut q| {
+                q.members.clear();
+                q.order.drain(..).collect()
+            })
             .unwrap_or_default()
     }
 }
@@ -142,5 +157,25 @@ pub async fn run(
             _ = tokio::time::sleep(wait) => {}
             _ = shutdown.stopping() => return,
         }
+    }
+}
+
+#[cfg(test)]
+mod queue_tests {
+    use super::*;
+
+    #[test]
+    fn bumps_are_deduplicated_and_bounded() {
+        let q = SyncQueue::default();
+        q.bump("a@example.org");
+        q.bump("b@example.org");
+        q.bump("a@example.org");
+        assert_eq!(q.take_urgent(), vec!["a@example.org", "b@example.org"]);
+        for i in 0..MAX_URGENT + 50 {
+            q.bump(&format!("u{i}@example.org"));
+        }
+        assert_eq!(q.take_urgent().len(), MAX_URGENT);
+        q.bump("a@example.org");
+        assert_eq!(q.take_urgent(), vec!["a@example.org"]);
     }
 }
