@@ -338,8 +338,10 @@ impl BackendConn {
             }
         }
         if accepted.is_empty() {
-            // Only reached without pipelining, where DATA was not sent.
-            self.reusable = true;
+            // Without pipelining DATA was not sent: the connection is clean. With it, getting
+            // here means a 354 although no recipient was accepted; the backend now waits for a
+            // message, so the connection is dropped rather than reused.
+            self.reusable = !pipelining;
             return Transaction {
                 outcomes: outcomes
                     .into_iter()
@@ -691,6 +693,26 @@ mod tests {
                 "{tx:?}"
             );
         }
+    }
+
+    #[tokio::test]
+    async fn go_ahead_without_recipients_drops_the_connection() {
+        // A backend that says 354 although it refused every recipient.
+        let addr = fake(|line, in_data| match (*in_data, line) {
+            (true, _) => Step::Silence,
+            (false, "DATA") => {
+                *in_data = true;
+                Step::Say("354 go\r\n".into())
+            }
+            _ => envelope(line, in_data),
+        })
+        .await;
+        let mut conn = BackendConn::connect(&addr, "proxy", &t()).await.unwrap();
+        let tx = conn
+            .transaction(&mail(), &rcpts(&["b@y"]), b"hi\r\n.\r\n", 4, &t())
+            .await;
+        assert!(matches!(&tx.outcomes[0], RcptOutcome::Reply(r) if r.code == 550));
+        assert!(!conn.is_reusable(), "never pooled in the middle of a DATA");
     }
 
     #[tokio::test]

@@ -465,9 +465,10 @@ impl<R> Server<R> {
             },
             Command::Data => match &self.tx {
                 None => self.error(Reply::new(503, "5.5.1 Need MAIL command first")),
-                // RFC 2033 §4.2: DATA without a successful RCPT must fail with 503.
+                // RFC 2033 §4.2: DATA without a successful RCPT must fail with 503. Not
+                // counted as an error: with PIPELINING it is what follows deferred recipients.
                 Some(tx) if tx.rcpts.is_empty() => {
-                    self.error(Reply::new(503, "5.5.1 No valid recipients"))
+                    Event::Reply(Reply::new(503, "5.5.1 No valid recipients"))
                 }
                 Some(_) => {
                     self.data = Some(DataReceiver::new(self.limits.max_message_size));
