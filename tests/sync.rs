@@ -3,29 +3,14 @@
 
 mod support;
 
+use support::deadline::within;
+
 use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use support::corpus::{self, Session, Spec};
 use support::{Backends, Dovecot, MASTER_PASSWORD, MASTER_USER};
-
-/// Runs `f` on a thread and fails the test if it takes longer than `secs`.
-fn within<T: Send + 'static>(secs: u64, f: impl FnOnce() -> T + Send + 'static) -> T {
-    let (tx, rx) = mpsc::channel();
-    let h = std::thread::spawn(move || {
-        let _ = tx.send(f());
-    });
-    match rx.recv_timeout(Duration::from_secs(secs)) {
-        Ok(v) => v,
-        Err(mpsc::RecvTimeoutError::Disconnected) => match h.join() {
-            Err(p) => std::panic::resume_unwind(p),
-            Ok(()) => unreachable!("test thread ended without a result"),
-        },
-        Err(mpsc::RecvTimeoutError::Timeout) => panic!("test timed out after {secs} s"),
-    }
-}
 
 /// Two backends and a mailferry config (no server) pointing at them.
 struct Env {

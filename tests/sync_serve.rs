@@ -3,7 +3,8 @@
 
 mod support;
 
-use std::sync::mpsc;
+use support::deadline::within;
+
 use std::time::{Duration, Instant};
 
 use support::client::Client;
@@ -13,21 +14,6 @@ use support::Backends;
 
 const USER: &str = "bob@example.org";
 const PASSWORD: &str = "bobpw";
-
-fn within<T: Send + 'static>(secs: u64, f: impl FnOnce() -> T + Send + 'static) -> T {
-    let (tx, rx) = mpsc::channel();
-    let h = std::thread::spawn(move || {
-        let _ = tx.send(f());
-    });
-    match rx.recv_timeout(Duration::from_secs(secs)) {
-        Ok(v) => v,
-        Err(mpsc::RecvTimeoutError::Disconnected) => match h.join() {
-            Err(p) => std::panic::resume_unwind(p),
-            Ok(()) => unreachable!("test thread ended without a result"),
-        },
-        Err(mpsc::RecvTimeoutError::Timeout) => panic!("test timed out after {secs} s"),
-    }
-}
 
 fn show(m: &Mailferry) -> serde_json::Value {
     let out = m.cli(&["user", "show", USER, "--json"]);

@@ -5,6 +5,7 @@
 //! `ESEARCH` or LIST-EXTENDED data, all of which the sync engine uses. A generic tree is enough
 //! because the sync client only ever reads a handful of response kinds.
 
+use crate::imap::framer::literal_at_end;
 use bytes::Bytes;
 
 /// A protocol violation by the server.
@@ -57,7 +58,7 @@ impl Framer {
             }
             let line = &buf[self.line_start..end];
             let line = line.strip_suffix(b"\r").unwrap_or(line);
-            match literal_len(line) {
+            match literal_at_end(line).map(|(n, _)| n) {
                 Some(n) => {
                     if n > max_literal {
                         return Err(ProtoError::LiteralTooLarge(n));
@@ -73,18 +74,6 @@ impl Framer {
             }
         }
     }
-}
-
-/// `{123}` or `{123+}` at the end of a line: the literal's length.
-pub fn literal_len(line: &[u8]) -> Option<u64> {
-    let inner = line.strip_suffix(b"}")?;
-    let open = memchr::memrchr(b'{', inner)?;
-    let digits = &inner[open + 1..];
-    let digits = digits.strip_suffix(b"+").unwrap_or(digits);
-    if digits.is_empty() || digits.len() > 19 || !digits.iter().all(u8::is_ascii_digit) {
-        return None;
-    }
-    std::str::from_utf8(digits).ok()?.parse().ok()
 }
 
 /// One token of a response: IMAP's data model without the distinctions the sync engine never needs.

@@ -4,6 +4,7 @@
 
 pub mod client;
 pub mod corpus;
+pub mod deadline;
 pub mod dovecot;
 pub mod mailferry;
 pub mod postfix;
