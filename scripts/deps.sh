@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs the Debian packages the demo and the tests need (real Dovecot, mbsync, swaks).
 set -euo pipefail
-pkgs=(dovecot-imapd dovecot-lmtpd isync swaks openssl)
+pkgs=(dovecot-imapd dovecot-lmtpd isync swaks postfix openssl)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -9,6 +9,8 @@ done
 if [ ${#missing[@]} -gt 0 ]; then
   echo "installing: ${missing[*]}"
   if [ "$(id -u)" -ne 0 ]; then SUDO=sudo; else SUDO=; fi
+  # Postfix asks how to configure itself; the tests run their own instances.
+  echo "postfix postfix/main_mailer_type select No configuration" | $SUDO debconf-set-selections
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
