@@ -4,6 +4,7 @@
 //! proxy) bumps that user's next pass to the front of the queue.
 
 use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -32,7 +33,13 @@ struct Urgent {
 pub struct SyncQueue {
     urgent: Mutex<Urgent>,
     notify: Notify,
+    /// Set by `wake`: the set of syncing users changed, read the store again now.
+    refresh: AtomicBool,
 }
+
+/// How often the scheduler re-reads the set of `syncing` users without being asked to. Logins
+/// only bump: they must not cost a store query each.
+const REFRESH_EVERY: Duration = Duration::from_secs(5);
 
 impl SyncQueue {
     /// Moves `email`'s next pass to the front (ignored unless the user is `syncing`).
@@ -47,6 +54,7 @@ impl SyncQueue {
 
     /// Makes the scheduler look at the store now (a user entered `syncing`).
     pub fn wake(&self) {
+        self.refresh.store(true, Ordering::Relaxed);
         self.notify.notify_one();
     }
 
@@ -84,14 +92,17 @@ pub async fn run(
     let mut rerun: HashSet<String> = HashSet::new();
     let mut front: VecDeque<String> = VecDeque::new();
     let mut tasks: JoinSet<(String, Result<PassReport, SyncError>)> = JoinSet::new();
+    let mut users: HashSet<String> = HashSet::new();
+    let mut read_at: Option<Instant> = None;
     loop {
-        let users: HashSet<String> = match engine.store.syncing_users().await {
-            Ok(u) => u.into_iter().collect(),
-            Err(e) => {
-                warn!(error = %e, "sync scheduler cannot read the store");
-                HashSet::new()
+        let stale = read_at.is_none_or(|at| at.elapsed() >= REFRESH_EVERY);
+        if queue.refresh.swap(false, Ordering::Relaxed) || stale {
+            match engine.store.syncing_users().await {
+                Ok(u) => users = u.into_iter().collect(),
+                Err(e) => warn!(error = %e, "sync scheduler cannot read the store"),
             }
-        };
+            read_at = Some(Instant::now());
+        }
         let now = Instant::now();
         due.retain(|u, _| users.contains(u));
         for u in &users {
