@@ -2,15 +2,20 @@
 //! commands in flight) into a byte-bounded channel; an appender sends them to new as pipelined
 //! APPENDs (MULTIAPPEND batches with LITERAL+ where offered), recording each batch as pending
 //! before it is sent and its APPENDUID mapping after the server acknowledged it.
+//!
+//! Both sides report each command's service time to their backend's [`Limiter`], which may cut
+//! the pipeline depth (and impose a pause) when the backend slows down.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
 
 use bytes::Bytes;
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
 use tracing::warn;
 
 use super::client::{Client, Fetched};
+use super::pace::Limiter;
 use super::proto::{self, Response, Status};
 use super::{add, content_hash, Engine, PassReport, Progress, SyncError};
 use crate::store::sync::{FolderState, UidRow};
@@ -74,6 +79,14 @@ impl Msg {
 struct InFlight {
     tag: String,
     msgs: Vec<Msg>,
+    /// When the command was written (for the latency sample).
+    sent: Instant,
+}
+
+impl InFlight {
+    fn bytes(&self) -> u64 {
+        self.msgs.iter().map(|m| m.body.len() as u64).sum()
+    }
 }
 
 /// Copies the legacy messages `todo` ((UID, size), ascending) of the selected folders.
@@ -94,7 +107,8 @@ pub(crate) async fn copy_new(
     }
     let mem = Arc::new(Semaphore::new(BUFFER_BYTES as usize));
     let (tx, rx) = mpsc::channel::<Msg>(APPEND_MESSAGES * (APPEND_IN_FLIGHT + 1));
-    let fetch = fetch_all(src, todo, tx, mem);
+    let src_pace = engine.pace(src.route()).clone();
+    let fetch = fetch_all(src, todo, tx, mem, &src_pace);
     let append = append_all(engine, email, tgt, state, rx, report, progress);
     let (f, a) = tokio::join!(fetch, append);
     // An append error is the more useful one; a fetch error stops the appender by closing the channel.
@@ -108,6 +122,7 @@ async fn fetch_all(
     todo: &[(u32, u64)],
     tx: mpsc::Sender<Msg>,
     mem: Arc<Semaphore>,
+    pace: &Limiter,
 ) -> Result<(), SyncError> {
     let mut chunks: VecDeque<Vec<u32>> = VecDeque::new();
     let (mut cur, mut cur_bytes) = (Vec::new(), 0u64);
@@ -122,21 +137,28 @@ async fn fetch_all(
     if !cur.is_empty() {
         chunks.push_back(cur);
     }
-    let mut in_flight: VecDeque<String> = VecDeque::new();
+    let mut in_flight: VecDeque<(String, Instant)> = VecDeque::new();
+    // Service time of the front command: from when it was sent or the previous one finished
+    // (whichever is later), minus the time spent waiting for the appender (backpressure is not
+    // the backend's latency).
+    let mut prev_done = Instant::now();
+    let mut blocked = std::time::Duration::ZERO;
+    let mut front_bytes = 0u64;
     loop {
-        while in_flight.len() < FETCH_IN_FLIGHT {
+        while in_flight.len() < pace.depth(FETCH_IN_FLIGHT) {
             let Some(chunk) = chunks.pop_front() else {
                 break;
             };
+            pace.wait_pause().await;
             let tag = src.tag();
             let cmd = format!(
                 "{tag} UID FETCH {} (UID FLAGS INTERNALDATE RFC822.SIZE BODY.PEEK[])\r\n",
                 proto::format_uid_set(&chunk)
             );
             src.write(cmd.as_bytes()).await?;
-            in_flight.push_back(tag);
+            in_flight.push_back((tag, Instant::now()));
         }
-        let Some(front) = in_flight.front() else {
+        let Some((front, sent)) = in_flight.front() else {
             return Ok(());
         };
         let resp = src.read().await?;
@@ -148,6 +170,12 @@ async fn fetch_all(
                 if *status != Status::Ok {
                     return Err(src.refused("UID FETCH", *status, info));
                 }
+                let now = Instant::now();
+                let service = now
+                    .saturating_duration_since((*sent).max(prev_done))
+                    .saturating_sub(blocked);
+                pace.sample(service, front_bytes);
+                (prev_done, blocked, front_bytes) = (now, std::time::Duration::ZERO, 0);
                 in_flight.pop_front();
             }
             Response::Condition {
@@ -163,6 +191,8 @@ async fn fetch_all(
                 // A flag-only FETCH (another session changed flags) carries no body: skip it.
                 let Some(body) = f.body else { continue };
                 let size = body.len() as u64;
+                front_bytes += size;
+                let waiting = Instant::now();
                 let permit = mem
                     .clone()
                     .acquire_many_owned(size.clamp(1, BUFFER_BYTES) as u32)
@@ -180,6 +210,7 @@ async fn fetch_all(
                     // The appender stopped (it reports its own error).
                     return Ok(());
                 }
+                blocked += waiting.elapsed();
             }
         }
     }
@@ -202,9 +233,17 @@ async fn append_all(
     let mut singles: VecDeque<Msg> = VecDeque::new();
     let mut closed = false;
     let mut needs_recovery = false;
+    let pace = engine.pace(tgt.route()).clone();
+    // End of the previous command: with several in flight, a command's service time starts
+    // when the server finished the one before it.
+    let mut prev_done = Instant::now();
+    // Time spent here (store, throttle, pause, waiting for the fetcher) while a command was
+    // outstanding: its reply waited on us, not on the server.
+    let mut blocked = std::time::Duration::ZERO;
     loop {
         // Fill the pipeline.
-        while in_flight.len() < APPEND_IN_FLIGHT {
+        while in_flight.len() < pace.depth(APPEND_IN_FLIGHT) {
+            let ours = Instant::now();
             let mut batch: Vec<Msg> = Vec::new();
             let mut single = false;
             if let Some(m) = singles.pop_front() {
@@ -243,13 +282,18 @@ async fn append_all(
                 .add_pending(email, &state.source_name, &rows)
                 .await?;
             let bytes: u64 = batch.iter().map(|m| m.body.len() as u64).sum();
+            pace.wait_pause().await;
             engine.throttle.acquire(bytes).await;
+            if !in_flight.is_empty() {
+                blocked += ours.elapsed();
+            }
             if !literal_plus {
                 // Synchronizing literals: one message at a time, waiting for each continuation.
                 for m in batch {
                     let tag = tgt.tag();
                     let mut head = format!("{tag} APPEND {mbox} ").into_bytes();
                     m.encode(&mut head, false);
+                    let sent = Instant::now();
                     tgt.write(&head).await?;
                     loop {
                         match tgt.read().await? {
@@ -263,7 +307,11 @@ async fn append_all(
                     let mut body = m.body.to_vec();
                     body.extend_from_slice(b"\r\n");
                     tgt.write(&body).await?;
-                    let done = InFlight { tag, msgs: vec![m] };
+                    let done = InFlight {
+                        tag,
+                        msgs: vec![m],
+                        sent,
+                    };
                     complete(
                         engine,
                         email,
@@ -289,7 +337,11 @@ async fn append_all(
                     out.extend_from_slice(&m.body);
                 }
                 out.extend_from_slice(b"\r\n");
-                in_flight.push_back(InFlight { tag, msgs: batch });
+                in_flight.push_back(InFlight {
+                    tag,
+                    msgs: batch,
+                    sent: Instant::now(),
+                });
             } else {
                 for m in batch {
                     let tag = tgt.tag();
@@ -297,7 +349,11 @@ async fn append_all(
                     m.encode(&mut out, true);
                     out.extend_from_slice(&m.body);
                     out.extend_from_slice(b"\r\n");
-                    in_flight.push_back(InFlight { tag, msgs: vec![m] });
+                    in_flight.push_back(InFlight {
+                        tag,
+                        msgs: vec![m],
+                        sent: Instant::now(),
+                    });
                 }
             }
             tgt.write(&out).await?;
@@ -316,6 +372,14 @@ async fn append_all(
                 if tag.as_ref() != front.tag.as_bytes() {
                     return Err(tgt.protocol("tagged response out of order"));
                 }
+                let now = Instant::now();
+                if status == Status::Ok {
+                    let service = now
+                        .saturating_duration_since(front.sent.max(prev_done))
+                        .saturating_sub(blocked);
+                    pace.sample(service, front.bytes());
+                }
+                (prev_done, blocked) = (now, std::time::Duration::ZERO);
                 complete_with(
                     engine,
                     email,
@@ -357,6 +421,11 @@ async fn complete(
     loop {
         match tgt.read().await? {
             Response::Tagged { tag, status, info } if tag.as_ref() == done.tag.as_bytes() => {
+                if status == Status::Ok {
+                    engine
+                        .pace(tgt.route())
+                        .sample(done.sent.elapsed(), done.bytes());
+                }
                 return complete_with(
                     engine,
                     email,

@@ -11,6 +11,7 @@ pub mod client;
 pub mod copy;
 pub mod incremental;
 pub mod mailboxes;
+pub mod pace;
 pub mod proto;
 pub mod scheduler;
 pub mod throttle;
@@ -22,7 +23,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
-use tokio::sync::Semaphore;
 use tracing::{debug, info, warn};
 
 use crate::config::Config;
@@ -32,6 +32,7 @@ use crate::store::sync::FolderState;
 use crate::store::{Store, StoreError};
 use client::{Client, Endpoint, ListEntry, MailboxStatus};
 use mailboxes::{encode_path, Folder, Mapper, Rules};
+use pace::Limiter;
 use throttle::Throttle;
 
 /// Why a pass (or part of it) failed; each variant names the backend where one is involved.
@@ -85,6 +86,20 @@ pub enum SyncError {
 }
 
 impl SyncError {
+    /// The backend and reason when the error says that backend is overloaded (`NO [LIMIT]`,
+    /// `[INUSE]`, `[UNAVAILABLE]`, or a reply timeout): the pace of that backend backs off.
+    pub fn overload(&self) -> Option<(Route, &str)> {
+        match self {
+            SyncError::Timeout { backend, .. } => Some((*backend, "TIMEOUT")),
+            SyncError::Refused { backend, code, .. }
+                if matches!(code.as_str(), "LIMIT" | "INUSE" | "UNAVAILABLE") =>
+            {
+                Some((*backend, code.as_str()))
+            }
+            _ => None,
+        }
+    }
+
     /// Whether retrying later may succeed (overload, lock contention, network trouble).
     pub fn retryable(&self) -> bool {
         match self {
@@ -176,9 +191,9 @@ pub struct Engine {
     pub rules: Rules,
     /// Bytes/s budget shared by all passes.
     pub throttle: Arc<Throttle>,
-    /// Connections per backend (each pass holds one on each side).
-    legacy_slots: Arc<Semaphore>,
-    new_slots: Arc<Semaphore>,
+    /// Connections per backend (each pass holds one on each side), adaptively limited.
+    legacy_pace: Arc<Limiter>,
+    new_pace: Arc<Limiter>,
 }
 
 impl Engine {
@@ -192,9 +207,17 @@ impl Engine {
             store,
             rules,
             throttle: Arc::new(Throttle::new(cfg.sync.bytes_per_second)),
-            legacy_slots: Arc::new(Semaphore::new(cfg.sync.per_backend.max(1))),
-            new_slots: Arc::new(Semaphore::new(cfg.sync.per_backend.max(1))),
+            legacy_pace: Limiter::new(Route::Legacy, cfg.sync.per_backend.max(1)),
+            new_pace: Limiter::new(Route::New, cfg.sync.per_backend.max(1)),
         })
+    }
+
+    /// The adaptive pace of a backend.
+    pub fn pace(&self, route: Route) -> &Arc<Limiter> {
+        match route {
+            Route::Legacy => &self.legacy_pace,
+            Route::New => &self.new_pace,
+        }
     }
 
     /// Runs one pass for `email` and records its outcome in the store.
@@ -215,6 +238,9 @@ impl Engine {
                 info!(user = %email, appended = r.appended, changed = r.folders_changed, ms, "sync pass done");
             }
             Err(e) => {
+                if let Some((backend, code)) = e.overload() {
+                    self.pace(backend).overloaded(code);
+                }
                 let _ = self
                     .store
                     .record_pass(email, ms, 0, Some(&e.to_string()))
@@ -229,17 +255,8 @@ impl Engine {
     }
 
     async fn pass_inner(&self, email: &str, progress: &Progress) -> Result<PassReport, SyncError> {
-        // Permits are never closed, so acquire only fails if the engine is gone.
-        let _l = self
-            .legacy_slots
-            .acquire()
-            .await
-            .map_err(|_| SyncError::Config("engine stopped".into()))?;
-        let _n = self
-            .new_slots
-            .acquire()
-            .await
-            .map_err(|_| SyncError::Config("engine stopped".into()))?;
+        let _l = self.legacy_pace.acquire().await;
+        let _n = self.new_pace.acquire().await;
         let (mut src, mut tgt) = tokio::try_join!(
             Client::login(&self.legacy, email),
             Client::login(&self.new, email)
