@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Installs the Debian packages the demo and the tests need (real Dovecot, mbsync, swaks).
+# Installs the Debian packages the demo and the tests need (real Dovecot, mbsync, swaks,
+# PostgreSQL for the state store tests).
 set -euo pipefail
-pkgs=(dovecot-imapd dovecot-lmtpd isync swaks postfix openssl)
+pkgs=(dovecot-imapd dovecot-lmtpd isync swaks postfix openssl postgresql)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -65,25 +65,41 @@ const MIGRATIONS: &[&[&str]] = &[
     ],
 ];
 
-/// Brings the schema up to date.
-pub async fn run(pool: &AnyPool) -> Result<(), sqlx::Error> {
-    sqlx::query("CREATE TABLE IF NOT EXISTS schema_version (version BIGINT NOT NULL)")
-        .execute(pool)
-        .await?;
-    let (current,): (i64,) = sqlx::query_as("SELECT COALESCE(MAX(version), 0) FROM schema_version")
-        .fetch_one(pool)
-        .await?;
-    let current = current as usize;
-    for (i, steps) in MIGRATIONS.iter().enumerate().skip(current) {
+/// Key of the PostgreSQL advisory lock serialising migrations (any constant unique to us).
+const MIGRATION_LOCK: i64 = 0x6d66_7273_6368_656d; // "mfrschem"
+
+/// Brings the schema up to date. Safe when several processes start at once on one database
+/// (nodes sharing a PostgreSQL store): on PostgreSQL each version is applied under an advisory
+/// transaction lock and the current version is re-read under it, so a version is applied once
+/// and concurrent `CREATE TABLE IF NOT EXISTS` cannot collide in the catalog.
+pub async fn run(pool: &AnyPool, postgres: bool) -> Result<(), sqlx::Error> {
+    loop {
         let mut tx = pool.begin().await?;
+        if postgres {
+            sqlx::query("SELECT pg_advisory_xact_lock($1)")
+                .bind(MIGRATION_LOCK)
+                .execute(&mut *tx)
+                .await?;
+        }
+        sqlx::query("CREATE TABLE IF NOT EXISTS schema_version (version BIGINT NOT NULL)")
+            .execute(&mut *tx)
+            .await?;
+        let (current,): (i64,) =
+            sqlx::query_as("SELECT COALESCE(MAX(version), 0) FROM schema_version")
+                .fetch_one(&mut *tx)
+                .await?;
+        let current = usize::try_from(current).unwrap_or(0);
+        let Some(steps) = MIGRATIONS.get(current) else {
+            tx.commit().await?;
+            return Ok(());
+        };
         for step in *steps {
             sqlx::query(*step).execute(&mut *tx).await?;
         }
         sqlx::query("INSERT INTO schema_version (version) VALUES ($1)")
-            .bind((i + 1) as i64)
+            .bind((current + 1) as i64)
             .execute(&mut *tx)
             .await?;
         tx.commit().await?;
     }
-    Ok(())
 }

@@ -58,7 +58,7 @@ impl Store {
             })
             .connect(&url)
             .await?;
-        migrations::run(&pool).await?;
+        migrations::run(&pool, !sqlite).await?;
         Ok(Store { pool })
     }
 

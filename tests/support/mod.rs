@@ -8,6 +8,7 @@ pub mod deadline;
 pub mod dovecot;
 pub mod mailferry;
 pub mod postfix;
+pub mod postgres;
 pub mod tls;
 
 #[allow(unused_imports)]
