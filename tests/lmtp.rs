@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use mailferry::control::inflight::Deliveries;
 use mailferry::lmtp::client::{BackendPool, ClientTimeouts};
 use mailferry::lmtp::server::ServerLimits;
-use mailferry::lmtp::{session, LmtpContext, LmtpTimeouts};
+use mailferry::lmtp::{session, LmtpContext, LmtpTimeouts, StateCache};
 use mailferry::route::embedded::EmbeddedDirectory;
 use mailferry::route::{DirFuture, Directory, DirectoryError, Route, RouteCache};
 use mailferry::shutdown::Shutdown;
@@ -330,6 +330,7 @@ impl InProcess {
             },
             routes: routes.clone(),
             store,
+            states: StateCache::new(Duration::from_secs(1)),
             deliveries: deliveries.clone(),
             reject_unknown: false,
             legacy: pool(Route::Legacy, legacy),
@@ -604,6 +605,50 @@ fn cutover_defers_that_recipient_only_until_cleared() {
         );
         assert!(find(&b.legacy, "dave@example.org", "Subject: raced cutover").is_empty());
 
+        // Same when the cutover starts while the message is being uploaded (the backend
+        // transaction was already opened at DATA): the backend gets no message.
+        let mut c = Lmtp::connect(proxy.lmtp);
+        c.send(b"LHLO mta\r\nMAIL FROM:<sender@mailferry.test>\r\nRCPT TO:<carol@example.org>\r\nDATA\r\n");
+        for _ in 0..3 {
+            assert!(c.reply().starts_with("250"));
+        }
+        assert!(c.reply().starts_with("354 "));
+        set_state(&proxy, "carol@example.org", "cutover");
+        c.send(&dot_stuff(&message("cutover during upload")));
+        c.send(b".\r\n");
+        assert_eq!(
+            c.reply(),
+            "451 4.2.0 <carol@example.org> Mailbox is being migrated, try again later"
+        );
+        assert!(find(
+            &b.legacy,
+            "carol@example.org",
+            "Subject: cutover during upload"
+        )
+        .is_empty());
+
+        // And a route that changes during the upload (a cutover completing) is followed.
+        let mut c = Lmtp::connect(proxy.lmtp);
+        c.send(b"LHLO mta\r\nMAIL FROM:<sender@mailferry.test>\r\nRCPT TO:<alice@example.org>\r\nDATA\r\n");
+        for _ in 0..3 {
+            assert!(c.reply().starts_with("250"));
+        }
+        assert!(c.reply().starts_with("354 "));
+        proxy.route("alice@example.org", "new");
+        c.send(&dot_stuff(&message("moved during upload")));
+        c.send(b".\r\n");
+        assert!(c.reply().starts_with("250 2.0.0 <alice@example.org>"));
+        assert_eq!(
+            find(&b.new, "alice@example.org", "Subject: moved during upload").len(),
+            1
+        );
+        assert!(find(
+            &b.legacy,
+            "alice@example.org",
+            "Subject: moved during upload"
+        )
+        .is_empty());
+
         // Cleared: the MTA's retry of the same message is accepted and lands once.
         set_state(&proxy, "bob@example.org", "syncing");
         let out = deliver(
@@ -621,7 +666,7 @@ fn cutover_defers_that_recipient_only_until_cleared() {
         assert_eq!(strip_trace(&got[0]), msg);
         let m = metrics(&proxy);
         assert!(
-            m.contains("mailferry_lmtp_deferrals_total{reason=\"cutover\"} 2"),
+            m.contains("mailferry_lmtp_deferrals_total{reason=\"cutover\"} 3"),
             "{m}"
         );
     });

@@ -54,6 +54,10 @@ pub enum ClientError {
     /// A reply arrived that does not fit the exchange (e.g. 354 to RCPT).
     #[error("unexpected reply {0}")]
     Unexpected(Reply),
+    /// The proxy gave up the transaction before sending the message (client gone, message
+    /// refused, or the recipients changed); the backend stored nothing.
+    #[error("transaction abandoned before the message")]
+    Abandoned,
 }
 
 impl ClientError {
@@ -134,13 +138,23 @@ pub struct Transaction {
 }
 
 impl Transaction {
-    fn all_failed(n: usize, e: ClientError, answered: bool) -> Self {
+    /// Every recipient failed with `e`.
+    pub fn all_failed(n: usize, e: ClientError, answered: bool) -> Self {
         Transaction {
             outcomes: vec![RcptOutcome::failed(&e); n],
             error: Some(e),
             answered,
         }
     }
+}
+
+/// A transaction past its envelope: the backend said 354 and waits for the message.
+#[derive(Debug)]
+pub struct Envelope {
+    /// Outcomes known so far (refused recipients).
+    outcomes: Vec<Option<RcptOutcome>>,
+    /// Indexes of the accepted recipients, in order.
+    accepted: Vec<usize>,
 }
 
 /// One LMTP connection to a backend, past LHLO.
@@ -239,24 +253,40 @@ impl BackendConn {
         !matches!(self.stream.try_read(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
     }
 
-    /// Runs one transaction: MAIL, a RCPT per entry of `rcpts`, DATA, then `wire` (the message
-    /// already dot-stuffed and terminated, see `data::stuff`), collecting one outcome per
-    /// recipient. `size` is the message size for the SIZE parameter.
+    /// Runs one transaction: `envelope`, then `send_body` with `wire` (the message already
+    /// dot-stuffed and terminated, see `data::stuff`). One outcome per recipient.
     pub async fn transaction(
         &mut self,
         mail: &MailFrom,
         rcpts: &[String],
         wire: &[u8],
-        size: usize,
         t: &ClientTimeouts,
     ) -> Transaction {
+        match self.envelope(mail, rcpts, t).await {
+            Ok(env) => self.send_body(env, wire, t).await,
+            Err(done) => done,
+        }
+    }
+
+    /// Sends MAIL, a RCPT per entry of `rcpts` and DATA (pipelined when offered) and reads
+    /// their replies. `Ok` once the backend said 354 and waits for the message: follow with
+    /// `send_body`, or drop the connection to abandon the transaction (the backend then
+    /// stores nothing). `Err` when the transaction ended without a message (refusals or a
+    /// failure): its outcomes are final.
+    pub async fn envelope(
+        &mut self,
+        mail: &MailFrom,
+        rcpts: &[String],
+        t: &ClientTimeouts,
+    ) -> Result<Envelope, Transaction> {
         self.reusable = false;
         let n = rcpts.len();
         let mut mail_cmd = format!("MAIL FROM:<{}>", mail.reverse_path);
         if mail.body == Some(BodyType::EightBitMime) && self.caps.eight_bit_mime {
             mail_cmd.push_str(" BODY=8BITMIME");
         }
-        if self.caps.size.is_some() {
+        // The size the client declared, passed on (the message is not complete yet).
+        if let (Some(size), Some(_)) = (mail.size, self.caps.size) {
             mail_cmd.push_str(&format!(" SIZE={size}"));
         }
         mail_cmd.push_str("\r\n");
@@ -271,7 +301,7 @@ impl BackendConn {
         let pipelining = self.caps.pipelining;
         if pipelining {
             if let Err(e) = self.write(&cmds.concat(), deadline).await {
-                return Transaction::all_failed(n, e, false);
+                return Err(Transaction::all_failed(n, e, false));
             }
         }
         let mut answered = false;
@@ -286,7 +316,7 @@ impl BackendConn {
                     break;
                 }
                 if let Err(e) = self.write(cmd, deadline).await {
-                    return finish(outcomes, e, answered);
+                    return Err(finish(outcomes, e, answered));
                 }
             }
             let what = match i {
@@ -296,22 +326,22 @@ impl BackendConn {
             };
             let reply = match self.read_reply(deadline, what).await {
                 Ok(r) => r,
-                Err(e) => return finish(outcomes, e, answered),
+                Err(e) => return Err(finish(outcomes, e, answered)),
             };
             answered = true;
             if i == 0 {
                 if !reply.is_positive() {
                     // The backend refused the sender: every recipient gets its answer. The
                     // pipelined RCPT/DATA replies are not read; the connection is dropped.
-                    return Transaction {
+                    return Err(Transaction {
                         outcomes: vec![RcptOutcome::Reply(reply); n],
                         error: None,
                         answered,
-                    };
+                    });
                 }
             } else if !is_data {
                 if reply.code == 354 {
-                    return finish(outcomes, ClientError::Unexpected(reply), answered);
+                    return Err(finish(outcomes, ClientError::Unexpected(reply), answered));
                 }
                 if reply.is_positive() {
                     accepted.push(i - 1);
@@ -320,21 +350,14 @@ impl BackendConn {
                 }
             } else if reply.code != 354 {
                 if !accepted.is_empty() && reply.is_positive() {
-                    return finish(outcomes, ClientError::Unexpected(reply), answered);
+                    return Err(finish(outcomes, ClientError::Unexpected(reply), answered));
                 }
                 // DATA refused (or no recipient was accepted): the accepted ones get the refusal.
                 for &k in &accepted {
                     outcomes[k] = Some(RcptOutcome::Reply(reply.clone()));
                 }
                 self.reusable = true;
-                return Transaction {
-                    outcomes: outcomes
-                        .into_iter()
-                        .map(|o| o.unwrap_or_else(|| RcptOutcome::failed(&ClientError::Closed)))
-                        .collect(),
-                    error: None,
-                    answered,
-                };
+                return Err(complete(outcomes, answered));
             }
         }
         if accepted.is_empty() {
@@ -342,15 +365,23 @@ impl BackendConn {
             // here means a 354 although no recipient was accepted; the backend now waits for a
             // message, so the connection is dropped rather than reused.
             self.reusable = !pipelining;
-            return Transaction {
-                outcomes: outcomes
-                    .into_iter()
-                    .map(|o| o.unwrap_or_else(|| RcptOutcome::failed(&ClientError::Closed)))
-                    .collect(),
-                error: None,
-                answered,
-            };
+            return Err(complete(outcomes, answered));
         }
+        Ok(Envelope { outcomes, accepted })
+    }
+
+    /// Sends the message after `envelope` and reads one reply per accepted recipient.
+    pub async fn send_body(
+        &mut self,
+        env: Envelope,
+        wire: &[u8],
+        t: &ClientTimeouts,
+    ) -> Transaction {
+        let Envelope {
+            mut outcomes,
+            accepted,
+        } = env;
+        let answered = true;
         let deadline = tokio::time::Instant::now() + t.data;
         if let Err(e) = self.write(wire, deadline).await {
             return finish(outcomes, e, answered);
@@ -366,19 +397,24 @@ impl BackendConn {
             }
         }
         self.reusable = true;
-        Transaction {
-            outcomes: outcomes
-                .into_iter()
-                .map(|o| o.unwrap_or_else(|| RcptOutcome::failed(&ClientError::Closed)))
-                .collect(),
-            error: None,
-            answered,
-        }
+        complete(outcomes, answered)
     }
 
     /// Says QUIT without waiting long for the answer.
     pub async fn quit(mut self) {
         let _ = timeout(Duration::from_secs(1), self.stream.write_all(b"QUIT\r\n")).await;
+    }
+}
+
+/// A transaction that ended cleanly; every recipient has its reply.
+fn complete(outcomes: Vec<Option<RcptOutcome>>, answered: bool) -> Transaction {
+    Transaction {
+        outcomes: outcomes
+            .into_iter()
+            .map(|o| o.unwrap_or_else(|| RcptOutcome::failed(&ClientError::Closed)))
+            .collect(),
+        error: None,
+        answered,
     }
 }
 
@@ -465,22 +501,51 @@ impl BackendPool {
         mail: &MailFrom,
         rcpts: &[String],
         wire: &[u8],
-        size: usize,
         t: &ClientTimeouts,
     ) -> Transaction {
+        self.deliver_when(mail, rcpts, async { Some(wire) }, t)
+            .await
+    }
+
+    /// Like `deliver`, for a message that is still arriving: the envelope goes out now and
+    /// the message when `body` resolves, so the backend's envelope round trip overlaps the
+    /// client's upload. `body` resolving to `None` abandons the transaction before any
+    /// message byte is sent; the connection is dropped and the backend stores nothing.
+    pub async fn deliver_when<F, W>(
+        &self,
+        mail: &MailFrom,
+        rcpts: &[String],
+        body: F,
+        t: &ClientTimeouts,
+    ) -> Transaction
+    where
+        F: std::future::Future<Output = Option<W>>,
+        W: AsRef<[u8]>,
+    {
         let mut retried = false;
         loop {
             let (mut conn, reused) = match self.checkout(t).await {
                 Ok(c) => c,
                 Err(e) => return Transaction::all_failed(rcpts.len(), e, false),
             };
-            let tx = conn.transaction(mail, rcpts, wire, size, t).await;
-            if tx.error.is_some() && !tx.answered && reused && !retried {
-                retried = true;
-                continue;
+            match conn.envelope(mail, rcpts, t).await {
+                Err(done) => {
+                    if done.error.is_some() && !done.answered && reused && !retried {
+                        retried = true;
+                        continue;
+                    }
+                    self.checkin(conn);
+                    return done;
+                }
+                Ok(env) => {
+                    let Some(wire) = body.await else {
+                        return Transaction::all_failed(rcpts.len(), ClientError::Abandoned, true);
+                    };
+                    let tx = conn.send_body(env, wire.as_ref(), t).await;
+                    self.checkin(conn);
+                    return tx;
+                }
             }
-            self.checkin(conn);
-            return tx;
         }
     }
 
@@ -507,7 +572,7 @@ mod tests {
     fn mail() -> MailFrom {
         MailFrom {
             reverse_path: "s@x".into(),
-            size: None,
+            size: Some(4),
             body: Some(BodyType::EightBitMime),
         }
     }
@@ -599,7 +664,6 @@ mod tests {
                 &mail(),
                 &rcpts(&["a@y", "b@y", "c@y"]),
                 b"hi\r\n.\r\n",
-                4,
                 &t(),
             )
             .await;
@@ -638,7 +702,7 @@ mod tests {
         };
         let mut conn = BackendConn::connect(&addr, "proxy", &short).await.unwrap();
         let tx = conn
-            .transaction(&mail(), &rcpts(&["a@y"]), b"hi\r\n.\r\n", 4, &short)
+            .transaction(&mail(), &rcpts(&["a@y"]), b"hi\r\n.\r\n", &short)
             .await;
         assert!(matches!(tx.error, Some(ClientError::Timeout(_))), "{tx:?}");
         assert!(matches!(
@@ -657,7 +721,7 @@ mod tests {
         drop(l);
         let pool = BackendPool::new(Route::New, addr, "proxy".into(), 4, Duration::from_secs(30));
         let tx = pool
-            .deliver(&mail(), &rcpts(&["a@y", "c@y"]), b".\r\n", 0, &t())
+            .deliver(&mail(), &rcpts(&["a@y", "c@y"]), b".\r\n", &t())
             .await;
         assert!(tx.outcomes.iter().all(|o| matches!(
             o,
@@ -686,7 +750,7 @@ mod tests {
         );
         for _ in 0..3 {
             let tx = pool
-                .deliver(&mail(), &rcpts(&["a@y"]), b"hi\r\n.\r\n", 4, &t())
+                .deliver(&mail(), &rcpts(&["a@y"]), b"hi\r\n.\r\n", &t())
                 .await;
             assert!(
                 matches!(&tx.outcomes[0], RcptOutcome::Reply(r) if r.code == 250),
@@ -709,10 +773,38 @@ mod tests {
         .await;
         let mut conn = BackendConn::connect(&addr, "proxy", &t()).await.unwrap();
         let tx = conn
-            .transaction(&mail(), &rcpts(&["b@y"]), b"hi\r\n.\r\n", 4, &t())
+            .transaction(&mail(), &rcpts(&["b@y"]), b"hi\r\n.\r\n", &t())
             .await;
         assert!(matches!(&tx.outcomes[0], RcptOutcome::Reply(r) if r.code == 550));
         assert!(!conn.is_reusable(), "never pooled in the middle of a DATA");
+    }
+
+    #[tokio::test]
+    async fn abandoned_transaction_sends_no_message_and_is_not_pooled() {
+        let got_body = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let seen = got_body.clone();
+        let addr = fake(move |line, in_data| match *in_data {
+            true => {
+                seen.store(true, std::sync::atomic::Ordering::SeqCst);
+                Step::Silence
+            }
+            false => envelope(line, in_data),
+        })
+        .await;
+        let pool = BackendPool::new(
+            Route::Legacy,
+            addr,
+            "proxy".into(),
+            4,
+            Duration::from_secs(30),
+        );
+        let tx = pool
+            .deliver_when(&mail(), &rcpts(&["a@y"]), async { None::<Vec<u8>> }, &t())
+            .await;
+        assert!(matches!(&tx.outcomes[0], RcptOutcome::Failed { .. }));
+        assert_eq!(pool.idle_count(), 0, "a connection in DATA is never pooled");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(!got_body.load(std::sync::atomic::Ordering::SeqCst));
     }
 
     #[tokio::test]
@@ -725,7 +817,7 @@ mod tests {
         .await;
         let mut conn = BackendConn::connect(&addr, "proxy", &t()).await.unwrap();
         let tx = conn
-            .transaction(&mail(), &rcpts(&["b@y"]), b"hi\r\n.\r\n", 4, &t())
+            .transaction(&mail(), &rcpts(&["b@y"]), b"hi\r\n.\r\n", &t())
             .await;
         assert!(tx.error.is_none());
         assert!(matches!(&tx.outcomes[0], RcptOutcome::Reply(r) if r.code == 550));

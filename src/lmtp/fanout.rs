@@ -1,15 +1,26 @@
 //! After DATA: recipients de-duplicated and grouped by backend, one backend transaction per
 //! group (the groups run concurrently), and the replies zipped back into RCPT order, one per
 //! accepted RCPT, duplicates included (RFC 2033 §4.2).
+//!
+//! `prepare` opens those transactions when DATA begins, up to the backend's 354, so their
+//! round trips overlap the client's upload; `deliver` re-checks cutover flags and routes
+//! once the message is complete, takes the in-flight slots, and sends the message only on
+//! an early transaction whose recipients are still exactly its backend's group. Any other
+//! is abandoned before the message (the backend stores nothing) and a fresh one is run.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::time::Instant;
+
+use bytes::Bytes;
+use tokio::sync::oneshot;
 
 use tracing::{info, warn};
 
-use super::client::RcptOutcome;
+use super::client::{ClientError, RcptOutcome, Transaction};
 use super::data::stuff;
 use super::reply::Reply;
-use super::server::Message;
+use super::server::{MailFrom, Message};
 use super::LmtpContext;
 use crate::control::inflight::InFlight;
 use crate::route::Route;
@@ -104,9 +115,87 @@ fn deferred(reason: &'static str) {
     metrics::counter!("mailferry_lmtp_deferrals_total", "reason" => reason).increment(1);
 }
 
+/// Backend transactions started when DATA began, their envelopes sent while the client is
+/// still uploading the message. Dropping this abandons them before any message byte reaches
+/// a backend.
+pub struct Prepared {
+    early: Vec<Early>,
+}
+
+/// One backend's transaction waiting for the message.
+struct Early {
+    route: Route,
+    /// Routing keys of its recipients, in order: it is used only for exactly this group.
+    keys: Vec<String>,
+    body: oneshot::Sender<Bytes>,
+    result: tokio::task::JoinHandle<Transaction>,
+}
+
+/// Starts, for the recipients of the transaction entering DATA, one backend transaction per
+/// backend as routed now, up to the backend's 354. Nothing is decided here: `deliver`
+/// checks cutover flags and routes again when the message is complete and uses an early
+/// transaction only if its recipients are still exactly that backend's group.
+pub async fn prepare(ctx: &LmtpContext, mail: &MailFrom, rcpts: &[(String, String)]) -> Prepared {
+    let plan = Plan::new(
+        rcpts
+            .iter()
+            .map(|(addr, key)| (key.as_str(), addr.as_str())),
+    );
+    let mut routes: Vec<Option<Route>> = vec![None; plan.unique().len()];
+    for (u, (key, _)) in plan.unique().iter().enumerate() {
+        if ctx.deliveries.is_cutover(key) {
+            continue;
+        }
+        if let Ok(lookup) = ctx.routes.lookup(key).await {
+            routes[u] = Some(lookup.route);
+        }
+    }
+    let mut early = Vec::new();
+    for (route, members) in group(&routes) {
+        let Some(pool) = ctx.pool(route).cloned() else {
+            continue;
+        };
+        let addrs: Vec<String> = members
+            .iter()
+            .map(|&u| plan.unique()[u].1.clone())
+            .collect();
+        let keys = members
+            .iter()
+            .map(|&u| plan.unique()[u].0.clone())
+            .collect();
+        let (body, rx) = oneshot::channel::<Bytes>();
+        let (mail, t) = (mail.clone(), ctx.timeouts.client.clone());
+        let result = tokio::spawn(async move {
+            pool.deliver_when(&mail, &addrs, async move { rx.await.ok() }, &t)
+                .await
+        });
+        early.push(Early {
+            route,
+            keys,
+            body,
+            result,
+        });
+    }
+    Prepared { early }
+}
+
+async fn maybe<F: Future>(f: Option<F>) -> Option<F::Output> {
+    match f {
+        Some(f) => Some(f.await),
+        None => None,
+    }
+}
+
+type Run<'a> = Pin<Box<dyn Future<Output = (Route, Vec<usize>, Transaction)> + Send + 'a>>;
+
 /// Delivers a complete message; returns exactly one reply per RCPT of `msg`, in order. The
-/// recipient data is the routing key (normalized user) chosen at RCPT time.
-pub async fn deliver(ctx: &LmtpContext, msg: Message<String>) -> Vec<Reply> {
+/// recipient data is the routing key (normalized user) chosen at RCPT time. `prepared` holds
+/// the transactions `prepare` started when DATA began, if any.
+pub async fn deliver(
+    ctx: &LmtpContext,
+    msg: Message<String>,
+    prepared: Option<Prepared>,
+) -> Vec<Reply> {
     let started = Instant::now();
     let plan = Plan::new(
         msg.rcpts
@@ -116,7 +205,8 @@ pub async fn deliver(ctx: &LmtpContext, msg: Message<String>) -> Vec<Reply> {
     let n = plan.unique().len();
     let mut replies: Vec<Option<Reply>> = vec![None; n];
     let mut routes: Vec<Option<Route>> = vec![None; n];
-    // Held until the backends have answered: the cutover sequence waits for these.
+    // Held until the backends have answered: the cutover sequence waits for these. Taken
+    // before any message byte goes to a backend.
     let mut slots: Vec<InFlight> = Vec::with_capacity(n);
     for (u, (key, address)) in plan.unique().iter().enumerate() {
         // Checked again now, not only at RCPT: a cutover may have started since.
@@ -144,49 +234,61 @@ pub async fn deliver(ctx: &LmtpContext, msg: Message<String>) -> Vec<Reply> {
         }
     }
 
-    let wire = stuff(&msg.body);
+    let wire = Bytes::from(stuff(&msg.body));
     let size = msg.body.len();
-    let run = |route: Route, members: Vec<usize>| {
-        let wire = &wire;
-        let plan = &plan;
-        let mail = &msg.mail;
-        async move {
-            let Some(pool) = ctx.pool(route) else {
-                return (route, members, Vec::new());
-            };
+    let mut early = prepared.map(|p| p.early).unwrap_or_default();
+    let mut runs: Vec<Run<'_>> = Vec::new();
+    for (route, members) in group(&routes) {
+        let same = |e: &Early| {
+            e.route == route
+                && e.keys.len() == members.len()
+                && e.keys
+                    .iter()
+                    .zip(&members)
+                    .all(|(k, &u)| *k == plan.unique()[u].0)
+        };
+        if let Some(i) = early.iter().position(same) {
+            let e = early.swap_remove(i);
+            // If its envelope already ended (refusals, failure) the message is not needed
+            // and this send goes nowhere; the result says what happened.
+            let _ = e.body.send(wire.clone());
+            let count = members.len();
+            runs.push(Box::pin(async move {
+                let tx = e.result.await.unwrap_or_else(|_| {
+                    Transaction::all_failed(count, ClientError::Abandoned, true)
+                });
+                (route, members, tx)
+            }));
+        } else if let Some(pool) = ctx.pool(route) {
             let addrs: Vec<String> = members
                 .iter()
                 .map(|&u| plan.unique()[u].1.clone())
                 .collect();
-            let tx = pool
-                .deliver(mail, &addrs, wire, size, &ctx.timeouts.client)
-                .await;
-            if let Some(e) = &tx.error {
-                warn!(backend = %route, addr = %pool.addr, error = %e, "backend LMTP transaction failed");
-            }
-            (route, members, tx.outcomes)
+            let (mail, wire) = (&msg.mail, wire.clone());
+            runs.push(Box::pin(async move {
+                let tx = pool
+                    .deliver(mail, &addrs, &wire, &ctx.timeouts.client)
+                    .await;
+                (route, members, tx)
+            }));
         }
-    };
-    let mut groups = group(&routes).into_iter();
-    let first = groups.next();
-    let second = groups.next();
-    let (a, b) = tokio::join!(
-        async {
-            match first {
-                Some((r, m)) => Some(run(r, m).await),
-                None => None,
-            }
-        },
-        async {
-            match second {
-                Some((r, m)) => Some(run(r, m).await),
-                None => None,
-            }
+    }
+    // Early transactions that no longer match (a recipient deferred or moved since DATA
+    // began) are abandoned before their message: those backends store nothing.
+    drop(early);
+    let mut runs = runs.into_iter();
+    let (a, b) = tokio::join!(maybe(runs.next()), maybe(runs.next()));
+    let mut results = Vec::with_capacity(2);
+    for (route, members, tx) in [a, b].into_iter().flatten() {
+        if let Some(e) = &tx.error {
+            let addr = ctx.pool(route).map_or("", |p| p.addr.as_str());
+            warn!(backend = %route, addr = %addr, error = %e, "backend LMTP transaction failed");
         }
-    );
+        results.push((route, members, tx.outcomes));
+    }
     let mut delivered = [0usize; 2];
     let mut failed = 0usize;
-    for (route, members, outcomes) in [a, b].into_iter().flatten() {
+    for (route, members, outcomes) in results {
         let mut any_stored = false;
         for (k, &u) in members.iter().enumerate() {
             let address = &plan.unique()[u].1;

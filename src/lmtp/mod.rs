@@ -15,13 +15,15 @@ pub mod server;
 pub mod session;
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+use dashmap::DashMap;
 
 use crate::config::Config;
 use crate::control::inflight::Deliveries;
 use crate::route::{Route, RouteCache};
 use crate::shutdown::Shutdown;
-use crate::store::Store;
+use crate::store::{Store, StoreError, UserState};
 use client::{BackendPool, ClientTimeouts};
 use server::ServerLimits;
 
@@ -57,6 +59,53 @@ pub const POOL_MAX_IDLE: usize = 16;
 /// How long a pooled connection may sit idle; well below Dovecot's LMTP idle timeout (5 min).
 pub const POOL_IDLE_TTL: Duration = Duration::from_secs(30);
 
+/// How long "this user is not being cut over" from the state store is trusted.
+pub const STATE_CACHE_TTL: Duration = Duration::from_secs(1);
+
+/// Remembers for a short time the users the state store said are not being cut over, so a
+/// busy MTA does not cost a store query per recipient. Only that answer is kept: a cutover
+/// flagged on this node is seen at once (the in-memory flag of `Deliveries`, checked
+/// first), one started on another node within the TTL (the route cache bounds route changes
+/// the same way), and the end of a cutover at once, since "in cutover" is never cached.
+pub struct StateCache {
+    ttl: Duration,
+    clear_until: DashMap<String, Instant>,
+}
+
+/// Entries kept before expired ones are swept.
+const STATE_CACHE_SWEEP: usize = 65_536;
+
+impl StateCache {
+    /// An empty cache trusting answers for `ttl`.
+    pub fn new(ttl: Duration) -> Self {
+        StateCache {
+            ttl,
+            clear_until: DashMap::new(),
+        }
+    }
+
+    /// Whether the store has `user` (normalized) in state `cutover`.
+    pub async fn is_cutover(&self, store: &Store, user: &str) -> Result<bool, StoreError> {
+        if self
+            .clear_until
+            .get(user)
+            .is_some_and(|until| Instant::now() < *until)
+        {
+            return Ok(false);
+        }
+        if store.user_state(user).await? == UserState::Cutover {
+            self.clear_until.remove(user);
+            return Ok(true);
+        }
+        let now = Instant::now();
+        if self.clear_until.len() >= STATE_CACHE_SWEEP {
+            self.clear_until.retain(|_, until| *until > now);
+        }
+        self.clear_until.insert(user.to_owned(), now + self.ttl);
+        Ok(false)
+    }
+}
+
 /// Everything LMTP sessions share; built once by `serve` (or by a test).
 pub struct LmtpContext {
     /// Protocol limits and the host name.
@@ -67,6 +116,8 @@ pub struct LmtpContext {
     pub routes: Arc<RouteCache>,
     /// User states (`cutover` defers).
     pub store: Store,
+    /// Recent "not in cutover" answers of the store.
+    pub states: StateCache,
     /// In-flight counters and the node-local cutover flag.
     pub deliveries: Arc<Deliveries>,
     /// `[directory] reject_unknown`: unknown recipients get 550 instead of the default route.
@@ -111,6 +162,7 @@ impl LmtpContext {
             server,
             routes,
             store,
+            states: StateCache::new(STATE_CACHE_TTL),
             deliveries,
             reject_unknown: cfg.directory.reject_unknown,
             shutdown,
@@ -123,5 +175,44 @@ impl LmtpContext {
             Route::Legacy => self.legacy.as_ref(),
             Route::New => self.new.as_ref(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn state_cache_keeps_only_not_in_cutover() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&format!("sqlite://{}", dir.path().join("s.db").display()))
+            .await
+            .unwrap();
+        let cache = StateCache::new(Duration::from_secs(3600));
+        store
+            .set_user_state("a@x", UserState::Syncing, None)
+            .await
+            .unwrap();
+        assert!(!cache.is_cutover(&store, "a@x").await.unwrap());
+        // Within the TTL the store is not asked again (another node's cutover waits for it).
+        store
+            .set_user_state("a@x", UserState::Cutover, None)
+            .await
+            .unwrap();
+        assert!(!cache.is_cutover(&store, "a@x").await.unwrap());
+        // "In cutover" is never cached: its end is seen at once.
+        store
+            .set_user_state("b@x", UserState::Cutover, None)
+            .await
+            .unwrap();
+        assert!(cache.is_cutover(&store, "b@x").await.unwrap());
+        store
+            .set_user_state("b@x", UserState::New, None)
+            .await
+            .unwrap();
+        assert!(!cache.is_cutover(&store, "b@x").await.unwrap());
+        // With no TTL every answer comes from the store.
+        let fresh = StateCache::new(Duration::ZERO);
+        assert!(fresh.is_cutover(&store, "a@x").await.unwrap());
     }
 }

@@ -324,6 +324,12 @@ impl<R> Server<R> {
         self.data.is_some()
     }
 
+    /// The open transaction's sender and accepted recipients (for starting backend
+    /// transactions while the message is still arriving).
+    pub fn envelope(&self) -> Option<(&MailFrom, &[(String, R)])> {
+        self.tx.as_ref().map(|tx| (&tx.mail, tx.rcpts.as_slice()))
+    }
+
     /// Records an accepted recipient; returns the reply for it.
     pub fn accept_rcpt(&mut self, address: String, data: R) -> Reply {
         match self.tx.as_mut() {

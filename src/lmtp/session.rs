@@ -10,14 +10,13 @@ use bytes::BytesMut;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::timeout;
-use tracing::{debug, info, info_span, warn, Instrument};
+use tracing::{debug, info, info_span, trace, warn, Instrument};
 
 use super::fanout::{self, cutover_reply, directory_reply, no_backend_reply};
 use super::reply::Reply;
 use super::server::{Event, Server};
 use super::LmtpContext;
 use crate::route::normalize_user;
-use crate::store::UserState;
 
 /// Bytes asked of the socket per read.
 const READ_CHUNK: usize = 16 * 1024;
@@ -39,6 +38,7 @@ pub async fn handle(ctx: Arc<LmtpContext>, tcp: TcpStream) {
             tcp,
             rbuf: BytesMut::with_capacity(READ_CHUNK),
             wbuf: Vec::with_capacity(1024),
+            prepared: None,
             messages: 0,
             bytes_in: 0,
         };
@@ -63,6 +63,8 @@ struct Session {
     rbuf: BytesMut,
     /// Replies not yet written.
     wbuf: Vec<u8>,
+    /// Backend transactions started at DATA, waiting for the message.
+    prepared: Option<fanout::Prepared>,
     messages: u64,
     bytes_in: u64,
 }
@@ -73,7 +75,16 @@ impl Session {
         self.server.greeting().encode_into(&mut self.wbuf);
         loop {
             match self.server.poll(&mut self.rbuf) {
-                Event::Reply(r) => r.encode_into(&mut self.wbuf),
+                Event::Reply(r) => {
+                    if self.server.in_data() && self.prepared.is_none() {
+                        // DATA was just accepted: start the backend envelopes now, so their
+                        // round trips overlap the upload of the message.
+                        if let Some((mail, rcpts)) = self.server.envelope() {
+                            self.prepared = Some(fanout::prepare(&self.ctx, mail, rcpts).await);
+                        }
+                    }
+                    r.encode_into(&mut self.wbuf);
+                }
                 Event::Rcpt(address) => {
                     let reply = self.rcpt(address).await;
                     reply.encode_into(&mut self.wbuf);
@@ -90,7 +101,8 @@ impl Session {
                             "bare CR/LF in message data normalised to CRLF"
                         );
                     }
-                    for reply in fanout::deliver(&self.ctx, msg).await {
+                    let prepared = self.prepared.take();
+                    for reply in fanout::deliver(&self.ctx, msg, prepared).await {
                         reply.encode_into(&mut self.wbuf);
                     }
                 }
@@ -100,6 +112,11 @@ impl Session {
                     return if r.code == 221 { "quit" } else { "errors" };
                 }
                 Event::NeedMore => {
+                    if !self.server.in_data() {
+                        // The message was refused (too big) or never came: its backend
+                        // transactions are abandoned before any message byte.
+                        self.prepared = None;
+                    }
                     if self.flush().await.is_err() {
                         return "write_failed";
                     }
@@ -211,13 +228,13 @@ impl Session {
             return Reply::new(550, format!("5.1.1 <{address}> User unknown"));
         }
         // The shared state store: another node may be cutting this user over.
-        match ctx.store.user_state(&key).await {
-            Ok(UserState::Cutover) => {
+        match ctx.states.is_cutover(&ctx.store, &key).await {
+            Ok(true) => {
                 metrics::counter!("mailferry_lmtp_deferrals_total", "reason" => "cutover")
                     .increment(1);
                 return cutover_reply(&address);
             }
-            Ok(_) => {}
+            Ok(false) => {}
             Err(e) => {
                 warn!(user = %key, error = %e, "state store lookup failed");
                 metrics::counter!("mailferry_lmtp_deferrals_total", "reason" => "directory")
@@ -230,7 +247,7 @@ impl Session {
                 .increment(1);
             return no_backend_reply(&address, lookup.route);
         }
-        debug!(user = %key, route = %lookup.route, "recipient accepted");
+        trace!(user = %key, route = %lookup.route, "recipient accepted");
         self.server.accept_rcpt(address, key)
     }
 }
