@@ -129,7 +129,14 @@ struct Early {
     keys: Vec<String>,
     body: oneshot::Sender<Bytes>,
     result: tokio::task::JoinHandle<Transaction>,
+    /// When the envelope went out: the backend has seen nothing since.
+    opened: Instant,
 }
+
+/// Longest an early transaction may wait for its message. The backend sees no byte while the
+/// client uploads, and would time the session out (Dovecot: 5 minutes idle); a transaction
+/// older than this is abandoned and a fresh one run instead.
+const EARLY_MAX_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// Starts, for the recipients of the transaction entering DATA, one backend transaction per
 /// backend as routed now, up to the backend's 354. Nothing is decided here: `deliver`
@@ -174,6 +181,7 @@ pub async fn prepare(ctx: &LmtpContext, mail: &MailFrom, rcpts: &[(String, Strin
             keys,
             body,
             result,
+            opened: Instant::now(),
         });
     }
     Prepared { early }
@@ -240,7 +248,8 @@ pub async fn deliver(
     let mut runs: Vec<Run<'_>> = Vec::new();
     for (route, members) in group(&routes) {
         let same = |e: &Early| {
-            e.route == route
+            e.opened.elapsed() < EARLY_MAX_WAIT
+                && e.route == route
                 && e.keys.len() == members.len()
                 && e.keys
                     .iter()
