@@ -76,6 +76,17 @@ impl Postfix {
             Path::new(MASTER).exists(),
             "Postfix is not installed: apt-get install postfix (scripts/deps.sh)"
         );
+        let euid = fs::read_to_string("/proc/self/status").ok().and_then(|st| {
+            st.lines()
+                .find_map(|l| l.strip_prefix("Uid:"))
+                .and_then(|v| v.split_whitespace().nth(1).map(str::to_owned))
+        });
+        assert_eq!(
+            euid.as_deref(),
+            Some("0"),
+            "Postfix's master must start as root (it exits with 'the master command is reserved \
+             for the superuser' otherwise); run this test as root, as CI does"
+        );
         let (uid, _gid) = ids("postfix").expect("the postfix package's 'postfix' user is missing");
         let postdrop = group_id("postdrop").expect("the 'postdrop' group is missing");
         let tmp = tempfile::Builder::new()
