@@ -12,10 +12,20 @@ use mailferry::config::{read_secret, Config};
 use mailferry::route::Route;
 
 #[derive(Parser)]
-#[command(name = "mailferry", version, about = "Transparent IMAP/LMTP proxy for live mailbox migrations")]
+#[command(
+    name = "mailferry",
+    version,
+    about = "Transparent IMAP/LMTP proxy for live mailbox migrations"
+)]
 struct Cli {
     /// Configuration file.
-    #[arg(short, long, global = true, default_value = "config/mailferry.toml", env = "MAILFERRY_CONFIG")]
+    #[arg(
+        short,
+        long,
+        global = true,
+        default_value = "config/mailferry.toml",
+        env = "MAILFERRY_CONFIG"
+    )]
     config: PathBuf,
     /// Log format.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Human)]
@@ -98,13 +108,17 @@ enum UserCommand {
 }
 
 fn parse_route(s: &str) -> Result<Route, String> {
-    s.parse().map_err(|_| format!("route must be legacy or new, not {s:?}"))
+    s.parse()
+        .map_err(|_| format!("route must be legacy or new, not {s:?}"))
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_format);
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("mailferry: cannot start the runtime: {e}");
@@ -123,7 +137,9 @@ fn main() -> ExitCode {
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("MAILFERRY_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match format {
         LogFormat::Human => builder.init(),
         LogFormat::Json => builder.json().init(),
@@ -145,7 +161,12 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             let cfg = Config::load(&cli.config)?;
             user(&cfg, action).await
         }
-        Command::Sync { email, once, json, quiet } => {
+        Command::Sync {
+            email,
+            once,
+            json,
+            quiet,
+        } => {
             if !once {
                 eprintln!("mailferry: only `sync EMAIL --once` runs without a server; `user migrate EMAIL` starts continuous sync");
                 return Ok(ExitCode::from(2));
@@ -183,7 +204,10 @@ async fn sync_once(cfg: &Config, email: &str, json: bool, quiet: bool) -> Result
     };
     let progress = std::sync::Arc::new(Progress::default());
     let bar = (!quiet && !json).then(|| {
-        let bar = indicatif::ProgressBar::with_draw_target(Some(0), indicatif::ProgressDrawTarget::stderr());
+        let bar = indicatif::ProgressBar::with_draw_target(
+            Some(0),
+            indicatif::ProgressDrawTarget::stderr(),
+        );
         if let Ok(style) = indicatif::ProgressStyle::with_template(
             "{spinner} {bytes}/{total_bytes} {bytes_per_sec} {msg}",
         ) {
@@ -226,7 +250,11 @@ async fn sync_once(cfg: &Config, email: &str, json: bool, quiet: bool) -> Result
                     r.flag_updates, r.expunged, r.failed, r.duration_ms
                 );
             }
-            Ok(if r.failed > 0 { ExitCode::from(1) } else { ExitCode::SUCCESS })
+            Ok(if r.failed > 0 {
+                ExitCode::from(1)
+            } else {
+                ExitCode::SUCCESS
+            })
         }
         Err(e) => {
             eprintln!("mailferry: sync of {email} failed: {e}");
@@ -242,10 +270,16 @@ async fn verify(cfg: &Config, email: &str, json: bool) -> Result<ExitCode> {
         mailferry::net::tls::install_provider();
         let rules = mailferry::sync::mailboxes::Rules::from_config(&cfg.sync)
             .map_err(|e| mailferry::sync::SyncError::Config(e.to_string()))?;
-        Ok((Endpoint::from_config(cfg, Route::Legacy)?, Endpoint::from_config(cfg, Route::New)?, rules))
+        Ok((
+            Endpoint::from_config(cfg, Route::Legacy)?,
+            Endpoint::from_config(cfg, Route::New)?,
+            rules,
+        ))
     };
     let result = match setup() {
-        Ok((legacy, new, rules)) => mailferry::sync::verify::verify(&legacy, &new, &rules, &email).await,
+        Ok((legacy, new, rules)) => {
+            mailferry::sync::verify::verify(&legacy, &new, &rules, &email).await
+        }
         Err(e) => Err(e),
     };
     match result {
@@ -253,14 +287,26 @@ async fn verify(cfg: &Config, email: &str, json: bool) -> Result<ExitCode> {
             if json {
                 println!("{}", serde_json::to_string(&r)?);
             } else if r.same() {
-                println!("{email}: same ({} folders, {} messages)", r.folders, r.messages);
+                println!(
+                    "{email}: same ({} folders, {} messages)",
+                    r.folders, r.messages
+                );
             } else {
-                println!("{email}: {} difference(s) ({} folders, {} messages on legacy):", r.differences.len(), r.folders, r.messages);
+                println!(
+                    "{email}: {} difference(s) ({} folders, {} messages on legacy):",
+                    r.differences.len(),
+                    r.folders,
+                    r.messages
+                );
                 for d in &r.differences {
                     println!("  - {d}");
                 }
             }
-            Ok(if r.same() { ExitCode::SUCCESS } else { ExitCode::from(1) })
+            Ok(if r.same() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            })
         }
         Err(e) => {
             eprintln!("mailferry: verify of {email} failed: {e}");
@@ -278,17 +324,25 @@ async fn check_config(path: &std::path::Path) -> Result<ExitCode> {
         }
     };
     let mut problems = Vec::new();
-    if let Err(e) = mailferry::net::tls::server_config(&cfg.resolve(&cfg.tls.cert), &cfg.resolve(&cfg.tls.key)) {
+    if let Err(e) =
+        mailferry::net::tls::server_config(&cfg.resolve(&cfg.tls.cert), &cfg.resolve(&cfg.tls.key))
+    {
         problems.push(format!("tls: {e}"));
     }
     if let Err(e) = read_secret(&cfg.resolve(&cfg.admin.token_file)) {
-        problems.push(format!("admin.token_file {}: {e}", cfg.admin.token_file.display()));
+        problems.push(format!(
+            "admin.token_file {}: {e}",
+            cfg.admin.token_file.display()
+        ));
     }
     for route in [Route::Legacy, Route::New] {
         let b = cfg.backends.get(route);
         if let Some(f) = &b.master_password_file {
             if let Err(e) = read_secret(&cfg.resolve(f)) {
-                problems.push(format!("backends.{route}.master_password_file {}: {e}", f.display()));
+                problems.push(format!(
+                    "backends.{route}.master_password_file {}: {e}",
+                    f.display()
+                ));
             }
         }
         if let Some(ca) = &b.ca_file {
@@ -331,20 +385,32 @@ async fn user(cfg: &Config, action: UserCommand) -> Result<ExitCode> {
     let token = read_secret(&cfg.resolve(&cfg.admin.token_file))
         .with_context(|| format!("reading {}", cfg.admin.token_file.display()))?;
     let (method, path, body, json) = match &action {
-        UserCommand::Show { email, json } => (Method::GET, format!("/api/users/{}", segment(email)), None, *json),
+        UserCommand::Show { email, json } => (
+            Method::GET,
+            format!("/api/users/{}", segment(email)),
+            None,
+            *json,
+        ),
         UserCommand::Route { email, route, json } => (
             Method::PUT,
             format!("/api/users/{}/route", segment(email)),
             Some(serde_json::json!({ "route": route })),
             *json,
         ),
-        UserCommand::Migrate { email, json } => {
-            (Method::POST, format!("/api/users/{}/migrate", segment(email)), None, *json)
-        }
+        UserCommand::Migrate { email, json } => (
+            Method::POST,
+            format!("/api/users/{}/migrate", segment(email)),
+            None,
+            *json,
+        ),
     };
     let resp = client::call(addr, &token, method, &path, body).await?;
     if resp.status != 200 {
-        let msg = resp.body.get("error").and_then(|e| e.as_str()).unwrap_or("request failed");
+        let msg = resp
+            .body
+            .get("error")
+            .and_then(|e| e.as_str())
+            .unwrap_or("request failed");
         eprintln!("mailferry: server answered {}: {msg}", resp.status);
         return Ok(ExitCode::from(if resp.status == 401 { 2 } else { 1 }));
     }
@@ -358,13 +424,30 @@ async fn user(cfg: &Config, action: UserCommand) -> Result<ExitCode> {
         UserCommand::Show { .. } => {
             println!("user:       {}", s("email"));
             let known = b.get("known").and_then(|v| v.as_bool()).unwrap_or(false);
-            println!("route:      {}{}", s("route"), if known { "" } else { " (default: not in directory)" });
+            println!(
+                "route:      {}{}",
+                s("route"),
+                if known {
+                    ""
+                } else {
+                    " (default: not in directory)"
+                }
+            );
             println!("state:      {}", s("state"));
-            println!("sessions:   {}", b.get("sessions").and_then(|v| v.as_u64()).unwrap_or(0));
+            println!(
+                "sessions:   {}",
+                b.get("sessions").and_then(|v| v.as_u64()).unwrap_or(0)
+            );
             println!("last error: {}", s("last_error"));
             if let Some(p) = b.get("sync") {
                 let n = |k: &str| p.get(k).and_then(|v| v.as_u64()).unwrap_or(0);
-                let pct = |a: u64, t: u64| if t == 0 { 100.0 } else { a as f64 * 100.0 / t as f64 };
+                let pct = |a: u64, t: u64| {
+                    if t == 0 {
+                        100.0
+                    } else {
+                        a as f64 * 100.0 / t as f64
+                    }
+                };
                 println!(
                     "sync:       {}/{} messages ({:.1}%), {:.1}/{:.1} MB, {} folders, {} passes",
                     n("messages_copied"),
@@ -377,7 +460,12 @@ async fn user(cfg: &Config, action: UserCommand) -> Result<ExitCode> {
                 );
                 let last = p.get("last_pass_at").and_then(|v| v.as_i64());
                 let ago = last.map_or("never".to_string(), |t| {
-                    format!("{} s ago, {} ms, {} appended", mailferry::store::now() - t, n("last_pass_ms"), n("last_appended"))
+                    format!(
+                        "{} s ago, {} ms, {} appended",
+                        mailferry::store::now() - t,
+                        n("last_pass_ms"),
+                        n("last_appended")
+                    )
                 });
                 println!("last pass:  {ago}");
                 let err = p.get("last_error").and_then(|v| v.as_str()).unwrap_or("-");
@@ -385,11 +473,19 @@ async fn user(cfg: &Config, action: UserCommand) -> Result<ExitCode> {
             }
         }
         UserCommand::Migrate { .. } => {
-            println!("{} is now {}: background sync started", s("email"), s("state"));
+            println!(
+                "{} is now {}: background sync started",
+                s("email"),
+                s("state")
+            );
         }
         UserCommand::Route { .. } => {
             let kicked = b.get("kicked").and_then(|v| v.as_u64()).unwrap_or(0);
-            println!("{} now routed to {} ({kicked} live session(s) told to reconnect)", s("email"), s("route"));
+            println!(
+                "{} now routed to {} ({kicked} live session(s) told to reconnect)",
+                s("email"),
+                s("route")
+            );
         }
     }
     Ok(ExitCode::SUCCESS)

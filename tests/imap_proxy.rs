@@ -447,11 +447,18 @@ fn connections_over_the_limit_are_told_to_come_back() {
     let mut third = tcp(proxy.imap);
     let mut reply = String::new();
     let _ = third.read_to_string(&mut reply);
-    assert_eq!(reply, "* BYE [UNAVAILABLE] Too many connections, try again later.\r\n");
+    assert_eq!(
+        reply,
+        "* BYE [UNAVAILABLE] Too many connections, try again later.\r\n"
+    );
     drop((a, b));
     std::thread::sleep(Duration::from_millis(200));
     let mut c = Client::plain(proxy.imap);
-    assert_ok(&c.login("alice@example.org", "alicepw"), "login after others left", &proxy);
+    assert_ok(
+        &c.login("alice@example.org", "alicepw"),
+        "login after others left",
+        &proxy,
+    );
 }
 
 #[test]
@@ -471,12 +478,20 @@ fn sighup_reloads_the_certificate_without_dropping_sessions() {
     assert!(status.success());
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while !proxy.log().contains("reloaded") {
-        assert!(std::time::Instant::now() < deadline, "no reload:\n{}", proxy.log());
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no reload:\n{}",
+            proxy.log()
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     // New handshakes present the renewed certificate (verified against it as the only CA).
     let mut fresh = Client::tls(proxy.imaps, &renewed.cert_pem);
-    assert_ok(&fresh.login("bob@example.org", "bobpw"), "login on renewed cert", &proxy);
+    assert_ok(
+        &fresh.login("bob@example.org", "bobpw"),
+        "login on renewed cert",
+        &proxy,
+    );
     // The session established before the reload is still alive.
     let (_, ok) = live.cmd("NOOP");
     assert_ok(&ok, "old session after reload", &proxy);
@@ -486,10 +501,17 @@ fn sighup_reloads_the_certificate_without_dropping_sessions() {
 fn check_config_reports_unreachable_backends() {
     let (mut b, proxy) = start(Options::default());
     let out = proxy.cli(&["check-config"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
     b.new.stop();
     let out = proxy.cli(&["check-config"]);
     assert_eq!(out.status.code(), Some(1));
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.contains("backends.new.imap") && text.contains("unreachable"), "{text}");
+    assert!(
+        text.contains("backends.new.imap") && text.contains("unreachable"),
+        "{text}"
+    );
 }

@@ -131,7 +131,9 @@ async fn set_state(
 async fn migrate(State(state): State<Arc<AdminState>>, Path(email): Path<String>) -> Response {
     match state.control.migrate(&email).await {
         Ok(change) => Json(change).into_response(),
-        Err(ControlError::Conflict(msg)) => (StatusCode::CONFLICT, Json(json!({"error": msg}))).into_response(),
+        Err(ControlError::Conflict(msg)) => {
+            (StatusCode::CONFLICT, Json(json!({"error": msg}))).into_response()
+        }
         Err(e) => error(e),
     }
 }

@@ -107,7 +107,9 @@ impl Control {
         let current = self.store.user_state(&email).await?;
         match current {
             UserState::Legacy | UserState::Failed => {
-                self.store.set_user_state(&email, UserState::Syncing, None).await?;
+                self.store
+                    .set_user_state(&email, UserState::Syncing, None)
+                    .await?;
                 tracing::info!(user = %email, from = %current, "migration started: syncing");
             }
             UserState::Syncing => {}
@@ -135,7 +137,11 @@ impl Control {
     /// Sets `email`'s migration state. Entering `cutover` raises this node's flag before the
     /// store write, so LMTP defers at once; leaving it lowers the flag after the write, so no
     /// delivery sees neither. Other nodes see the store state.
-    pub async fn set_state(&self, email: &str, state: UserState) -> Result<StateChange, ControlError> {
+    pub async fn set_state(
+        &self,
+        email: &str,
+        state: UserState,
+    ) -> Result<StateChange, ControlError> {
         let email = crate::route::normalize_user(email);
         let entering = state == UserState::Cutover;
         if entering {
