@@ -5,8 +5,7 @@
 mod support;
 
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Output;
 
 use mailferry::store::sync::{FolderState, UidRow};
 use mailferry::store::{Store, UserState};
@@ -236,26 +235,7 @@ fn backend_toml(name: &str, d: &Dovecot, secret: &Path) -> String {
 }
 
 fn cli(config: &Path, args: &[&str]) -> Output {
-    let mut child = Command::new(support::mailferry::binary())
-        .arg("-c")
-        .arg(config)
-        .args(args)
-        .env("MAILFERRY_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn mailferry");
-    let deadline = Instant::now() + Duration::from_secs(50);
-    loop {
-        if let Ok(Some(_)) = child.try_wait() {
-            return child.wait_with_output().expect("output");
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("mailferry {args:?} did not finish in time");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    support::mailferry::run_cli(config, args, 50)
 }
 
 fn report(out: &Output) -> serde_json::Value {

@@ -70,26 +70,7 @@ impl Env {
     }
 
     fn cli(&self, args: &[&str]) -> Output {
-        let mut child = Command::new(support::mailferry::binary())
-            .arg("-c")
-            .arg(&self.config)
-            .args(args)
-            .env("MAILFERRY_LOG", "warn")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn mailferry");
-        let deadline = Instant::now() + Duration::from_secs(120);
-        loop {
-            if let Ok(Some(_)) = child.try_wait() {
-                return child.wait_with_output().expect("output");
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                panic!("mailferry {args:?} did not finish in time");
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        support::mailferry::run_cli(&self.config, args, 120)
     }
 
     /// `sync EMAIL --once --json`, asserting exit 0; returns the report.

@@ -234,3 +234,27 @@ impl Drop for Mailferry {
         }
     }
 }
+
+/// Runs the CLI with `config` and fails the test if it takes longer than `secs`.
+pub fn run_cli(config: &std::path::Path, args: &[&str], secs: u64) -> Output {
+    let mut child = Command::new(binary())
+        .arg("-c")
+        .arg(config)
+        .args(args)
+        .env("MAILFERRY_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn mailferry");
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        if let Ok(Some(_)) = child.try_wait() {
+            return child.wait_with_output().expect("output");
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("mailferry {args:?} did not finish in {secs} s");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
