@@ -75,15 +75,7 @@ impl Env {
 
     /// `sync EMAIL --once --json`, asserting exit 0; returns the report.
     fn sync(&self, user: &str) -> serde_json::Value {
-        let out = self.cli(&["sync", user, "--once", "--json"]);
-        assert!(
-            out.status.success(),
-            "sync failed ({}): {}{}",
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_slice(&out.stdout).expect("json report")
+        support::mailferry::sync_report(&self.cli(&["sync", user, "--once", "--json"]))
     }
 
     /// `verify EMAIL`: asserts exit 0 ("same").

@@ -103,6 +103,14 @@ pub struct Client {
     reply_timeout: Duration,
 }
 
+/// One step of reading a command's responses (`Client::next_of`).
+pub enum Next {
+    /// An untagged response (data of the command, or unsolicited).
+    Untagged(Response),
+    /// The command's tagged OK.
+    Done(StatusText),
+}
+
 impl Client {
     /// Connects to `ep` and logs in as `user` through the master user.
     pub async fn login(ep: &Endpoint, user: &str) -> Result<Client, SyncError> {
@@ -221,30 +229,35 @@ impl Client {
     ) -> Result<(Vec<Response>, StatusText), SyncError> {
         let mut untagged = Vec::new();
         loop {
-            match self.read().await? {
-                Response::Tagged {
-                    tag: t,
-                    status,
-                    info,
-                } if t.as_ref() == tag.as_bytes() => {
-                    return match status {
-                        Status::Ok => Ok((untagged, info)),
-                        _ => Err(self.refused(verb, status, &info)),
-                    };
-                }
-                Response::Condition {
-                    status: Status::Bye,
-                    info,
-                } => {
-                    return Err(SyncError::Refused {
-                        backend: self.route,
-                        command: verb,
-                        code: info.code_name(),
-                        text: format!("BYE {}", info.text),
-                    })
-                }
-                other => untagged.push(other),
+            match self.next_of(verb, tag).await? {
+                Next::Untagged(r) => untagged.push(r),
+                Next::Done(info) => return Ok((untagged, info)),
             }
+        }
+    }
+
+    /// The next response of the command `tag`: an untagged one, or its tagged OK. Errors on
+    /// NO/BAD and on BYE. Lets a large FETCH be handled one message at a time.
+    pub async fn next_of(&mut self, verb: &'static str, tag: &str) -> Result<Next, SyncError> {
+        match self.read().await? {
+            Response::Tagged {
+                tag: t,
+                status,
+                info,
+            } if t.as_ref() == tag.as_bytes() => match status {
+                Status::Ok => Ok(Next::Done(info)),
+                _ => Err(self.refused(verb, status, &info)),
+            },
+            Response::Condition {
+                status: Status::Bye,
+                info,
+            } => Err(SyncError::Refused {
+                backend: self.route,
+                command: verb,
+                code: info.code_name(),
+                text: format!("BYE {}", info.text),
+            }),
+            other => Ok(Next::Untagged(other)),
         }
     }
 

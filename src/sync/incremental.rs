@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 
 use tracing::{info, warn};
 
-use super::client::{Client, Fetched, MAX_MESSAGE};
+use super::client::{Client, Fetched, Next, MAX_MESSAGE};
 use super::mailboxes::Folder;
 use super::proto::{self, Response};
 use super::{add, content_hash, copy, Engine, PassReport, Progress, SyncError};
@@ -196,21 +196,7 @@ async fn hashes(
     c.write(format!("{tag} UID FETCH {range} (UID BODY.PEEK[])\r\n").as_bytes())
         .await?;
     let mut out = Vec::new();
-    loop {
-        let r = c.read().await?;
-        if let Response::Tagged {
-            tag: t,
-            status,
-            info,
-        } = &r
-        {
-            if t.as_ref() == tag.as_bytes() {
-                if *status != proto::Status::Ok {
-                    return Err(c.refused("UID FETCH", *status, info));
-                }
-                break;
-            }
-        }
+    while let Next::Untagged(r) = c.next_of("UID FETCH", &tag).await? {
         if let Some(f) = Fetched::parse(&r) {
             if let (true, Some(body)) = (f.uid >= min_uid, f.body) {
                 out.push((f.uid, content_hash(&body), body.len() as u64));

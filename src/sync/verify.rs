@@ -6,10 +6,9 @@ use std::collections::{BTreeMap, HashMap};
 
 use serde::Serialize;
 
-use super::client::{Client, Endpoint, Fetched, ListEntry};
+use super::client::{Client, Endpoint, Fetched, ListEntry, Next};
 use super::incremental::normalized;
 use super::mailboxes::{encode_path, Folder, Mapper, Rules};
-use super::proto::{Response, Status};
 use super::{content_hash, SyncError};
 
 /// The result of a comparison.
@@ -131,21 +130,7 @@ async fn signatures(c: &mut Client, mailbox: &str) -> Result<Vec<Sig>, SyncError
     let tag = c.tag();
     c.write(format!("{tag} UID FETCH 1:* (UID FLAGS INTERNALDATE BODY.PEEK[])\r\n").as_bytes())
         .await?;
-    loop {
-        let r = c.read().await?;
-        if let Response::Tagged {
-            tag: t,
-            status,
-            info,
-        } = &r
-        {
-            if t.as_ref() == tag.as_bytes() {
-                if *status != Status::Ok {
-                    return Err(c.refused("UID FETCH", *status, info));
-                }
-                break;
-            }
-        }
+    while let Next::Untagged(r) = c.next_of("UID FETCH", &tag).await? {
         if let Some(f) = Fetched::parse(&r) {
             let Some(body) = f.body else { continue };
             out.push(Sig {

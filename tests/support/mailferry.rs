@@ -258,3 +258,15 @@ pub fn run_cli(config: &std::path::Path, args: &[&str], secs: u64) -> Output {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// The `--json` report of a `sync EMAIL --once --json` run, asserting it succeeded.
+pub fn sync_report(out: &Output) -> serde_json::Value {
+    assert!(
+        out.status.success(),
+        "sync failed ({}): {}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("json report")
+}
