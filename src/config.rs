@@ -319,6 +319,14 @@ pub struct SyncConfig {
     /// Rename rules applied in order (first match wins), like imapsync's `--regextrans2`.
     #[serde(default)]
     pub rename: Vec<RenameRule>,
+    /// Round trip per 256 KiB at or below which a backend never counts as slowing down (the
+    /// adaptive backoff only acts above it and above 3× the backend's own recent best).
+    #[serde(default = "default_latency_floor_ms")]
+    pub latency_floor_ms: u64,
+}
+
+fn default_latency_floor_ms() -> u64 {
+    crate::sync::pace::DEFAULT_FLOOR_MS
 }
 
 /// One `[[sync.rename]]` rule: `from` is a regex on the decoded `/`-separated path, `to` its
@@ -352,6 +360,7 @@ impl Default for SyncConfig {
             interval_secs: default_sync_interval(),
             exclude: Vec::new(),
             rename: Vec::new(),
+            latency_floor_ms: default_latency_floor_ms(),
         }
     }
 }

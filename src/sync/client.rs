@@ -170,6 +170,29 @@ impl Client {
         }
     }
 
+    /// Writes `parts` back to back and flushes: large message bodies go out from their own
+    /// buffers instead of being copied into one.
+    pub async fn write_parts(&mut self, parts: &[Bytes]) -> Result<(), SyncError> {
+        let conn = &mut self.conn;
+        let all = async {
+            for p in parts {
+                conn.write_all(p).await?;
+            }
+            Ok::<(), std::io::Error>(())
+        };
+        match timeout(self.reply_timeout, all).await {
+            Err(_) => Err(SyncError::Timeout {
+                backend: self.route,
+                phase: "write",
+            }),
+            Ok(Err(source)) => Err(SyncError::Io {
+                backend: self.route,
+                source,
+            }),
+            Ok(Ok(())) => Ok(()),
+        }
+    }
+
     /// Reads the next complete response.
     pub async fn read(&mut self) -> Result<Response, SyncError> {
         loop {
@@ -181,9 +204,11 @@ impl Client {
                 let frame: Bytes = self.conn.buffer().split_to(n).freeze();
                 return proto::parse(frame).map_err(|e| self.protocol(e.to_string()));
             }
-            // Large reads while a literal streams in; the buffer grows only as far as needed.
+            // Large reads while a literal streams in. The rest of a known literal is reserved
+            // at once: growing an 8 MB buffer 256 KiB at a time copies it over and over.
             let want = 256 * 1024;
-            self.conn.buffer().reserve(want);
+            let missing = self.framer.literal_missing(self.conn.buffer().len());
+            self.conn.buffer().reserve(want.max(missing));
             let n = match timeout(self.reply_timeout, self.conn.read_some(want)).await {
                 Err(_) => {
                     return Err(SyncError::Timeout {

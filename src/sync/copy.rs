@@ -76,6 +76,35 @@ impl Msg {
     }
 }
 
+/// An APPEND batch on its way out: command text and small bodies gathered into one buffer,
+/// large bodies sent from their own (shared) buffers without a copy.
+#[derive(Default)]
+struct Out {
+    parts: Vec<Bytes>,
+    head: Vec<u8>,
+}
+
+impl Out {
+    /// Below this a body is copied into the command text: fewer, larger writes.
+    const COPY_BELOW: usize = 64 * 1024;
+
+    fn body(&mut self, body: &Bytes) {
+        if body.len() < Self::COPY_BELOW {
+            self.head.extend_from_slice(body);
+        } else {
+            self.parts.push(Bytes::from(std::mem::take(&mut self.head)));
+            self.parts.push(body.clone());
+        }
+    }
+
+    fn finish(mut self) -> Vec<Bytes> {
+        if !self.head.is_empty() {
+            self.parts.push(Bytes::from(self.head));
+        }
+        self.parts
+    }
+}
+
 struct InFlight {
     tag: String,
     msgs: Vec<Msg>,
@@ -327,16 +356,17 @@ async fn append_all(
                 }
                 continue;
             }
-            let mut out = Vec::with_capacity(bytes as usize + batch.len() * 96);
+            let mut out = Out::default();
             if multi && !single && batch.len() > 1 {
                 let tag = tgt.tag();
-                out.extend_from_slice(format!("{tag} APPEND {mbox}").as_bytes());
+                out.head
+                    .extend_from_slice(format!("{tag} APPEND {mbox}").as_bytes());
                 for m in &batch {
-                    out.push(b' ');
-                    m.encode(&mut out, true);
-                    out.extend_from_slice(&m.body);
+                    out.head.push(b' ');
+                    m.encode(&mut out.head, true);
+                    out.body(&m.body);
                 }
-                out.extend_from_slice(b"\r\n");
+                out.head.extend_from_slice(b"\r\n");
                 in_flight.push_back(InFlight {
                     tag,
                     msgs: batch,
@@ -345,10 +375,11 @@ async fn append_all(
             } else {
                 for m in batch {
                     let tag = tgt.tag();
-                    out.extend_from_slice(format!("{tag} APPEND {mbox} ").as_bytes());
-                    m.encode(&mut out, true);
-                    out.extend_from_slice(&m.body);
-                    out.extend_from_slice(b"\r\n");
+                    out.head
+                        .extend_from_slice(format!("{tag} APPEND {mbox} ").as_bytes());
+                    m.encode(&mut out.head, true);
+                    out.body(&m.body);
+                    out.head.extend_from_slice(b"\r\n");
                     in_flight.push_back(InFlight {
                         tag,
                         msgs: vec![m],
@@ -356,7 +387,7 @@ async fn append_all(
                     });
                 }
             }
-            tgt.write(&out).await?;
+            tgt.write_parts(&out.finish()).await?;
         }
         if in_flight.is_empty() {
             if closed && singles.is_empty() {

@@ -207,8 +207,8 @@ impl Engine {
             store,
             rules,
             throttle: Arc::new(Throttle::new(cfg.sync.bytes_per_second)),
-            legacy_pace: Limiter::new(Route::Legacy, cfg.sync.per_backend.max(1)),
-            new_pace: Limiter::new(Route::New, cfg.sync.per_backend.max(1)),
+            legacy_pace: Limiter::with_config(Route::Legacy, pace_config(cfg)),
+            new_pace: Limiter::with_config(Route::New, pace_config(cfg)),
         })
     }
 
@@ -465,6 +465,12 @@ fn unchanged(
         // Without CONDSTORE flag changes are invisible to STATUS: always compare.
         && condstore
         && src.highestmodseq.is_some_and(|m| m == s.highest_modseq)
+}
+
+/// Adaptive pacing of one backend from `[sync]`.
+fn pace_config(cfg: &Config) -> pace::PaceConfig {
+    pace::PaceConfig::new(cfg.sync.per_backend.max(1))
+        .with_floor(Duration::from_millis(cfg.sync.latency_floor_ms))
 }
 
 fn separator(list: &[ListEntry]) -> char {

@@ -32,6 +32,12 @@ pub struct Framer {
 }
 
 impl Framer {
+    /// Bytes still missing from a literal being skipped, when `buf_len` bytes are buffered:
+    /// lets the reader reserve a large literal once instead of growing (and copying) in steps.
+    pub fn literal_missing(&self, buf_len: usize) -> usize {
+        self.scan.saturating_sub(buf_len)
+    }
+
     /// Length of the first complete response in `buf` (including its final CRLF), if there is one.
     /// `max_literal` bounds each literal, `max_line` each line between literals.
     pub fn frame(
