@@ -20,7 +20,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use mailferry::config::Config;
-use mailferry::store::Store;
+use mailferry::store;
 use mailferry::sync::Engine;
 use support::corpus::{self, Corpus, Spec};
 use support::dovecot::{Backends, Dovecot, Flavor, MASTER_PASSWORD, MASTER_USER};
@@ -364,7 +364,7 @@ fn main() {
         .build()
         .unwrap();
     let store = rt
-        .block_on(Store::open(&format!(
+        .block_on(store::open(&format!(
             "sqlite://{}",
             dir.path().join("state.db").display()
         )))

@@ -194,7 +194,7 @@ async fn sync_once(cfg: &Config, email: &str, json: bool, quiet: bool) -> Result
     use mailferry::sync::{pass_with_retry, Engine, Progress};
     use std::sync::atomic::Ordering::Relaxed;
     let email = mailferry::route::normalize_user(email);
-    let store = mailferry::store::Store::open(&cfg.state.url).await?;
+    let store = mailferry::store::open(&cfg.state.url).await?;
     let engine = match Engine::from_config(cfg, store) {
         Ok(e) => e,
         Err(e) => {

@@ -19,7 +19,7 @@ use crate::net::tls::{self, ReloadableServer};
 use crate::route::embedded::EmbeddedDirectory;
 use crate::route::{Directory, Route, RouteCache};
 use crate::shutdown::Shutdown;
-use crate::store::Store;
+use crate::store::{SqlStore, StateStore};
 
 /// Why the server could not start.
 #[derive(Debug, thiserror::Error)]
@@ -66,8 +66,11 @@ fn read_file(
 }
 
 /// Opens the state store and the directory named by the config.
-pub async fn open_directory(cfg: &Config) -> Result<(Store, Arc<RouteCache>), ServeError> {
-    let store = Store::open(&cfg.state.url).await?;
+/// The embedded directory keeps its table in the same SQL database as the state store.
+pub async fn open_directory(
+    cfg: &Config,
+) -> Result<(Arc<dyn StateStore>, Arc<RouteCache>), ServeError> {
+    let store = SqlStore::open(&cfg.state.url).await?;
     let directory: Arc<dyn Directory> = match cfg.directory.kind {
         DirectoryKind::Embedded => Arc::new(EmbeddedDirectory::new(store.pool().clone())),
         DirectoryKind::Ldap => {
@@ -81,7 +84,7 @@ pub async fn open_directory(cfg: &Config) -> Result<(Store, Arc<RouteCache>), Se
         cfg.directory.default_route,
         Duration::from_secs(cfg.directory.cache_ttl_secs),
     ));
-    Ok((store, cache))
+    Ok((Arc::new(store), cache))
 }
 
 fn proxy_backend(cfg: &Config, route: Route) -> Result<ProxyBackend, ServeError> {

@@ -24,7 +24,7 @@ use mailferry::lmtp::{session, LmtpContext, LmtpTimeouts, StateCache};
 use mailferry::route::embedded::EmbeddedDirectory;
 use mailferry::route::{DirFuture, Directory, DirectoryError, Route, RouteCache};
 use mailferry::shutdown::Shutdown;
-use mailferry::store::Store;
+use mailferry::store::SqlStore;
 use support::dovecot::dot_stuff;
 use support::mailferry::{Mailferry, Options};
 use support::postfix::Postfix;
@@ -289,7 +289,7 @@ impl InProcess {
         let dir = tempfile::tempdir().unwrap();
         let url = format!("sqlite://{}", dir.path().join("state.db").display());
         let (store, routes, listener) = rt.block_on(async {
-            let store = Store::open(&url).await.expect("state store");
+            let store = SqlStore::open(&url).await.expect("state store");
             let directory =
                 directory.unwrap_or_else(|| Arc::new(EmbeddedDirectory::new(store.pool().clone())));
             let routes = Arc::new(RouteCache::new(
@@ -298,7 +298,7 @@ impl InProcess {
                 Duration::from_secs(30),
             ));
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-            (store, routes, listener)
+            (Arc::new(store), routes, listener)
         });
         let addr = listener.local_addr().unwrap();
         let deliveries = Arc::new(Deliveries::default());

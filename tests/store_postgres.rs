@@ -8,7 +8,7 @@ use std::path::Path;
 use std::process::Output;
 
 use mailferry::store::sync::{FolderState, UidRow};
-use mailferry::store::{Store, UserState};
+use mailferry::store::{self, UserState};
 use support::corpus::{self, Spec};
 use support::deadline::within;
 use support::postgres::Postgres;
@@ -54,9 +54,9 @@ fn migrations_and_user_state() {
     within(60, || {
         let pg = Postgres::start();
         rt().block_on(async {
-            let store = Store::open(&pg.url()).await.expect("open on postgres");
+            let store = store::open(&pg.url()).await.expect("open on postgres");
             // Opening again (another process, a restart) finds the schema current.
-            let again = Store::open(&pg.url()).await.expect("reopen");
+            let again = store::open(&pg.url()).await.expect("reopen");
             assert_eq!(
                 again.user_state("nobody@example.org").await.unwrap(),
                 UserState::Legacy
@@ -92,10 +92,10 @@ fn migrations_and_user_state() {
         let url = pg.create_database("race");
         rt().block_on(async {
             let (a, b, c, d) = tokio::join!(
-                Store::open(&url),
-                Store::open(&url),
-                Store::open(&url),
-                Store::open(&url)
+                store::open(&url),
+                store::open(&url),
+                store::open(&url),
+                store::open(&url)
             );
             for r in [a, b, c, d] {
                 r.expect("concurrent open");
@@ -116,7 +116,7 @@ fn sync_tables() {
     within(60, || {
         let pg = Postgres::start();
         rt().block_on(async {
-            let store = Store::open(&pg.url()).await.expect("open on postgres");
+            let store = store::open(&pg.url()).await.expect("open on postgres");
             let email = "a@example.org";
             let mut f = folder(email, "INBOX");
             store.put_sync_folder(&f).await.unwrap();

@@ -273,7 +273,7 @@ fn killed_passes_resume_without_duplicates() {
 /// Counts rows of the UID map while a pass runs in another process (SQLite WAL allows it).
 struct MapWatcher {
     rt: tokio::runtime::Runtime,
-    store: mailferry::store::Store,
+    store: mailferry::store::SqlStore,
 }
 
 impl MapWatcher {
@@ -283,7 +283,7 @@ impl MapWatcher {
             .build()
             .unwrap();
         let store = rt
-            .block_on(mailferry::store::Store::open(&format!(
+            .block_on(mailferry::store::SqlStore::open(&format!(
                 "sqlite://{}",
                 db.display()
             )))

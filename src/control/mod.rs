@@ -9,7 +9,7 @@ use serde::Serialize;
 
 use crate::route::{DirectoryError, Route, RouteCache};
 use crate::store::sync::SyncProgress;
-use crate::store::{Store, StoreError, UserState};
+use crate::store::{StateStore, StoreError, UserState};
 use crate::sync::scheduler::SyncQueue;
 use sessions::SessionRegistry;
 
@@ -71,7 +71,7 @@ pub struct StateChange {
 /// Performs operator actions against directory, store and live sessions.
 pub struct Control {
     routes: Arc<RouteCache>,
-    store: Store,
+    store: Arc<dyn StateStore>,
     sessions: Arc<SessionRegistry>,
     /// LMTP deliveries in flight and the node-local cutover flag, shared with the LMTP proxy.
     deliveries: Arc<inflight::Deliveries>,
@@ -84,7 +84,11 @@ pub const MOVED: &str = "Mailbox moved, please reconnect.";
 
 impl Control {
     /// Wires the pieces a control action touches.
-    pub fn new(routes: Arc<RouteCache>, store: Store, sessions: Arc<SessionRegistry>) -> Self {
+    pub fn new(
+        routes: Arc<RouteCache>,
+        store: Arc<dyn StateStore>,
+        sessions: Arc<SessionRegistry>,
+    ) -> Self {
         Control {
             routes,
             store,

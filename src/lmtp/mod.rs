@@ -23,7 +23,7 @@ use crate::config::Config;
 use crate::control::inflight::Deliveries;
 use crate::route::{Route, RouteCache};
 use crate::shutdown::Shutdown;
-use crate::store::{Store, StoreError, UserState};
+use crate::store::{StateStore, StoreError, UserState};
 use client::{BackendPool, ClientTimeouts};
 use server::ServerLimits;
 
@@ -85,7 +85,7 @@ impl StateCache {
     }
 
     /// Whether the store has `user` (normalized) in state `cutover`.
-    pub async fn is_cutover(&self, store: &Store, user: &str) -> Result<bool, StoreError> {
+    pub async fn is_cutover(&self, store: &dyn StateStore, user: &str) -> Result<bool, StoreError> {
         if self
             .clear_until
             .get(user)
@@ -115,7 +115,7 @@ pub struct LmtpContext {
     /// Route lookups (the same cache as IMAP).
     pub routes: Arc<RouteCache>,
     /// User states (`cutover` defers).
-    pub store: Store,
+    pub store: Arc<dyn StateStore>,
     /// Recent "not in cutover" answers of the store.
     pub states: StateCache,
     /// In-flight counters and the node-local cutover flag.
@@ -135,7 +135,7 @@ impl LmtpContext {
     pub fn from_config(
         cfg: &Config,
         routes: Arc<RouteCache>,
-        store: Store,
+        store: Arc<dyn StateStore>,
         deliveries: Arc<Deliveries>,
         shutdown: Shutdown,
     ) -> Self {
@@ -185,7 +185,7 @@ mod tests {
     #[tokio::test]
     async fn state_cache_keeps_only_not_in_cutover() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&format!("sqlite://{}", dir.path().join("s.db").display()))
+        let store = crate::store::open(&format!("sqlite://{}", dir.path().join("s.db").display()))
             .await
             .unwrap();
         let cache = StateCache::new(Duration::from_secs(3600));
@@ -193,26 +193,26 @@ mod tests {
             .set_user_state("a@x", UserState::Syncing, None)
             .await
             .unwrap();
-        assert!(!cache.is_cutover(&store, "a@x").await.unwrap());
+        assert!(!cache.is_cutover(&*store, "a@x").await.unwrap());
         // Within the TTL the store is not asked again (another node's cutover waits for it).
         store
             .set_user_state("a@x", UserState::Cutover, None)
             .await
             .unwrap();
-        assert!(!cache.is_cutover(&store, "a@x").await.unwrap());
+        assert!(!cache.is_cutover(&*store, "a@x").await.unwrap());
         // "In cutover" is never cached: its end is seen at once.
         store
             .set_user_state("b@x", UserState::Cutover, None)
             .await
             .unwrap();
-        assert!(cache.is_cutover(&store, "b@x").await.unwrap());
+        assert!(cache.is_cutover(&*store, "b@x").await.unwrap());
         store
             .set_user_state("b@x", UserState::New, None)
             .await
             .unwrap();
-        assert!(!cache.is_cutover(&store, "b@x").await.unwrap());
+        assert!(!cache.is_cutover(&*store, "b@x").await.unwrap());
         // With no TTL every answer comes from the store.
         let fresh = StateCache::new(Duration::ZERO);
-        assert!(fresh.is_cutover(&store, "a@x").await.unwrap());
+        assert!(fresh.is_cutover(&*store, "a@x").await.unwrap());
     }
 }

@@ -228,7 +228,7 @@ impl Session {
             return Reply::new(550, format!("5.1.1 <{address}> User unknown"));
         }
         // The shared state store: another node may be cutting this user over.
-        match ctx.states.is_cutover(&ctx.store, &key).await {
+        match ctx.states.is_cutover(&*ctx.store, &key).await {
             Ok(true) => {
                 metrics::counter!("mailferry_lmtp_deferrals_total", "reason" => "cutover")
                     .increment(1);

@@ -1,17 +1,22 @@
-//! The state store: users' migration state, the audit log of transitions, and the embedded
-//! directory's table. One SQL dialect through sqlx's `Any` driver: SQLite by default,
-//! PostgreSQL when several nodes share the work.
+//! The state store: users' migration state, the audit log of transitions, the sync engine's
+//! state, and the embedded directory's table. Consumers hold an `Arc<dyn StateStore>`;
+//! [`SqlStore`] implements it with one SQL dialect through sqlx's `Any` driver: SQLite by
+//! default, PostgreSQL when several nodes share the work.
 
 mod migrations;
 pub mod sync;
 pub mod users;
 
+use std::future::Future;
 use std::path::Path;
+use std::pin::Pin;
+use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use sqlx::any::AnyPoolOptions;
 use sqlx::AnyPool;
 
+use self::sync::{FolderState, SyncProgress, UidRow};
 pub use users::{UserRecord, UserState};
 
 /// Failures of the state store.
@@ -28,15 +33,113 @@ pub enum StoreError {
     BadValue(String),
 }
 
-/// A migrated connection pool to the state database.
+/// What a [`StateStore`] operation returns: a boxed future, so the trait stays object-safe.
+pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'a>>;
+
+/// Everything the proxy, the control plane and the sync engine keep in the state store.
+/// Held as `Arc<dyn StateStore>`; [`SqlStore`] is the implementation.
+pub trait StateStore: Send + Sync + 'static {
+    /// The record of `email`, if the store has one.
+    fn user<'a>(&'a self, email: &'a str) -> StoreFuture<'a, Option<UserRecord>>;
+
+    /// The state of `email`; users the store does not know are `legacy`.
+    fn user_state<'a>(&'a self, email: &'a str) -> StoreFuture<'a, UserState>;
+
+    /// Records a transition (and its audit event); `error` becomes `last_error`.
+    fn set_user_state<'a>(
+        &'a self,
+        email: &'a str,
+        state: UserState,
+        error: Option<&'a str>,
+    ) -> StoreFuture<'a, ()>;
+
+    /// Users in state `syncing`, for the scheduler.
+    fn syncing_users(&self) -> StoreFuture<'_, Vec<String>>;
+
+    /// All folder states of `email`.
+    fn sync_folders<'a>(&'a self, email: &'a str) -> StoreFuture<'a, Vec<FolderState>>;
+
+    /// Creates or replaces a folder state.
+    fn put_sync_folder<'a>(&'a self, f: &'a FolderState) -> StoreFuture<'a, ()>;
+
+    /// Forgets a folder and its UID map (the legacy folder is gone).
+    fn delete_sync_folder<'a>(
+        &'a self,
+        email: &'a str,
+        source_name: &'a str,
+    ) -> StoreFuture<'a, ()>;
+
+    /// Moves a folder's state and UID map to a new legacy name (renamed on legacy).
+    fn rename_sync_folder<'a>(
+        &'a self,
+        email: &'a str,
+        from: &'a str,
+        to: &'a str,
+    ) -> StoreFuture<'a, ()>;
+
+    /// The UID map of a folder, in legacy UID order.
+    fn uid_map<'a>(&'a self, email: &'a str, source_name: &'a str) -> StoreFuture<'a, Vec<UidRow>>;
+
+    /// Records messages about to be appended (target UID unknown), before the APPEND is sent.
+    fn add_pending<'a>(
+        &'a self,
+        email: &'a str,
+        source_name: &'a str,
+        rows: &'a [UidRow],
+    ) -> StoreFuture<'a, ()>;
+
+    /// Records acknowledged APPENDs (legacy UID → new UID) and advances `last_uid`.
+    fn confirm_uids<'a>(
+        &'a self,
+        email: &'a str,
+        source_name: &'a str,
+        pairs: &'a [(u32, u32)],
+    ) -> StoreFuture<'a, ()>;
+
+    /// Forgets UID map rows (expunged on legacy, or never appended).
+    fn delete_uids<'a>(
+        &'a self,
+        email: &'a str,
+        source_name: &'a str,
+        uids: &'a [u32],
+    ) -> StoreFuture<'a, ()>;
+
+    /// Replaces a folder's whole UID map (after a UIDVALIDITY change) in one transaction.
+    fn replace_uid_map<'a>(
+        &'a self,
+        state: &'a FolderState,
+        rows: &'a [UidRow],
+    ) -> StoreFuture<'a, ()>;
+
+    /// Records the end of a sync pass of `email`.
+    fn record_pass<'a>(
+        &'a self,
+        email: &'a str,
+        duration_ms: i64,
+        appended: i64,
+        error: Option<&'a str>,
+    ) -> StoreFuture<'a, ()>;
+
+    /// Sync progress of `email`, for `user show`.
+    fn sync_progress<'a>(&'a self, email: &'a str) -> StoreFuture<'a, SyncProgress>;
+}
+
+/// Opens (creating if needed) and migrates the state store at `url` (`sqlite://` or
+/// `postgres://`), ready to share.
+pub async fn open(url: &str) -> Result<Arc<dyn StateStore>, StoreError> {
+    Ok(Arc::new(SqlStore::open(url).await?))
+}
+
+/// The SQL state store: one sqlx `Any` implementation serving both SQLite (the default) and
+/// PostgreSQL, over a migrated connection pool.
 #[derive(Clone)]
-pub struct Store {
+pub struct SqlStore {
     pool: AnyPool,
 }
 
-impl Store {
+impl SqlStore {
     /// Opens (creating if needed) and migrates the database at `url`.
-    pub async fn open(url: &str) -> Result<Store, StoreError> {
+    pub async fn open(url: &str) -> Result<SqlStore, StoreError> {
         sqlx::any::install_default_drivers();
         let url = prepare_url(url)?;
         let sqlite = url.starts_with("sqlite:");
@@ -59,12 +162,120 @@ impl Store {
             .connect(&url)
             .await?;
         migrations::run(&pool, !sqlite).await?;
-        Ok(Store { pool })
+        Ok(SqlStore { pool })
     }
 
-    /// The pool, for modules that keep their own tables here (embedded directory, sync state).
+    /// The pool, for modules that keep their own tables here (the embedded directory).
     pub fn pool(&self) -> &AnyPool {
         &self.pool
+    }
+}
+
+/// Each operation delegates to the inherent method of the same name (`users.rs`, `sync.rs`).
+impl StateStore for SqlStore {
+    fn user<'a>(&'a self, email: &'a str) -> StoreFuture<'a, Option<UserRecord>> {
+        Box::pin(SqlStore::user(self, email))
+    }
+
+    fn user_state<'a>(&'a self, email: &'a str) -> StoreFuture<'a, UserState> {
+        Box::pin(SqlStore::user_state(self, email))
+    }
+
+    fn set_user_state<'a>(
+        &'a self,
+        email: &'a str,
+        state: UserState,
+        error: Option<&'a str>,
+    ) -> StoreFuture<'a, ()> {
+        Box::pin(SqlStore::set_user_state(self, email, state, error))
+    }
+
+    fn syncing_users(&self) -> StoreFuture<'_, Vec<String>> {
+        Box::pin(SqlStore::syncing_users(self))
+    }
+
+    fn sync_folders<'a>(&'a self, email: &'a str) -> StoreFuture<'a, Vec<FolderState>> {
+        Box::pin(SqlStore::sync_folders(self, email))
+    }
+
+    fn put_sync_folder<'a>(&'a self, f: &'a FolderState) -> StoreFuture<'a, ()> {
+        Box::pin(SqlStore::put_sync_folder(self, f))
+    }
+
+    fn delete_sync_folder<'a>(
+        &'a self,
+        email: &'a str,
+        source_name: &'a str,
+    ) -> StoreFuture<'a, ()> {
+        Box::pin(SqlStore::delete_sync_folder(self, email, source_name))
+    }
+
+    fn rename_sync_folder<'a>(
+        &'a self,
+        email: &'a str,
+        from: &'a str,
+        to: &'a str,
+    ) -> StoreFuture<'a, ()> {
+        Box::pin(SqlStore::rename_sync_folder(self, email, from, to))
+    }
+
+    fn uid_map<'a>(&'a self, email: &'a str, source_name: &'a str) -> StoreFuture<'a, Vec<UidRow>> {
+        Box::pin(SqlStore::uid_map(self, email, source_name))
+    }
+
+    fn add_pending<'a>(
+        &'a self,
+        email: &'a str,
+        source_name: &'a str,
+        rows: &'a [UidRow],
+    ) -> StoreFuture<'a, ()> {
+        Box::pin(SqlStore::add_pending(self, email, source_name, rows))
+    }
+
+    fn confirm_uids<'a>(
+        &'a self,
+        email: &'a str,
+        source_name: &'a str,
+        pairs: &'a [(u32, u32)],
+    ) -> StoreFuture<'a, ()> {
+        Box::pin(SqlStore::confirm_uids(self, email, source_name, pairs))
+    }
+
+    fn delete_uids<'a>(
+        &'a self,
+        email: &'a str,
+        source_name: &'a str,
+        uids: &'a [u32],
+    ) -> StoreFuture<'a, ()> {
+        Box::pin(SqlStore::delete_uids(self, email, source_name, uids))
+    }
+
+    fn replace_uid_map<'a>(
+        &'a self,
+        state: &'a FolderState,
+        rows: &'a [UidRow],
+    ) -> StoreFuture<'a, ()> {
+        Box::pin(SqlStore::replace_uid_map(self, state, rows))
+    }
+
+    fn record_pass<'a>(
+        &'a self,
+        email: &'a str,
+        duration_ms: i64,
+        appended: i64,
+        error: Option<&'a str>,
+    ) -> StoreFuture<'a, ()> {
+        Box::pin(SqlStore::record_pass(
+            self,
+            email,
+            duration_ms,
+            appended,
+            error,
+        ))
+    }
+
+    fn sync_progress<'a>(&'a self, email: &'a str) -> StoreFuture<'a, SyncProgress> {
+        Box::pin(SqlStore::sync_progress(self, email))
     }
 }
 
@@ -129,5 +340,41 @@ mod tests {
             "sqlite://:memory:?mode=rwc"
         );
         assert!(prepare_url("mysql://x").is_err());
+    }
+
+    #[tokio::test]
+    async fn trait_object_round_trips_folder_state_and_uid_map() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn StateStore> = open(&format!("sqlite://{}/s.db", dir.path().display()))
+            .await
+            .unwrap();
+        let f = FolderState {
+            email: "a@x".into(),
+            source_name: "Archive".into(),
+            target_name: "Archive".into(),
+            source_uidvalidity: 3,
+            target_uidvalidity: 4,
+            last_uid: 0,
+            highest_modseq: 17,
+            source_uidnext: 6,
+            source_messages: 2,
+            source_bytes: 300,
+            subscribed: false,
+        };
+        store.put_sync_folder(&f).await.unwrap();
+        assert_eq!(store.sync_folders("a@x").await.unwrap(), vec![f.clone()]);
+        let rows: Vec<UidRow> = [(2, Some(20)), (5, Some(0))]
+            .into_iter()
+            .map(|(u, t)| UidRow {
+                source_uid: u,
+                target_uid: t,
+                hash: format!("h{u}"),
+                size: 150,
+                pending_at: Some(1),
+            })
+            .collect();
+        store.replace_uid_map(&f, &rows).await.unwrap();
+        assert_eq!(store.uid_map("a@x", "Archive").await.unwrap(), rows);
+        assert_eq!(store.user_state("a@x").await.unwrap(), UserState::Legacy);
     }
 }

@@ -3,7 +3,7 @@
 
 use serde::Serialize;
 
-use super::{now, Store, StoreError};
+use super::{now, SqlStore, StoreError};
 
 /// What the engine remembers of one legacy folder of a user.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -88,7 +88,7 @@ type FolderRow = (
     i64,
 );
 
-impl Store {
+impl SqlStore {
     /// All folder states of `email`.
     pub async fn sync_folders(&self, email: &str) -> Result<Vec<FolderState>, StoreError> {
         let rows: Vec<FolderRow> = sqlx::query_as(
@@ -436,7 +436,7 @@ mod tests {
     #[tokio::test]
     async fn uid_map_life_cycle() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&format!("sqlite://{}/s.db", dir.path().display()))
+        let store = SqlStore::open(&format!("sqlite://{}/s.db", dir.path().display()))
             .await
             .unwrap();
         let mut f = FolderState {

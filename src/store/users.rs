@@ -5,7 +5,7 @@ use std::str::FromStr;
 
 use serde::Serialize;
 
-use super::{now, Store, StoreError};
+use super::{now, SqlStore, StoreError};
 
 /// A user's place in the migration (DESIGN.md §2).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -71,10 +71,10 @@ pub struct UserRecord {
     pub updated_at: i64,
 }
 
-/// A `users` row as selected by `Store::user`.
+/// A `users` row as selected by `SqlStore::user`.
 type UserRow = (String, String, Option<String>, Option<String>, i64);
 
-impl Store {
+impl SqlStore {
     /// The record of `email`, if the store has one.
     pub async fn user(&self, email: &str) -> Result<Option<UserRecord>, StoreError> {
         let row: Option<UserRow> = sqlx::query_as(

@@ -29,7 +29,7 @@ use crate::config::Config;
 use crate::imap::backend::BackendError;
 use crate::route::Route;
 use crate::store::sync::FolderState;
-use crate::store::{Store, StoreError};
+use crate::store::{StateStore, StoreError};
 use client::{Client, Endpoint, ListEntry, MailboxStatus};
 use mailboxes::{encode_path, Folder, Mapper, Rules};
 use pace::Limiter;
@@ -186,7 +186,7 @@ pub struct Engine {
     /// New backend.
     pub new: Endpoint,
     /// State store.
-    pub store: Store,
+    pub store: Arc<dyn StateStore>,
     /// Operator folder rules.
     pub rules: Rules,
     /// Bytes/s budget shared by all passes.
@@ -198,7 +198,7 @@ pub struct Engine {
 
 impl Engine {
     /// Builds the engine from the config (master credentials of both backends are required).
-    pub fn from_config(cfg: &Config, store: Store) -> Result<Engine, SyncError> {
+    pub fn from_config(cfg: &Config, store: Arc<dyn StateStore>) -> Result<Engine, SyncError> {
         crate::net::tls::install_provider();
         let rules = Rules::from_config(&cfg.sync).map_err(|e| SyncError::Config(e.to_string()))?;
         Ok(Engine {
