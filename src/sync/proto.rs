@@ -62,8 +62,9 @@ impl Framer {
             if end - self.line_start > max_line {
                 return Err(ProtoError::LineTooLong);
             }
+            // `literal_at_end` strips the one `\r` itself (stripping here too took `{4}\r\r\n`
+            // for a literal, which the parser then rejected).
             let line = &buf[self.line_start..end];
-            let line = line.strip_suffix(b"\r").unwrap_or(line);
             match literal_at_end(line).map(|(n, _)| n) {
                 Some(n) => {
                     if n > max_literal {
@@ -231,9 +232,15 @@ pub enum Response {
     Continue,
 }
 
+/// Deepest list nesting accepted: `value` recurses per level, and a 16 MiB line of `(` would
+/// otherwise overflow a tokio worker's stack (none of the responses read here nest beyond ~3).
+const MAX_DEPTH: usize = 64;
+
 struct Cursor {
     buf: Bytes,
     pos: usize,
+    /// Lists open at `pos`.
+    depth: usize,
 }
 
 fn malformed(what: &str) -> ProtoError {
@@ -348,6 +355,10 @@ impl Cursor {
     fn value(&mut self, in_code: bool) -> Result<Value, ProtoError> {
         match self.peek() {
             Some(b'(') => {
+                if self.depth >= MAX_DEPTH {
+                    return Err(malformed("lists nested too deeply"));
+                }
+                self.depth += 1;
                 self.pos += 1;
                 let mut items = Vec::new();
                 loop {
@@ -355,6 +366,7 @@ impl Cursor {
                     match self.peek() {
                         Some(b')') => {
                             self.pos += 1;
+                            self.depth -= 1;
                             return Ok(Value::List(items));
                         }
                         None | Some(b'\r') | Some(b'\n') => {
@@ -436,7 +448,11 @@ impl Cursor {
 
 /// Parses one complete response as framed by [`Framer`].
 pub fn parse(frame: Bytes) -> Result<Response, ProtoError> {
-    let mut c = Cursor { buf: frame, pos: 0 };
+    let mut c = Cursor {
+        buf: frame,
+        pos: 0,
+        depth: 0,
+    };
     match c.peek() {
         Some(b'+') => Ok(Response::Continue),
         Some(b'*') => {
@@ -579,6 +595,45 @@ mod tests {
         let l = items[0].list().unwrap();
         assert!(l[2].is_atom("BODY[]"));
         assert_eq!(l[3].bytes().unwrap(), b"A OK {3}\r\n.");
+    }
+
+    #[test]
+    fn literal_needs_exactly_one_cr() {
+        // Found by fuzz/fuzz_targets/sync_proto.rs: `{4}\r\r\n` is no literal, so the frame ends
+        // there (and the parser rejects it) instead of swallowing the next four bytes.
+        let msg = b"* 2 FETCH (BODY[] {4}\r\r\nab\r\nt1 OK done\r\n";
+        let mut f = Framer::default();
+        assert_eq!(f.frame(msg, 100, 100).unwrap(), Some(24));
+        assert!(parse(Bytes::copy_from_slice(&msg[..24])).is_err());
+        let mut f = Framer::default();
+        let lf_only = b"* 2 FETCH (BODY[] {2}\nab)\r\n";
+        assert_eq!(f.frame(lf_only, 100, 100).unwrap(), Some(lf_only.len()));
+    }
+
+    #[test]
+    fn deep_nesting_is_refused_not_a_stack_overflow() {
+        // Found with fuzz/fuzz_targets/sync_proto.rs (parses on a 64 KiB stack): one recursion
+        // per `(` overflowed the stack long before the 16 MiB line cap.
+        let deep = |n: usize| {
+            let mut v = b"* 1 FETCH ".to_vec();
+            v.extend(std::iter::repeat_n(b'(', n));
+            v.extend(std::iter::repeat_n(b')', n));
+            v.extend_from_slice(b"\r\n");
+            Bytes::from(v)
+        };
+        std::thread::Builder::new()
+            .stack_size(256 * 1024)
+            .spawn(move || {
+                assert!(parse(deep(MAX_DEPTH)).is_ok());
+                assert_eq!(
+                    parse(deep(MAX_DEPTH + 1)),
+                    Err(malformed("lists nested too deeply"))
+                );
+                assert!(parse(deep(1_000_000)).is_err());
+            })
+            .unwrap()
+            .join()
+            .unwrap();
     }
 
     #[test]
