@@ -1091,18 +1091,25 @@ impl Backends {
     /// [`USERS`] gets [`marker_message`] in INBOX on each side ("legacy
     /// marker" / "new marker").
     pub fn start() -> Backends {
+        Self::start_with("", "")
+    }
+
+    /// Like [`Backends::start`], with extra dovecot.conf text for each (see
+    /// [`Dovecot::start_with`]), e.g. `"mail_max_userip_connections = 1\n"`.
+    pub fn start_with(legacy_conf: &str, new_conf: &str) -> Backends {
         let (legacy, new) = thread::scope(|s| {
-            let boot = |name: &'static str, flavor: Flavor| {
+            let boot = |name: &'static str, flavor: Flavor, conf: &str| {
+                let conf = conf.to_owned();
                 move || {
-                    let d = Dovecot::start(name, flavor);
+                    let d = Dovecot::start_with(name, flavor, &conf);
                     for (user, _) in USERS {
                         d.save(user, "INBOX", &marker_message(flavor, user));
                     }
                     d
                 }
             };
-            let a = s.spawn(boot("legacy", Flavor::Legacy));
-            let b = s.spawn(boot("new", Flavor::New));
+            let a = s.spawn(boot("legacy", Flavor::Legacy, legacy_conf));
+            let b = s.spawn(boot("new", Flavor::New, new_conf));
             match (a.join(), b.join()) {
                 (Ok(a), Ok(b)) => (a, b),
                 (Err(p), _) | (_, Err(p)) => std::panic::resume_unwind(p),

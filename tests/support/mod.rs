@@ -9,6 +9,7 @@ pub mod dovecot;
 pub mod mailferry;
 pub mod postfix;
 pub mod postgres;
+pub mod relay;
 pub mod tls;
 
 #[allow(unused_imports)]
