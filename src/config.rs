@@ -323,6 +323,22 @@ pub struct SyncConfig {
     /// adaptive backoff only acts above it and above 3× the backend's own recent best).
     #[serde(default = "default_latency_floor_ms")]
     pub latency_floor_ms: u64,
+    /// Keep users' own passwords from proxy logins in memory to sync backends that have no
+    /// master user (DESIGN.md §5: "credentials captured at login only if configured").
+    #[serde(default)]
+    pub capture_credentials: bool,
+    /// How long a captured password is used after the login that brought it.
+    #[serde(default = "default_credentials_ttl")]
+    pub credentials_ttl_secs: u64,
+    /// Longest silence of a backend while the engine awaits a reply, before the pass fails with
+    /// a timeout (and backs off, then retries). Unset: `[limits] backend_reply_secs`, at least 60.
+    #[serde(default)]
+    pub reply_timeout_secs: Option<u64>,
+}
+
+fn default_credentials_ttl() -> u64 {
+    // A day: passes run every few minutes, and a user who uses mail logs in daily.
+    86_400
 }
 
 fn default_latency_floor_ms() -> u64 {
@@ -361,6 +377,9 @@ impl Default for SyncConfig {
             exclude: Vec::new(),
             rename: Vec::new(),
             latency_floor_ms: default_latency_floor_ms(),
+            capture_credentials: false,
+            credentials_ttl_secs: default_credentials_ttl(),
+            reply_timeout_secs: None,
         }
     }
 }

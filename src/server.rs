@@ -132,6 +132,10 @@ pub async fn serve(
     let shutdown = Shutdown::new();
     let limits = cfg.limits.clone();
     let sync_queue = Arc::new(crate::sync::scheduler::SyncQueue::default());
+    // Built before the proxy so that logins can hand it captured passwords. Passes log in
+    // through master users or those passwords; a pass that has neither records why.
+    let engine = crate::sync::Engine::from_config(&cfg, store.clone()).map(Arc::new);
+    let captured = engine.as_ref().ok().map(|e| e.captured.clone());
     let imap = Arc::new(ImapContext {
         allow_plaintext: cfg.tls.allow_plaintext_auth,
         proxy: cfg.proxy.clone(),
@@ -149,7 +153,12 @@ pub async fn serve(
         limits: limits.clone(),
         on_login: Some(Arc::new({
             let q = sync_queue.clone();
-            move |user: &str| q.bump(user)
+            move |user: &str, password: Option<&[u8]>| {
+                if let (Some(c), Some(pw)) = (&captured, password) {
+                    c.put(user, pw);
+                }
+                q.bump(user)
+            }
         })),
     });
     let control = Arc::new(
@@ -215,8 +224,7 @@ pub async fn serve(
             }
         });
     }
-    // The sync engine needs both backends' master users; without them the proxy runs alone.
-    match crate::sync::Engine::from_config(&cfg, store.clone()) {
+    match engine {
         Ok(engine) => {
             let schedule = crate::sync::scheduler::Schedule {
                 concurrency: cfg.sync.concurrency,
@@ -228,7 +236,7 @@ pub async fn serve(
                 "sync scheduler running"
             );
             tasks.spawn(crate::sync::scheduler::run(
-                Arc::new(engine),
+                engine,
                 sync_queue.clone(),
                 schedule,
                 shutdown.clone(),

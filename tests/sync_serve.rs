@@ -9,14 +9,14 @@ use std::time::{Duration, Instant};
 
 use support::client::Client;
 use support::corpus::{self, Spec};
-use support::mailferry::{Mailferry, Options};
+use support::mailferry::{run_cli, with_master_users, Mailferry, Options};
 use support::Backends;
 
 const USER: &str = "bob@example.org";
 const PASSWORD: &str = "bobpw";
 
-fn show(m: &Mailferry) -> serde_json::Value {
-    let out = m.cli(&["user", "show", USER, "--json"]);
+fn show(m: &Mailferry, user: &str) -> serde_json::Value {
+    let out = m.cli(&["user", "show", user, "--json"]);
     assert!(
         out.status.success(),
         "{}",
@@ -32,12 +32,13 @@ fn copied(v: &serde_json::Value) -> u64 {
 /// Polls `user show` until `pred` holds (the scheduler works in the background).
 fn wait_for(
     m: &Mailferry,
+    user: &str,
     what: &str,
     pred: impl Fn(&serde_json::Value) -> bool,
 ) -> serde_json::Value {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let v = show(m);
+        let v = show(m, user);
         if pred(&v) {
             return v;
         }
@@ -73,7 +74,7 @@ fn migrate_syncs_in_the_background_and_a_login_bumps_the_next_pass() {
                 ..Options::default()
             },
         );
-        assert_eq!(show(&m)["state"], "legacy");
+        assert_eq!(show(&m, USER)["state"], "legacy");
 
         let out = m.cli(&["user", "migrate", USER]);
         assert!(
@@ -83,7 +84,7 @@ fn migrate_syncs_in_the_background_and_a_login_bumps_the_next_pass() {
         );
         assert!(String::from_utf8_lossy(&out.stdout).contains("syncing"));
         let total = c.messages.len() as u64 + 1; // plus the harness's legacy marker
-        let v = wait_for(&m, "initial pass", |v| {
+        let v = wait_for(&m, USER, "initial pass", |v| {
             copied(v) == total && v["sync"]["passes"].as_u64() >= Some(1)
         });
         assert_eq!(v["state"], "syncing");
@@ -118,7 +119,7 @@ fn migrate_syncs_in_the_background_and_a_login_bumps_the_next_pass() {
         let login = client.login(USER, PASSWORD);
         assert!(login.contains("OK"), "{login}");
         let want = total + more.messages.len() as u64;
-        wait_for(&m, "bumped pass", |v| copied(v) == want);
+        wait_for(&m, USER, "bumped pass", |v| copied(v) == want);
         let out = m.cli(&["verify", USER]);
         assert_eq!(
             out.status.code(),
@@ -129,5 +130,68 @@ fn migrate_syncs_in_the_background_and_a_login_bumps_the_next_pass() {
 
         // A second migrate is harmless; an unknown state transition is refused.
         assert!(m.cli(&["user", "migrate", USER]).status.success());
+    });
+}
+
+/// Without master users, `[sync] capture_credentials` lets the scheduler sync a user with the
+/// password of their last login through the proxy: before that login a pass says why it cannot
+/// run; after it the mailbox is copied; the password never reaches the log or the state store.
+#[test]
+fn captured_credentials_sync_a_user_without_master_users() {
+    within(150, || {
+        const CAROL: &str = "carol@example.org";
+        const CAROL_PW: &str = "carolpw";
+        let b = Backends::start();
+        let out = b
+            .new
+            .doveadm(&["expunge", "-u", CAROL, "mailbox", "INBOX", "all"]);
+        assert!(out.status.success());
+        let c = corpus::generate(&Spec {
+            seed: 21,
+            messages: 15,
+            large: 0,
+            ..Spec::default()
+        });
+        corpus::load(&b.legacy, CAROL, &c);
+        let m = Mailferry::start(
+            &b,
+            Options {
+                no_master: true,
+                extra: "[sync]\ninterval_secs = 3600\ncapture_credentials = true\n".into(),
+                ..Options::default()
+            },
+        );
+        assert!(m.cli(&["user", "migrate", CAROL]).status.success());
+        let v = wait_for(&m, CAROL, "a pass without credentials", |v| {
+            v["sync"]["last_error"].is_string()
+        });
+        let err = v["sync"]["last_error"].as_str().unwrap_or_default();
+        assert!(err.contains("no credentials"), "{v}");
+        assert_eq!(copied(&v), 0);
+
+        let mut client = Client::plain(m.imap);
+        let login = client.login(CAROL, CAROL_PW);
+        assert!(login.contains("OK"), "{login}");
+        let total = c.messages.len() as u64 + 1; // plus the harness's legacy marker
+        let v = wait_for(&m, CAROL, "pass with the captured password", |v| {
+            copied(v) == total && v["sync"]["last_error"].is_null()
+        });
+        assert_eq!(v["state"], "syncing");
+
+        let verify = run_cli(&with_master_users(&m), &["verify", CAROL], 60);
+        assert_eq!(
+            verify.status.code(),
+            Some(0),
+            "{}",
+            String::from_utf8_lossy(&verify.stdout)
+        );
+        assert!(!m.log().contains(CAROL_PW), "password in the log");
+        for file in ["state.db", "state.db-wal"] {
+            let db = std::fs::read(m.config.with_file_name(file)).unwrap_or_default();
+            assert!(
+                !db.windows(CAROL_PW.len()).any(|w| w == CAROL_PW.as_bytes()),
+                "password in {file}"
+            );
+        }
     });
 }

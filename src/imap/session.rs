@@ -56,12 +56,25 @@ pub struct ImapContext {
     pub auth_delay: AuthDelay,
     /// Server shutdown.
     pub shutdown: Shutdown,
-    /// Called with the user after each successful login (the sync scheduler's lazy bump).
+    /// Called after each successful login (the sync scheduler's lazy bump, and the capture of
+    /// the password when `[sync] capture_credentials` is on).
     pub on_login: Option<LoginHook>,
 }
 
-/// A callback run with the user's login after a successful backend login.
-pub type LoginHook = Arc<dyn Fn(&str) + Send + Sync>;
+/// A callback run after a successful backend login with the user and, when the client proved
+/// the user's own password (not a master user's), that password. It must not log it.
+pub type LoginHook = Arc<dyn Fn(&str, Option<&[u8]>) + Send + Sync>;
+
+/// The user's own password in `req`, if the client logged in as the user (not as a master
+/// user acting for them).
+fn own_password(req: &LoginRequest) -> Option<&[u8]> {
+    let c = &req.credentials;
+    let as_self = c.authcid.eq_ignore_ascii_case(&req.user)
+        && c.authzid
+            .as_deref()
+            .is_none_or(|z| z.is_empty() || z.eq_ignore_ascii_case(&req.user));
+    as_self.then(|| c.password.expose().as_slice())
+}
 
 impl ImapContext {
     fn backend(&self, route: Route) -> &ProxyBackend {
@@ -199,7 +212,7 @@ impl PreAuthPhase {
                     Event::Login(req) => match Box::pin(self.login(ctx, &req)).await {
                         Ok((routed, backend)) => {
                             if let Some(on_login) = &ctx.on_login {
-                                on_login(&routed.user);
+                                on_login(&routed.user, own_password(&req));
                             }
                             let authed = BackendAuthed {
                                 client: self.conn,
@@ -463,5 +476,34 @@ impl BackendAuthed {
             detail,
             "session end"
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::imap::preauth::{AuthForm, Credentials};
+
+    fn req(user: &str, authzid: Option<&str>, authcid: &str) -> LoginRequest {
+        LoginRequest {
+            tag: "a".into(),
+            user: user.into(),
+            credentials: Credentials {
+                authzid: authzid.map(str::to_owned),
+                authcid: authcid.into(),
+                password: Secret::new(b"pw".to_vec()),
+                form: AuthForm::Plain,
+            },
+        }
+    }
+
+    #[test]
+    fn only_the_users_own_password_is_offered_for_capture() {
+        let own = |r: &LoginRequest| own_password(r).map(<[u8]>::to_vec);
+        assert_eq!(own(&req("a@x", None, "a@x")), Some(b"pw".to_vec()));
+        assert_eq!(own(&req("a@x", Some("A@X"), "a@x")), Some(b"pw".to_vec()));
+        // Master logins: PLAIN with authzid, and `user*master`.
+        assert_eq!(own(&req("a@x", Some("a@x"), "admin")), None);
+        assert_eq!(own(&req("a@x", None, "a@x*admin")), None);
     }
 }

@@ -34,6 +34,8 @@ pub struct Endpoint {
     pub master: Option<(String, Secret<String>)>,
     /// Connect and reply timeouts.
     pub limits: Limits,
+    /// Longest silence while a reply is awaited after login (`[sync] reply_timeout_secs`).
+    pub reply_timeout: Duration,
 }
 
 impl Endpoint {
@@ -64,6 +66,12 @@ impl Endpoint {
             },
             master,
             limits: cfg.limits.clone(),
+            // A big APPEND batch or FETCH of a large message can take a while to be answered,
+            // but any silence longer than this is a dead or overloaded backend.
+            reply_timeout: match cfg.sync.reply_timeout_secs {
+                Some(secs) => Duration::from_secs(secs.max(1)),
+                None => cfg.limits.backend_reply().max(Duration::from_secs(60)),
+            },
         })
     }
 
@@ -112,29 +120,40 @@ pub enum Next {
 }
 
 impl Client {
-    /// Connects to `ep` and logs in as `user` through the master user.
-    pub async fn login(ep: &Endpoint, user: &str) -> Result<Client, SyncError> {
-        let Some((master, password)) = &ep.master else {
-            return Err(SyncError::Config(format!(
-                "backends.{}: the sync engine needs master_user and master_password_file",
-                ep.route()
-            )));
+    /// Connects to `ep` and logs in as `user`: through the backend's master user when one is
+    /// configured, else with `own`, the user's password captured at a proxy login.
+    pub async fn login(
+        ep: &Endpoint,
+        user: &str,
+        own: Option<&Secret<Vec<u8>>>,
+    ) -> Result<Client, SyncError> {
+        let creds = match (&ep.master, own) {
+            (Some((master, password)), _) => PlainLogin {
+                authzid: Some(user),
+                authcid: master.as_bytes(),
+                password: password.expose().as_bytes(),
+            },
+            (None, Some(password)) => PlainLogin {
+                authzid: None,
+                authcid: user.as_bytes(),
+                password: password.expose(),
+            },
+            (None, None) => {
+                return Err(SyncError::NoCredentials {
+                    backend: ep.route(),
+                })
+            }
         };
-        let creds = PlainLogin {
-            authzid: Some(user),
-            authcid: master.as_bytes(),
-            password: password.expose().as_bytes(),
-        };
-        let logged = backend::login(&ep.target, &ep.limits, None, creds).await?;
+        let logged = backend::login(&ep.target, &ep.limits, None, creds)
+            .await
+            .map_err(login_error)?;
         Ok(Client {
             conn: logged.conn,
             framer: Framer::default(),
             next_tag: 1,
             caps: Caps::parse(&logged.capabilities),
             route: ep.route(),
-            // A big APPEND batch or FETCH of a large message can take a while to be answered,
-            // but any silence longer than this is a dead or overloaded backend.
-            reply_timeout: ep.limits.backend_reply().max(Duration::from_secs(60)),
+            reply_timeout: ep.reply_timeout,
         })
     }
 
@@ -437,8 +456,8 @@ impl Client {
             match r {
                 Response::Numbered { n, kind, .. } if kind == "EXISTS" => s.exists = n,
                 Response::Condition { info, .. } => match info.code_name().as_str() {
-                    "UIDVALIDITY" => s.uidvalidity = info.code_number(0).unwrap_or(0) as u32,
-                    "UIDNEXT" => s.uidnext = info.code_number(0).unwrap_or(0) as u32,
+                    "UIDVALIDITY" => s.uidvalidity = to_u32(info.code_number(0)),
+                    "UIDNEXT" => s.uidnext = to_u32(info.code_number(0)),
                     "HIGHESTMODSEQ" => s.highestmodseq = info.code_number(0),
                     _ => {}
                 },
@@ -457,13 +476,63 @@ impl Client {
         {
             if let Response::Data { kind, items } = r {
                 if kind == "SEARCH" {
-                    out.extend(items.iter().filter_map(|v| v.number()).map(|n| n as u32));
+                    out.extend(
+                        items
+                            .iter()
+                            .filter_map(|v| v.number())
+                            .filter_map(|n| u32::try_from(n).ok()),
+                    );
                 }
             }
         }
         out.sort_unstable();
         Ok(out)
     }
+}
+
+/// A login refusal that says the backend is overloaded (Dovecot answers
+/// `NO [LIMIT] Maximum number of connections from user+IP exceeded` to the login when
+/// `mail_max_userip_connections` is reached; others `NO [UNAVAILABLE]`, or `* BYE [...]` as the
+/// greeting) becomes a `Refused` with that code, so the backend's pace backs off before the
+/// retry. Other login errors are kept as they are.
+fn login_error(e: backend::BackendError) -> SyncError {
+    match &e {
+        backend::BackendError::Refused { backend, text } => match overload_code(text) {
+            Some(code) => SyncError::Refused {
+                backend: *backend,
+                command: "LOGIN",
+                code: code.to_owned(),
+                text: text.clone(),
+            },
+            None => SyncError::Login(e),
+        },
+        _ => SyncError::Login(e),
+    }
+}
+
+/// `LIMIT`, `INUSE` or `UNAVAILABLE` when a `NO`/`BYE` text (tag stripped) carries that code.
+fn overload_code(text: &str) -> Option<&'static str> {
+    let upper = text
+        .trim_start()
+        .trim_start_matches('*')
+        .trim_start()
+        .to_ascii_uppercase();
+    let rest = upper
+        .strip_prefix("NO")
+        .or_else(|| upper.strip_prefix("BYE"))?;
+    let code = rest
+        .trim_start()
+        .strip_prefix('[')?
+        .split([']', ' '])
+        .next()?;
+    ["LIMIT", "INUSE", "UNAVAILABLE"]
+        .into_iter()
+        .find(|c| code == *c)
+}
+
+/// A 32-bit protocol number, 0 (unknown) when absent or out of range.
+fn to_u32(n: Option<u64>) -> u32 {
+    n.and_then(|n| u32::try_from(n).ok()).unwrap_or(0)
 }
 
 /// One `* LIST` entry.
@@ -528,9 +597,9 @@ impl MailboxStatus {
             let [k, v] = pair else { continue };
             let v = v.number();
             match k.text().map(str::to_ascii_uppercase).as_deref() {
-                Some("MESSAGES") => s.messages = v? as u32,
-                Some("UIDNEXT") => s.uidnext = v? as u32,
-                Some("UIDVALIDITY") => s.uidvalidity = v? as u32,
+                Some("MESSAGES") => s.messages = u32::try_from(v?).ok()?,
+                Some("UIDNEXT") => s.uidnext = u32::try_from(v?).ok()?,
+                Some("UIDVALIDITY") => s.uidvalidity = u32::try_from(v?).ok()?,
                 Some("HIGHESTMODSEQ") => s.highestmodseq = v,
                 _ => {}
             }
@@ -585,7 +654,8 @@ impl Fetched {
             let key = list[i].bytes().unwrap_or_default().to_ascii_uppercase();
             let v = &list[i + 1];
             match key.as_slice() {
-                b"UID" => f.uid = v.number()? as u32,
+                // A UID beyond 32 bits is not a UID (RFC 3501 nz-number): no such message.
+                b"UID" => f.uid = u32::try_from(v.number()?).ok()?,
                 b"FLAGS" => {
                     f.flags = Some(
                         v.list()?
@@ -610,5 +680,56 @@ impl Fetched {
             i += 2;
         }
         (f.uid != 0).then_some(f)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::imap::backend::BackendError;
+
+    fn refused(text: &str) -> SyncError {
+        login_error(BackendError::Refused {
+            backend: Route::New,
+            text: text.into(),
+        })
+    }
+
+    #[test]
+    fn overloaded_logins_back_off_and_retry() {
+        // What Dovecot 2.3.19 answers to a login past mail_max_userip_connections.
+        let e = refused(
+            "NO [LIMIT] Maximum number of connections from user+IP exceeded \
+             (mail_max_userip_connections=1)",
+        );
+        assert_eq!(e.overload(), Some((Route::New, "LIMIT")));
+        assert!(e.retryable());
+        assert!(e.to_string().contains("LOGIN refused"), "{e}");
+        let e = refused("* BYE [UNAVAILABLE] Server shutting down");
+        assert_eq!(e.overload(), Some((Route::New, "UNAVAILABLE")));
+        assert_eq!(
+            refused("no [inuse] mailbox locked").overload(),
+            Some((Route::New, "INUSE"))
+        );
+    }
+
+    #[test]
+    fn other_login_refusals_stay_login_errors() {
+        for text in [
+            "NO [AUTHORIZATIONFAILED] not allowed",
+            "NO [LIMITED] no such code",
+            "* BYE Too many connections",
+        ] {
+            let e = refused(text);
+            assert!(matches!(e, SyncError::Login(_)), "{text}: {e:?}");
+            assert_eq!(e.overload(), None, "{text}");
+        }
+        let e = login_error(BackendError::AuthFailed {
+            backend: Route::Legacy,
+        });
+        assert!(matches!(
+            e,
+            SyncError::Login(BackendError::AuthFailed { .. })
+        ));
     }
 }

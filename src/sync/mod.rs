@@ -9,6 +9,7 @@
 
 pub mod client;
 pub mod copy;
+pub mod credentials;
 pub mod incremental;
 pub mod mailboxes;
 pub mod pace;
@@ -83,6 +84,16 @@ pub enum SyncError {
     /// The configuration does not allow syncing.
     #[error("sync configuration: {0}")]
     Config(String),
+    /// Neither a master user nor a captured password lets the engine log in as the user.
+    #[error(
+        "backend {backend}: no credentials for this user: set master_user and \
+         master_password_file, or [sync] capture_credentials = true and wait for the user's \
+         next login through the proxy"
+    )]
+    NoCredentials {
+        /// Which backend.
+        backend: Route,
+    },
 }
 
 impl SyncError {
@@ -118,7 +129,9 @@ impl SyncError {
                     | BackendError::Refused { .. }
             ),
             SyncError::Store(_) => true,
-            SyncError::Protocol { .. } | SyncError::Config(_) => false,
+            SyncError::Protocol { .. } | SyncError::Config(_) | SyncError::NoCredentials { .. } => {
+                false
+            }
         }
     }
 }
@@ -191,13 +204,17 @@ pub struct Engine {
     pub rules: Rules,
     /// Bytes/s budget shared by all passes.
     pub throttle: Arc<Throttle>,
+    /// Users' passwords captured at proxy login (`[sync] capture_credentials`), used where a
+    /// backend has no master user.
+    pub captured: Arc<credentials::Captured>,
     /// Connections per backend (each pass holds one on each side), adaptively limited.
     legacy_pace: Arc<Limiter>,
     new_pace: Arc<Limiter>,
 }
 
 impl Engine {
-    /// Builds the engine from the config (master credentials of both backends are required).
+    /// Builds the engine from the config. Logging in as a user needs each backend's master
+    /// user, or that user's password captured at a proxy login (`[sync] capture_credentials`).
     pub fn from_config(cfg: &Config, store: Arc<dyn StateStore>) -> Result<Engine, SyncError> {
         crate::net::tls::install_provider();
         let rules = Rules::from_config(&cfg.sync).map_err(|e| SyncError::Config(e.to_string()))?;
@@ -207,6 +224,10 @@ impl Engine {
             store,
             rules,
             throttle: Arc::new(Throttle::new(cfg.sync.bytes_per_second)),
+            captured: Arc::new(credentials::Captured::new(
+                cfg.sync.capture_credentials,
+                Duration::from_secs(cfg.sync.credentials_ttl_secs),
+            )),
             legacy_pace: Limiter::with_config(Route::Legacy, pace_config(cfg)),
             new_pace: Limiter::with_config(Route::New, pace_config(cfg)),
         })
@@ -257,10 +278,21 @@ impl Engine {
     async fn pass_inner(&self, email: &str, progress: &Progress) -> Result<PassReport, SyncError> {
         let _l = self.legacy_pace.acquire().await;
         let _n = self.new_pace.acquire().await;
-        let (mut src, mut tgt) = tokio::try_join!(
-            Client::login(&self.legacy, email),
-            Client::login(&self.new, email)
-        )?;
+        // Users' own passwords only where a backend has no master user.
+        let own = (self.legacy.master.is_none() || self.new.master.is_none())
+            .then(|| self.captured.get(email))
+            .flatten();
+        let logins = tokio::try_join!(
+            Client::login(&self.legacy, email, own.as_ref()),
+            Client::login(&self.new, email, own.as_ref())
+        );
+        if let Err(SyncError::Login(BackendError::AuthFailed { .. })) = &logins {
+            if own.is_some() {
+                // The password changed since it was captured; the next login brings the new one.
+                self.captured.forget(email);
+            }
+        }
+        let (mut src, mut tgt) = logins?;
         let result = self.run(email, &mut src, &mut tgt, progress).await;
         tokio::join!(src.logout(), tgt.logout());
         result

@@ -44,8 +44,10 @@ pub async fn verify(
     rules: &Rules,
     email: &str,
 ) -> Result<VerifyReport, SyncError> {
-    let (mut src, mut tgt) =
-        tokio::try_join!(Client::login(legacy, email), Client::login(new, email))?;
+    let (mut src, mut tgt) = tokio::try_join!(
+        Client::login(legacy, email, None),
+        Client::login(new, email, None)
+    )?;
     let r = compare(&mut src, &mut tgt, rules).await;
     tokio::join!(src.logout(), tgt.logout());
     r
@@ -229,9 +231,26 @@ pub fn parse_internaldate(s: &str) -> Option<i64> {
         t.next()?.parse().ok()?,
         t.next()?.parse().ok()?,
     );
-    let (sign, z) = zone.split_at(1);
+    // The backend's text: bounded to what RFC 3501's date-time allows, so no arithmetic below
+    // can overflow and no slicing can split a character.
+    if !(1..=31).contains(&day)
+        || !(0..=9999).contains(&year)
+        || !(0..=23).contains(&h)
+        || !(0..=59).contains(&m)
+        || !(0..=60).contains(&sec)
+    {
+        return None;
+    }
+    let (sign, z) = match (zone.strip_prefix('+'), zone.strip_prefix('-')) {
+        (Some(z), _) => (1, z),
+        (_, Some(z)) => (-1, z),
+        _ => return None,
+    };
+    if z.len() != 4 || !z.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
     let z: i64 = z.parse().ok()?;
-    let offset = (z / 100 * 60 + z % 100) * 60 * if sign == "-" { -1 } else { 1 };
+    let offset = (z / 100 * 60 + z % 100) * 60 * sign;
     // Days from civil (Howard Hinnant's algorithm).
     let y = if month <= 2 { year - 1 } else { year };
     let era = if y >= 0 { y } else { y - 399 } / 400;
@@ -246,6 +265,20 @@ pub fn parse_internaldate(s: &str) -> Option<i64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn malformed_internaldates_are_refused_not_a_panic() {
+        for bad in [
+            "1-Jan-2000 00:00:00 é0000",
+            "1-Jan-99999999999999 00:00:00 +0000",
+            "1-Jan-2000 99:00:00 +0000",
+            "1-Jan-2000 00:00:00 +00",
+            "1-Jan-2000 00:00:00 0000",
+            "40-Jan-2000 00:00:00 +0000",
+        ] {
+            assert_eq!(parse_internaldate(bad), None, "{bad}");
+        }
+    }
 
     #[test]
     fn internaldate_is_an_instant() {

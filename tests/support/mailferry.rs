@@ -22,6 +22,8 @@ pub struct Options {
     pub backend_tls: &'static str,
     /// Raw TOML appended to the generated config (extra sections).
     pub extra: String,
+    /// Leave `master_user`/`master_password_file` out of both backends (passthrough only).
+    pub no_master: bool,
 }
 
 impl Default for Options {
@@ -32,6 +34,7 @@ impl Default for Options {
             new_auth: "passthrough",
             backend_tls: "none",
             extra: String::new(),
+            no_master: false,
         }
     }
 }
@@ -77,15 +80,43 @@ fn backend_toml(
     d: &Dovecot,
     auth: &str,
     tls: &str,
-    secret: &std::path::Path,
+    secret: Option<&std::path::Path>,
 ) -> String {
     let imap = if tls == "implicit" { d.imaps } else { d.imap };
+    let master = secret.map_or(String::new(), |s| {
+        format!(
+            "master_user = \"{MASTER_USER}\"\nmaster_password_file = \"{}\"\n",
+            s.display()
+        )
+    });
     format!(
-        "[backends.{name}]\nimap = \"{imap}\"\nimap_tls = \"{tls}\"\nca_file = \"{ca}\"\nlmtp = \"{lmtp}\"\nauth = \"{auth}\"\nmaster_user = \"{MASTER_USER}\"\nmaster_password_file = \"{secret}\"\n\n",
+        "[backends.{name}]\nimap = \"{imap}\"\nimap_tls = \"{tls}\"\nca_file = \"{ca}\"\nlmtp = \"{lmtp}\"\nauth = \"{auth}\"\n{master}\n",
         ca = d.cert.cert_pem.display(),
         lmtp = d.lmtp,
-        secret = secret.display(),
     )
+}
+
+/// The generated config of `m` with both backends' master users added (for CLI commands such
+/// as `verify` that need them when the server itself runs without).
+pub fn with_master_users(m: &Mailferry) -> PathBuf {
+    let text = std::fs::read_to_string(&m.config).expect("config");
+    let secret = m.config.with_file_name("verify-master.secret");
+    std::fs::write(&secret, format!("{MASTER_PASSWORD}\n")).expect("secret");
+    let master = format!(
+        "master_user = \"{MASTER_USER}\"\nmaster_password_file = \"{}\"\n",
+        secret.display()
+    );
+    let mut out = String::new();
+    for line in text.lines() {
+        out.push_str(line);
+        out.push('\n');
+        if line.starts_with("auth = ") && !text.contains("master_user") {
+            out.push_str(&master);
+        }
+    }
+    let path = m.config.with_file_name("with-master.toml");
+    std::fs::write(&path, out).expect("write config");
+    path
 }
 
 impl Mailferry {
@@ -116,14 +147,14 @@ impl Mailferry {
             &backends.legacy,
             opts.legacy_auth,
             opts.backend_tls,
-            &secret,
+            (!opts.no_master).then_some(secret.as_path()),
         ));
         text.push_str(&backend_toml(
             "new",
             &backends.new,
             opts.new_auth,
             opts.backend_tls,
-            &secret,
+            (!opts.no_master).then_some(secret.as_path()),
         ));
         text.push_str(&opts.extra);
         let config = dir.path().join("mailferry.toml");
