@@ -270,6 +270,79 @@ fn killed_passes_resume_without_duplicates() {
     });
 }
 
+#[test]
+fn pending_rows_of_an_older_version_are_recovered_not_copied_again() {
+    within(120, || {
+        let env = Env::new("none", "");
+        env.fresh_target(USER);
+        let c = corpus::generate(&Spec {
+            seed: 5,
+            messages: 12,
+            large: 0,
+            folders: false,
+            ..Spec::default()
+        });
+        corpus::load(&env.backends.legacy, USER, &c);
+        env.sync(USER);
+        // What a pass of a version that recorded SHA-256 leaves when killed after sending its
+        // last APPEND: the newest message is on new, its row pending under the old hash.
+        let watcher = MapWatcher::new(&env.state);
+        let map = watcher
+            .rt
+            .block_on(watcher.store.uid_map(USER, "INBOX"))
+            .expect("uid map");
+        let last = map
+            .iter()
+            .max_by_key(|r| r.source_uid)
+            .expect("rows")
+            .clone();
+        let body = &c.messages.last().expect("messages").body;
+        assert_eq!(
+            last.size,
+            body.len() as u64,
+            "the newest row is the corpus's last message"
+        );
+        let old = mailferry::store::sync::UidRow {
+            target_uid: None,
+            hash: mailferry::sync::sha256_hex(body),
+            ..last
+        };
+        let source_uid = old.source_uid;
+        watcher
+            .rt
+            .block_on(watcher.store.add_pending(USER, "INBOX", &[old]))
+            .expect("add pending");
+        // Unacknowledged, so the folder's copy had not got past it.
+        let mut st = watcher
+            .rt
+            .block_on(watcher.store.sync_folders(USER))
+            .expect("folders")
+            .into_iter()
+            .find(|f| f.source_name == "INBOX")
+            .expect("INBOX state");
+        st.last_uid = source_uid - 1;
+        watcher
+            .rt
+            .block_on(watcher.store.put_sync_folder(&st))
+            .expect("put folder");
+        // And one new message on legacy, so the folder has changed.
+        let more = corpus::generate(&Spec {
+            seed: 6,
+            messages: 1,
+            large: 0,
+            folders: false,
+            ..Spec::default()
+        });
+        corpus::load(&env.backends.legacy, USER, &more);
+
+        let r = env.sync(USER);
+        assert_eq!(n(&r, "recovered"), 1, "{r}");
+        assert_eq!(n(&r, "appended"), 1, "{r}");
+        // A duplicate would show as an extra message on new.
+        env.assert_same(USER);
+    });
+}
+
 /// Counts rows of the UID map while a pass runs in another process (SQLite WAL allows it).
 struct MapWatcher {
     rt: tokio::runtime::Runtime,

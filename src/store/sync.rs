@@ -39,7 +39,8 @@ pub struct UidRow {
     pub source_uid: u32,
     /// New UID; `None` while an APPEND is unacknowledged; `Some(0)` when not copyable.
     pub target_uid: Option<u32>,
-    /// SHA-256 of the full message, hex.
+    /// Content hash of the full message: `b3:` and hex BLAKE3 (bare hex SHA-256 when
+    /// recorded by an older version).
     pub hash: String,
     /// Size in bytes.
     pub size: u64,

@@ -8,7 +8,9 @@ use tracing::{info, warn};
 use super::client::{Client, Fetched, Next, MAX_MESSAGE};
 use super::mailboxes::Folder;
 use super::proto::{self, Response};
-use super::{add, content_hash, copy, Engine, PassReport, Progress, SyncError};
+use super::{
+    add, content_hash, copy, sha256_hex, Engine, PassReport, Progress, SyncError, HASH_PREFIX,
+};
 use crate::store::sync::{FolderState, UidRow};
 
 /// Brings one mapped folder up to date.
@@ -186,11 +188,14 @@ pub(crate) async fn sync_folder(
     Ok(())
 }
 
-/// Fetches `(UID, SHA-256)` of target messages in `range`, streaming (one body in memory at a time).
+/// Fetches `(UID, content hash, size)` of the messages in `range`, streaming (one body in
+/// memory at a time). With `also_sha256`, each message is listed a second time under its bare
+/// SHA-256, the hash older versions recorded.
 async fn hashes(
     c: &mut Client,
     range: &str,
     min_uid: u32,
+    also_sha256: bool,
 ) -> Result<Vec<(u32, String, u64)>, SyncError> {
     let tag = c.tag();
     c.write(format!("{tag} UID FETCH {range} (UID BODY.PEEK[])\r\n").as_bytes())
@@ -200,6 +205,9 @@ async fn hashes(
         if let Some(f) = Fetched::parse(&r) {
             if let (true, Some(body)) = (f.uid >= min_uid, f.body) {
                 out.push((f.uid, content_hash(&body), body.len() as u64));
+                if also_sha256 {
+                    out.push((f.uid, sha256_hex(&body), body.len() as u64));
+                }
             }
         }
     }
@@ -229,24 +237,32 @@ async fn recover(
         .max()
         .unwrap_or(0);
     let mut by_hash: HashMap<String, VecDeque<u32>> = HashMap::new();
+    // Rows recorded by a version that hashed with SHA-256 still match their message.
+    let old_format = pending.iter().any(|r| !r.hash.starts_with(HASH_PREFIX));
     let mut seen = max_confirmed;
     let mut matched = Vec::new();
+    // A target message is listed under two hashes when `old_format`: it answers one row only.
+    let mut taken: HashSet<u32> = HashSet::new();
     loop {
         // NOOP first: messages committed by another (dead) session become visible.
         tgt.command("NOOP", "NOOP").await?;
-        for (uid, h, _) in hashes(tgt, &format!("{}:*", seen + 1), seen + 1).await? {
+        let range = format!("{}:*", seen + 1);
+        for (uid, h, _) in hashes(tgt, &range, seen + 1, old_format).await? {
             seen = seen.max(uid);
             by_hash.entry(h).or_default().push_back(uid);
         }
-        pending.retain(
-            |r| match by_hash.get_mut(r.hash.as_str()).and_then(|q| q.pop_front()) {
-                Some(t) => {
+        pending.retain(|r| {
+            let Some(q) = by_hash.get_mut(r.hash.as_str()) else {
+                return true;
+            };
+            while let Some(t) = q.pop_front() {
+                if taken.insert(t) {
                     matched.push((r.source_uid, t));
-                    false
+                    return false;
                 }
-                None => true,
-            },
-        );
+            }
+            true
+        });
         if pending.is_empty() || crate::store::now() - newest > LATE_COMMIT_GRACE_SECS {
             break;
         }
@@ -282,8 +298,8 @@ async fn rematch(
 ) -> Result<(), SyncError> {
     let old = engine.store.uid_map(&st.email, &st.source_name).await?;
     let target_same = st.target_uidvalidity == target_uidvalidity;
-    let source_msgs = hashes(src, "1:*", 1).await?;
-    let target_msgs = hashes(tgt, "1:*", 1).await?;
+    let source_msgs = hashes(src, "1:*", 1, false).await?;
+    let target_msgs = hashes(tgt, "1:*", 1, false).await?;
     let mut by_hash: HashMap<&str, VecDeque<u32>> = HashMap::new();
     for (uid, h, _) in &target_msgs {
         by_hash.entry(h.as_str()).or_default().push_back(*uid);

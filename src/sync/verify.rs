@@ -9,7 +9,7 @@ use serde::Serialize;
 use super::client::{Client, Endpoint, Fetched, ListEntry, Next};
 use super::incremental::normalized;
 use super::mailboxes::{encode_path, Folder, Mapper, Rules};
-use super::{content_hash, SyncError};
+use super::{sha256_hex, SyncError};
 
 /// The result of a comparison.
 #[derive(Debug, Clone, Default, Serialize)]
@@ -136,7 +136,7 @@ async fn signatures(c: &mut Client, mailbox: &str) -> Result<Vec<Sig>, SyncError
         if let Some(f) = Fetched::parse(&r) {
             let Some(body) = f.body else { continue };
             out.push(Sig {
-                hash: content_hash(&body),
+                hash: sha256_hex(&body),
                 flags: normalized(&f.flags.unwrap_or_default()),
                 date: f.internaldate.as_deref().and_then(parse_internaldate),
                 uid: f.uid,
