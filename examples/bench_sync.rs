@@ -63,6 +63,17 @@ fn cpu_seconds() -> f64 {
     proc_cpu("self", false)
 }
 
+/// Minor page faults of this process so far: fresh buffers cost one per 4 KiB touched.
+fn page_faults() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    // minflt is the 10th field of the line, the 8th after the command name.
+    rest.split_whitespace()
+        .nth(7)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
 fn backend_cpu(d: &Dovecot) -> f64 {
     d.processes()
         .iter()
@@ -95,6 +106,8 @@ struct Usage {
     new: f64,
     own: f64,
     children: f64,
+    /// Minor page faults of this process.
+    faults: f64,
     /// Machine CPU busy, 0..=1 of all cores.
     busy: f64,
 }
@@ -106,14 +119,17 @@ fn usage_now(b: &Backends) -> (Usage, (u64, u64)) {
             new: backend_cpu(&b.new),
             own: cpu_seconds(),
             children: proc_cpu("self", true) - cpu_seconds(),
+            faults: page_faults(),
             busy: 0.0,
         },
         machine_ticks(),
     )
 }
 
-/// Runs `f` and returns its result with the CPU each party used meanwhile.
+/// Runs `f` and returns its result with the CPU each party used meanwhile. Dirty pages of
+/// earlier phases are written out first, so one phase's writeback does not load the next.
 fn measured<T>(b: &Backends, f: impl FnOnce() -> T) -> (T, Usage) {
+    let _ = Command::new("sync").status();
     let (u0, (b0, t0)) = usage_now(b);
     let r = f();
     let (u1, (b1, t1)) = usage_now(b);
@@ -122,6 +138,7 @@ fn measured<T>(b: &Backends, f: impl FnOnce() -> T) -> (T, Usage) {
         new: u1.new - u0.new,
         own: u1.own - u0.own,
         children: u1.children - u0.children,
+        faults: u1.faults - u0.faults,
         busy: (b1 - b0) as f64 / (t1 - t0).max(1) as f64,
     };
     (r, u)
@@ -749,8 +766,8 @@ fn main() {
          mailferry's engine; doveadm's own for doveadm)"
     );
     println!(
-        "{:<16} {:<20} {:>8} {:>8} {:>8} {:>8} {:>6} {:>9} {:>8}",
-        "corpus", "phase", "wall s", "legacy", "new", "client", "busy", "MB/s", "msg/s"
+        "{:<16} {:<20} {:>8} {:>8} {:>8} {:>8} {:>8} {:>6} {:>9} {:>8}",
+        "corpus", "phase", "wall s", "legacy", "new", "client", "faults", "busy", "MB/s", "msg/s"
     );
     type Phase = fn(&Round) -> Option<&(Rate, Usage)>;
     let phases: [(&str, Phase); 6] = [
@@ -768,13 +785,14 @@ fn main() {
             }
             let m = |f: fn(&(Rate, Usage)) -> f64| r.median(|x| phase(x).map(f));
             println!(
-                "{:<16} {:<20} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>5.0}% {:>9.1} {:>8.0}",
+                "{:<16} {:<20} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>8.0} {:>5.0}% {:>9.1} {:>8.0}",
                 r.label,
                 name,
                 m(|p| p.0.secs),
                 m(|p| p.1.legacy),
                 m(|p| p.1.new),
                 m(|p| p.1.own + p.1.children),
+                m(|p| p.1.faults),
                 m(|p| p.1.busy) * 100.0,
                 m(|p| p.0.mb),
                 m(|p| p.0.msgs),

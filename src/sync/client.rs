@@ -6,11 +6,13 @@
 //! stream literals and several commands can be in flight); `read()` returns one parsed response.
 
 use std::collections::HashSet;
+use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use tokio::time::timeout;
 
+use super::bodies::BodyPool;
 use super::proto::{self, Framer, Response, Status, StatusText, Value};
 use super::SyncError;
 use crate::config::{read_secret, Config};
@@ -109,6 +111,11 @@ pub struct Client {
     caps: Caps,
     route: Route,
     reply_timeout: Duration,
+    /// Where large literals are read into while a copy runs (`set_body_pool`).
+    bodies: Option<Arc<BodyPool>>,
+    /// The response being read went into a buffer of `bodies`: once it is split off, the
+    /// bytes after it move out, so the buffer is the body's alone and can come back.
+    pooled: bool,
 }
 
 /// One step of reading a command's responses (`Client::next_of`).
@@ -154,6 +161,8 @@ impl Client {
             caps: Caps::parse(&logged.capabilities),
             route: ep.route(),
             reply_timeout: ep.reply_timeout,
+            bodies: None,
+            pooled: false,
         })
     }
 
@@ -212,6 +221,11 @@ impl Client {
         }
     }
 
+    /// Reads large literals into buffers of `pool` (None: allocate as usual).
+    pub fn set_body_pool(&mut self, pool: Option<Arc<BodyPool>>) {
+        self.bodies = pool;
+    }
+
     /// Reads the next complete response.
     pub async fn read(&mut self) -> Result<Response, SyncError> {
         loop {
@@ -220,14 +234,28 @@ impl Client {
                 .frame(self.conn.buffer(), MAX_MESSAGE, MAX_LINE)
                 .map_err(|e| self.protocol(e.to_string()))?;
             if let Some(n) = framed {
-                let frame: Bytes = self.conn.buffer().split_to(n).freeze();
+                let buf = self.conn.buffer();
+                let frame: Bytes = buf.split_to(n).freeze();
+                if std::mem::take(&mut self.pooled) {
+                    *buf = BytesMut::from(&buf[..]);
+                }
                 return proto::parse(frame).map_err(|e| self.protocol(e.to_string()));
             }
             // Large reads while a literal streams in. The rest of a known literal is reserved
             // at once: growing an 8 MB buffer 256 KiB at a time copies it over and over.
             let want = 256 * 1024;
             let missing = self.framer.literal_missing(self.conn.buffer().len());
-            self.conn.buffer().reserve(want.max(missing));
+            let buf = self.conn.buffer();
+            if let Some(pool) = &self.bodies {
+                if missing >= BodyPool::MIN && buf.capacity() - buf.len() < missing {
+                    // Room for the frame and one more read past its end.
+                    let mut recycled = pool.take(buf.len() + missing + want);
+                    recycled.extend_from_slice(buf);
+                    *buf = recycled;
+                    self.pooled = true;
+                }
+            }
+            buf.reserve(want.max(missing));
             let n = match timeout(self.reply_timeout, self.conn.read_some(want)).await {
                 Err(_) => {
                     return Err(SyncError::Timeout {

@@ -1,7 +1,9 @@
-//! Copying new messages of one folder: a fetcher streams `UID FETCH` results from legacy (a few
-//! commands in flight) into a byte-bounded channel; an appender sends them to new as pipelined
-//! APPENDs (MULTIAPPEND batches with LITERAL+ where offered), recording each batch as pending
-//! before it is sent and its APPENDUID mapping after the server acknowledged it.
+//! Copying new messages of one folder, in four stages that run at once: a fetcher streams
+//! `UID FETCH` results from legacy (a few commands in flight) into a byte-bounded channel; a
+//! recorder writes them to the state store as pending, several per transaction; an appender
+//! sends only recorded messages to new as pipelined APPENDs (MULTIAPPEND batches with LITERAL+
+//! where offered); a confirmer records each acknowledged batch's APPENDUID mapping. The store's
+//! commits (an fsync each) thus overlap the transfer instead of stalling it.
 //!
 //! Both sides report each command's service time to their backend's [`Limiter`], which may cut
 //! the pipeline depth (and impose a pause) when the backend slows down.
@@ -14,6 +16,7 @@ use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use tracing::warn;
 
+use super::bodies::BodyPool;
 use super::client::{Client, Fetched};
 use super::pace::Limiter;
 use super::proto::{self, Response, Status};
@@ -42,7 +45,15 @@ pub struct Msg {
     date: Option<String>,
     body: Bytes,
     hash: String,
+    /// Where the body's buffer goes back once the message is done with.
+    bodies: Arc<BodyPool>,
     _permit: OwnedSemaphorePermit,
+}
+
+impl Drop for Msg {
+    fn drop(&mut self) {
+        self.bodies.give(std::mem::take(&mut self.body));
+    }
 }
 
 impl Msg {
@@ -135,15 +146,83 @@ pub(crate) async fn copy_new(
         return Ok(false);
     }
     let mem = Arc::new(Semaphore::new(BUFFER_BYTES as usize));
-    let (tx, rx) = mpsc::channel::<Msg>(APPEND_MESSAGES * (APPEND_IN_FLIGHT + 1));
+    let (fetched_tx, fetched) = mpsc::channel::<Msg>(APPEND_MESSAGES * (APPEND_IN_FLIGHT + 1));
+    let (recorded_tx, recorded) = mpsc::channel::<Msg>(APPEND_MESSAGES * (APPEND_IN_FLIGHT + 1));
+    let (confirm_tx, confirms) = mpsc::unbounded_channel::<Vec<(u32, u32)>>();
     let src_pace = engine.pace(src.route()).clone();
-    let fetch = fetch_all(src, todo, tx, mem, &src_pace);
-    let append = append_all(engine, email, tgt, state, rx, report, progress);
-    let (f, a) = tokio::join!(fetch, append);
-    // An append error is the more useful one; a fetch error stops the appender by closing the channel.
+    let folder = state.source_name.clone();
+    // Idle bodies kept: about what the appender has in flight, so each one it finishes feeds
+    // the next message read.
+    let bodies = Arc::new(BodyPool::new(
+        (APPEND_BYTES * APPEND_IN_FLIGHT as u64) as usize,
+    ));
+    src.set_body_pool(Some(bodies.clone()));
+    let fetch = fetch_all(src, todo, fetched_tx, mem, bodies, &src_pace);
+    let record = record_all(engine, email, &folder, fetched, recorded_tx);
+    let append = append_all(
+        engine, email, tgt, state, recorded, confirm_tx, report, progress,
+    );
+    let confirm = confirm_all(engine, email, &folder, confirms);
+    let (f, r, a, c) = tokio::join!(fetch, record, append, confirm);
+    src.set_body_pool(None);
+    // The store's error first (every stage stops when it fails), then the appender's; a fetch
+    // error stops the others by closing the channel.
+    c?;
+    r?;
     let needs_recovery = a?;
     f?;
     Ok(needs_recovery)
+}
+
+/// Most messages recorded as pending in one transaction.
+const RECORD_MESSAGES: usize = 256;
+
+/// Records fetched messages as pending before the appender may send them: a crash after this
+/// point is resolved by matching their hashes against the target. Takes every message waiting,
+/// so one commit covers many while the appender is busy.
+async fn record_all(
+    engine: &Engine,
+    email: &str,
+    folder: &str,
+    mut fetched: mpsc::Receiver<Msg>,
+    recorded: mpsc::Sender<Msg>,
+) -> Result<(), SyncError> {
+    while let Some(m) = fetched.recv().await {
+        let mut batch = vec![m];
+        while batch.len() < RECORD_MESSAGES {
+            match fetched.try_recv() {
+                Ok(m) => batch.push(m),
+                Err(_) => break,
+            }
+        }
+        let rows: Vec<UidRow> = batch.iter().map(Msg::row).collect();
+        engine.store.add_pending(email, folder, &rows).await?;
+        for m in batch {
+            if recorded.send(m).await.is_err() {
+                // The appender stopped (it reports its own error).
+                return Ok(());
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Records the legacy → new UID pairs of acknowledged APPENDs, all that are waiting in one
+/// transaction. Until then a pair's row stays pending, which a crash only turns into a match
+/// by hash on the next pass.
+async fn confirm_all(
+    engine: &Engine,
+    email: &str,
+    folder: &str,
+    mut confirms: mpsc::UnboundedReceiver<Vec<(u32, u32)>>,
+) -> Result<(), SyncError> {
+    while let Some(mut pairs) = confirms.recv().await {
+        while let Ok(more) = confirms.try_recv() {
+            pairs.extend(more);
+        }
+        engine.store.confirm_uids(email, folder, &pairs).await?;
+    }
+    Ok(())
 }
 
 async fn fetch_all(
@@ -151,6 +230,7 @@ async fn fetch_all(
     todo: &[(u32, u64)],
     tx: mpsc::Sender<Msg>,
     mem: Arc<Semaphore>,
+    bodies: Arc<BodyPool>,
     pace: &Limiter,
 ) -> Result<(), SyncError> {
     let mut chunks: VecDeque<Vec<u32>> = VecDeque::new();
@@ -233,6 +313,7 @@ async fn fetch_all(
                     date: f.internaldate,
                     hash: content_hash(&body),
                     body,
+                    bodies: bodies.clone(),
                     _permit: permit,
                 };
                 if tx.send(msg).await.is_err() {
@@ -245,6 +326,18 @@ async fn fetch_all(
     }
 }
 
+/// Where completed APPENDs go: UID pairs to the confirmer, counts to the report and progress,
+/// refused MULTIAPPEND batches back to be retried one message at a time.
+struct Completions<'a> {
+    email: &'a str,
+    confirms: mpsc::UnboundedSender<Vec<(u32, u32)>>,
+    singles: VecDeque<Msg>,
+    /// Acknowledged without usable APPENDUID: `recover` matches them by hash afterwards.
+    needs_recovery: bool,
+    report: &'a mut PassReport,
+    progress: &'a Progress,
+}
+
 #[allow(clippy::too_many_arguments)]
 async fn append_all(
     engine: &Engine,
@@ -252,6 +345,7 @@ async fn append_all(
     tgt: &mut Client,
     state: &mut FolderState,
     mut rx: mpsc::Receiver<Msg>,
+    confirms: mpsc::UnboundedSender<Vec<(u32, u32)>>,
     report: &mut PassReport,
     progress: &Progress,
 ) -> Result<bool, SyncError> {
@@ -259,9 +353,15 @@ async fn append_all(
     let literal_plus = tgt.has("LITERAL+");
     let mbox = proto::quote(&state.target_name);
     let mut in_flight: VecDeque<InFlight> = VecDeque::new();
-    let mut singles: VecDeque<Msg> = VecDeque::new();
+    let mut done = Completions {
+        email,
+        confirms,
+        singles: VecDeque::new(),
+        needs_recovery: false,
+        report,
+        progress,
+    };
     let mut closed = false;
-    let mut needs_recovery = false;
     let pace = engine.pace(tgt.route()).clone();
     // End of the previous command: with several in flight, a command's service time starts
     // when the server finished the one before it.
@@ -275,7 +375,7 @@ async fn append_all(
             let ours = Instant::now();
             let mut batch: Vec<Msg> = Vec::new();
             let mut single = false;
-            if let Some(m) = singles.pop_front() {
+            if let Some(m) = done.singles.pop_front() {
                 batch.push(m);
                 single = true;
             } else if !closed {
@@ -303,13 +403,7 @@ async fn append_all(
             if batch.is_empty() {
                 break;
             }
-            let rows: Vec<UidRow> = batch.iter().map(Msg::row).collect();
-            // Recorded before the APPEND leaves: a crash after this point is resolved by
-            // matching these hashes against the target.
-            engine
-                .store
-                .add_pending(email, &state.source_name, &rows)
-                .await?;
+            // Every message here was recorded as pending by `record_all`.
             let bytes: u64 = batch.iter().map(|m| m.body.len() as u64).sum();
             pace.wait_pause().await;
             engine.throttle.acquire(bytes).await;
@@ -336,23 +430,12 @@ async fn append_all(
                     let mut body = m.body.to_vec();
                     body.extend_from_slice(b"\r\n");
                     tgt.write(&body).await?;
-                    let done = InFlight {
+                    let one = InFlight {
                         tag,
                         msgs: vec![m],
                         sent,
                     };
-                    complete(
-                        engine,
-                        email,
-                        tgt,
-                        state,
-                        done,
-                        &mut singles,
-                        &mut needs_recovery,
-                        report,
-                        progress,
-                    )
-                    .await?;
+                    complete(&pace, tgt, state, one, &mut done).await?;
                 }
                 continue;
             }
@@ -390,8 +473,8 @@ async fn append_all(
             tgt.write_parts(&out.finish()).await?;
         }
         if in_flight.is_empty() {
-            if closed && singles.is_empty() {
-                return Ok(needs_recovery);
+            if closed && done.singles.is_empty() {
+                return Ok(done.needs_recovery);
             }
             continue;
         }
@@ -411,20 +494,7 @@ async fn append_all(
                     pace.sample(service, front.bytes());
                 }
                 (prev_done, blocked) = (now, std::time::Duration::ZERO);
-                complete_with(
-                    engine,
-                    email,
-                    tgt,
-                    state,
-                    front,
-                    status,
-                    info,
-                    &mut singles,
-                    &mut needs_recovery,
-                    report,
-                    progress,
-                )
-                .await?;
+                done.complete(tgt, state, front, status, &info)?;
             }
             Response::Condition {
                 status: Status::Bye,
@@ -437,40 +507,21 @@ async fn append_all(
     }
 }
 
-#[allow(clippy::too_many_arguments)]
+/// Waits for the reply to `one` (a synchronizing-literal APPEND) and completes it.
 async fn complete(
-    engine: &Engine,
-    email: &str,
+    pace: &Limiter,
     tgt: &mut Client,
     state: &mut FolderState,
-    done: InFlight,
-    singles: &mut VecDeque<Msg>,
-    needs_recovery: &mut bool,
-    report: &mut PassReport,
-    progress: &Progress,
+    one: InFlight,
+    done: &mut Completions<'_>,
 ) -> Result<(), SyncError> {
     loop {
         match tgt.read().await? {
-            Response::Tagged { tag, status, info } if tag.as_ref() == done.tag.as_bytes() => {
+            Response::Tagged { tag, status, info } if tag.as_ref() == one.tag.as_bytes() => {
                 if status == Status::Ok {
-                    engine
-                        .pace(tgt.route())
-                        .sample(done.sent.elapsed(), done.bytes());
+                    pace.sample(one.sent.elapsed(), one.bytes());
                 }
-                return complete_with(
-                    engine,
-                    email,
-                    tgt,
-                    state,
-                    done,
-                    status,
-                    info,
-                    singles,
-                    needs_recovery,
-                    report,
-                    progress,
-                )
-                .await;
+                return done.complete(tgt, state, one, status, &info);
             }
             Response::Condition {
                 status: Status::Bye,
@@ -481,77 +532,69 @@ async fn complete(
     }
 }
 
-/// Handles the completion of one APPEND command.
-#[allow(clippy::too_many_arguments)]
-async fn complete_with(
-    engine: &Engine,
-    email: &str,
-    tgt: &mut Client,
-    state: &mut FolderState,
-    done: InFlight,
-    status: Status,
-    info: proto::StatusText,
-    singles: &mut VecDeque<Msg>,
-    needs_recovery: &mut bool,
-    report: &mut PassReport,
-    progress: &Progress,
-) -> Result<(), SyncError> {
-    if status == Status::Ok {
-        let n = done.msgs.len() as u64;
-        let bytes: u64 = done.msgs.iter().map(|m| m.body.len() as u64).sum();
-        let uids = (info.code_name() == "APPENDUID")
-            .then(|| {
-                info.code
-                    .get(2)
-                    .and_then(|v| v.bytes())
-                    .and_then(|b| proto::parse_uid_set(b, done.msgs.len() + 1))
-            })
-            .flatten();
-        match uids {
-            Some(uids)
-                if uids.len() == done.msgs.len()
-                    && info.code_number(0) == Some(u64::from(state.target_uidvalidity)) =>
-            {
-                let pairs: Vec<(u32, u32)> = done.msgs.iter().map(|m| m.uid).zip(uids).collect();
-                engine
-                    .store
-                    .confirm_uids(email, &state.source_name, &pairs)
-                    .await?;
-                if let Some(max) = pairs.iter().map(|p| p.0).max() {
-                    state.last_uid = state.last_uid.max(max);
+impl Completions<'_> {
+    /// Handles the reply to one APPEND command. Confirmations go to the confirmer: if the store
+    /// has failed, the recorder fails too and the copy stops, with the store's error.
+    fn complete(
+        &mut self,
+        tgt: &Client,
+        state: &mut FolderState,
+        cmd: InFlight,
+        status: Status,
+        info: &proto::StatusText,
+    ) -> Result<(), SyncError> {
+        if status == Status::Ok {
+            let n = cmd.msgs.len() as u64;
+            let bytes = cmd.bytes();
+            let uids = (info.code_name() == "APPENDUID")
+                .then(|| {
+                    info.code
+                        .get(2)
+                        .and_then(|v| v.bytes())
+                        .and_then(|b| proto::parse_uid_set(b, cmd.msgs.len() + 1))
+                })
+                .flatten();
+            match uids {
+                Some(uids)
+                    if uids.len() == cmd.msgs.len()
+                        && info.code_number(0) == Some(u64::from(state.target_uidvalidity)) =>
+                {
+                    let pairs: Vec<(u32, u32)> = cmd.msgs.iter().map(|m| m.uid).zip(uids).collect();
+                    if let Some(max) = pairs.iter().map(|p| p.0).max() {
+                        state.last_uid = state.last_uid.max(max);
+                    }
+                    let _ = self.confirms.send(pairs);
                 }
+                // No UIDPLUS (or a target folder recreated meanwhile): the pending rows stay and
+                // are matched by content hash right after the copy.
+                _ => self.needs_recovery = true,
             }
-            // No UIDPLUS (or a target folder recreated meanwhile): the pending rows stay and
-            // are matched by content hash right after the copy.
-            _ => *needs_recovery = true,
+            self.report.appended += n;
+            self.report.appended_bytes += bytes;
+            add(&self.progress.messages_done, n);
+            add(&self.progress.bytes_done, bytes);
+            metrics::counter!("mailferry_sync_appended_messages_total").increment(n);
+            metrics::counter!("mailferry_sync_appended_bytes_total").increment(bytes);
+            return Ok(());
         }
-        report.appended += n;
-        report.appended_bytes += bytes;
-        add(&progress.messages_done, n);
-        add(&progress.bytes_done, bytes);
-        metrics::counter!("mailferry_sync_appended_messages_total").increment(n);
-        metrics::counter!("mailferry_sync_appended_bytes_total").increment(bytes);
-        return Ok(());
-    }
-    if done.msgs.len() > 1 {
-        // MULTIAPPEND is atomic (RFC 3502): nothing was stored; retry one by one to find
-        // which message the server refuses.
-        singles.extend(done.msgs);
-        return Ok(());
-    }
-    let err = tgt.refused("APPEND", status, &info);
-    let code = info.code_name();
-    if status == Status::Bad || matches!(code.as_str(), "" | "PARSE" | "CANNOT") {
-        for m in &done.msgs {
-            warn!(user = %email, folder = %state.source_name, uid = m.uid, error = %err, "message not copyable");
-            engine
-                .store
-                .confirm_uids(email, &state.source_name, &[(m.uid, 0)])
-                .await?;
-            state.last_uid = state.last_uid.max(m.uid);
-            report.failed += 1;
+        if cmd.msgs.len() > 1 {
+            // MULTIAPPEND is atomic (RFC 3502): nothing was stored; retry one by one to find
+            // which message the server refuses.
+            self.singles.extend(cmd.msgs);
+            return Ok(());
         }
-        return Ok(());
+        let err = tgt.refused("APPEND", status, info);
+        let code = info.code_name();
+        if status == Status::Bad || matches!(code.as_str(), "" | "PARSE" | "CANNOT") {
+            for m in &cmd.msgs {
+                warn!(user = %self.email, folder = %state.source_name, uid = m.uid, error = %err, "message not copyable");
+                state.last_uid = state.last_uid.max(m.uid);
+                self.report.failed += 1;
+            }
+            let none: Vec<(u32, u32)> = cmd.msgs.iter().map(|m| (m.uid, 0)).collect();
+            let _ = self.confirms.send(none);
+            return Ok(());
+        }
+        Err(err)
     }
-    Err(err)
 }

@@ -7,6 +7,7 @@
 //! before each APPEND batch (pending) and after its acknowledgement (UID map), so a pass killed
 //! anywhere is resumed by the next one without duplicates.
 
+pub mod bodies;
 pub mod client;
 pub mod copy;
 pub mod credentials;
