@@ -236,6 +236,22 @@ fn login_raw(d: &Dovecot, user: &str) -> (BufReader<TcpStream>, TcpStream) {
     }
 }
 
+/// Reads replies until `total` tagged APPEND replies (tags `a…`) have come, asserting each is OK.
+fn await_appends(mut r: BufReader<TcpStream>, total: usize, what: &str) {
+    let mut done = 0;
+    let mut line = String::new();
+    while done < total {
+        line.clear();
+        if r.read_line(&mut line).unwrap_or(0) == 0 {
+            break;
+        }
+        if line.starts_with('a') {
+            assert!(line.contains(" OK"), "{what} APPEND: {line}");
+            done += 1;
+        }
+    }
+}
+
 /// APPEND ceiling: 4 connections, each fully pipelined (LITERAL+): a writer thread sends every
 /// command without waiting, a reader thread consumes the replies; TCP flow control is the
 /// window. `batch` messages (at most 8 MB) per command: 1 is plain APPEND, more is MULTIAPPEND
@@ -245,7 +261,7 @@ fn ceiling(new: &Dovecot, users: &[String], corpora: &[Corpus], batch: usize) ->
     std::thread::scope(|s| {
         for (u, c) in users.iter().zip(corpora) {
             s.spawn(move || {
-                let (mut r, mut w) = login_raw(new, u);
+                let (r, mut w) = login_raw(new, u);
                 let mut commands: Vec<&[corpus::Message]> = Vec::new();
                 let mut rest = &c.messages[..];
                 while !rest.is_empty() {
@@ -262,20 +278,7 @@ fn ceiling(new: &Dovecot, users: &[String], corpora: &[Corpus], batch: usize) ->
                     rest = later;
                 }
                 let total = commands.len();
-                let reader = std::thread::spawn(move || {
-                    let mut done = 0;
-                    let mut line = String::new();
-                    while done < total {
-                        line.clear();
-                        if r.read_line(&mut line).unwrap_or(0) == 0 {
-                            break;
-                        }
-                        if line.starts_with('a') {
-                            assert!(line.contains(" OK"), "ceiling APPEND: {line}");
-                            done += 1;
-                        }
-                    }
-                });
+                let reader = std::thread::spawn(move || await_appends(r, total, "ceiling"));
                 let mut out = std::io::BufWriter::with_capacity(256 * 1024, &mut w);
                 for (i, msgs) in commands.iter().enumerate() {
                     write!(out, "a{i} APPEND INBOX").expect("write");
@@ -322,22 +325,9 @@ fn bare_relay(b: &Backends, pairs: &[(String, String)], corpora: &[Corpus]) -> R
         for ((src, dst), c) in pairs.iter().zip(corpora) {
             s.spawn(move || {
                 let (mut lr, mut lw) = login_raw(&b.legacy, src);
-                let (mut nr, mut nw) = login_raw(&b.new, dst);
+                let (nr, mut nw) = login_raw(&b.new, dst);
                 let total = c.messages.len();
-                let reader = std::thread::spawn(move || {
-                    let mut done = 0;
-                    let mut line = String::new();
-                    while done < total {
-                        line.clear();
-                        if nr.read_line(&mut line).unwrap_or(0) == 0 {
-                            break;
-                        }
-                        if line.starts_with('a') {
-                            assert!(line.contains(" OK"), "relay APPEND: {line}");
-                            done += 1;
-                        }
-                    }
-                });
+                let reader = std::thread::spawn(move || await_appends(nr, total, "relay"));
                 lw.write_all(
                     b"e EXAMINE INBOX\r\nf UID FETCH 1:* (UID FLAGS INTERNALDATE BODY.PEEK[])\r\n",
                 )
