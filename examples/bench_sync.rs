@@ -328,27 +328,10 @@ fn bare_relay(b: &Backends, pairs: &[(String, String)], corpora: &[Corpus]) -> R
                 let (nr, mut nw) = login_raw(&b.new, dst);
                 let total = c.messages.len();
                 let reader = std::thread::spawn(move || await_appends(nr, total, "relay"));
-                lw.write_all(
-                    b"e EXAMINE INBOX\r\nf UID FETCH 1:* (UID FLAGS INTERNALDATE BODY.PEEK[])\r\n",
-                )
-                .expect("fetch");
                 let mut out = std::io::BufWriter::with_capacity(256 * 1024, &mut nw);
-                let mut line = Vec::new();
                 let mut i = 0;
-                loop {
-                    line.clear();
-                    lr.read_until(b'\n', &mut line).expect("read");
-                    assert!(!line.is_empty(), "legacy closed during FETCH");
-                    if line.starts_with(b"f ") {
-                        assert!(line.starts_with(b"f OK"), "relay FETCH: {line:?}");
-                        break;
-                    }
-                    let Some((n, _)) = mailferry::imap::framer::literal_at_end(
-                        line.strip_suffix(b"\n").unwrap_or(&line),
-                    ) else {
-                        continue;
-                    };
-                    let text = String::from_utf8_lossy(&line);
+                each_literal(&mut lr, &mut lw, "UID FLAGS INTERNALDATE", |line, n, lr| {
+                    let text = String::from_utf8_lossy(line);
                     let flags: Vec<&str> = fetch_item(&text, "FLAGS", '(', ')')
                         .split(' ')
                         .filter(|f| !f.is_empty() && !f.eq_ignore_ascii_case("\\Recent"))
@@ -361,9 +344,9 @@ fn bare_relay(b: &Backends, pairs: &[(String, String)], corpora: &[Corpus]) -> R
                     )
                     .expect("write");
                     i += 1;
-                    std::io::copy(&mut (&mut lr).take(n), &mut out).expect("relay literal");
+                    std::io::copy(&mut lr.take(n), &mut out).expect("relay literal");
                     out.write_all(b"\r\n").expect("write");
-                }
+                });
                 out.flush().expect("flush");
                 drop(out);
                 reader.join().expect("reader");
@@ -377,6 +360,31 @@ fn bare_relay(b: &Backends, pairs: &[(String, String)], corpora: &[Corpus]) -> R
     Rate::new(n, bytes, start.elapsed().as_secs_f64())
 }
 
+/// Examines INBOX and streams `UID FETCH 1:* (<items> BODY.PEEK[])`: for each literal, hands
+/// `literal` the FETCH line announcing it and its length; `literal` reads exactly those bytes.
+fn each_literal(
+    r: &mut BufReader<TcpStream>,
+    w: &mut TcpStream,
+    items: &str,
+    mut literal: impl FnMut(&[u8], u64, &mut BufReader<TcpStream>),
+) {
+    let cmd = format!("e EXAMINE INBOX\r\nf UID FETCH 1:* ({items} BODY.PEEK[])\r\n");
+    w.write_all(cmd.as_bytes()).expect("fetch");
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        r.read_until(b'\n', &mut line).expect("read");
+        assert!(!line.is_empty(), "legacy closed during FETCH");
+        if line.starts_with(b"f ") {
+            assert!(line.starts_with(b"f OK"), "FETCH: {line:?}");
+            return;
+        }
+        let announced = line.strip_suffix(b"\n").unwrap_or(&line);
+        if let Some((n, _)) = mailferry::imap::framer::literal_at_end(announced) {
+            literal(&line, n, r);
+        }
+    }
+}
 /// FETCH ceiling of legacy: 4 connections, each one `UID FETCH 1:*` of every message
 /// (`BODY.PEEK[]`), literals drained without copying them anywhere, so the figure is the
 /// backend's and not the reader's.
@@ -386,23 +394,14 @@ fn fetch_ceiling(legacy: &Dovecot, users: &[String], corpora: &[Corpus]) -> Rate
         for u in users {
             s.spawn(move || {
                 let (mut r, mut w) = login_raw(legacy, u);
-                w.write_all(
-                    b"e EXAMINE INBOX\r\nf UID FETCH 1:* (UID FLAGS INTERNALDATE RFC822.SIZE BODY.PEEK[])\r\n",
-                )
-                .expect("fetch");
-                let mut line = Vec::new();
-                loop {
-                    line.clear();
-                    r.read_until(b'\n', &mut line).expect("read");
-                    assert!(!line.is_empty(), "legacy closed during FETCH");
-                    if line.starts_with(b"f ") {
-                        assert!(line.starts_with(b"f OK"), "FETCH ceiling: {line:?}");
-                        break;
-                    }
-                    if let Some((n, _)) = mailferry::imap::framer::literal_at_end(line.strip_suffix(b"\n").unwrap_or(&line)) {
-                        std::io::copy(&mut (&mut r).take(n), &mut std::io::sink()).expect("literal");
-                    }
-                }
+                each_literal(
+                    &mut r,
+                    &mut w,
+                    "UID FLAGS INTERNALDATE RFC822.SIZE",
+                    |_, n, r| {
+                        std::io::copy(&mut r.take(n), &mut std::io::sink()).expect("literal");
+                    },
+                );
                 let _ = w.write_all(b"z LOGOUT\r\n");
             });
         }
@@ -742,7 +741,7 @@ fn main() {
     println!();
     println!(
         "mailferry sync benchmark: legacy Dovecot maildir -> new Dovecot sdbox, 4 users in \
-         parallel, {rounds_n} rounds, medians; {}",
+         parallel, rounds: {rounds_n} (medians); {}",
         match &pin {
             Some(p) => format!(
                 "pinned: legacy and the copier on CPU {}, new on CPU {} (new as its own host)",
