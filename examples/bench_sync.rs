@@ -517,6 +517,17 @@ fn config(b: &Backends, dir: &Path) -> Config {
     Config::parse(&text, Path::new("bench.toml"), dir).expect("config")
 }
 
+/// With `BENCH_PERF_CTL=<fifo>` (perf record -D -1 --control fifo:<fifo>), profiles only the
+/// mailferry phase.
+fn perf_control(cmd: &str) {
+    if let Ok(fifo) = std::env::var("BENCH_PERF_CTL") {
+        let _ = std::fs::OpenOptions::new()
+            .write(true)
+            .open(fifo)
+            .and_then(|mut f| f.write_all(format!("{cmd}\n").as_bytes()));
+    }
+}
+
 /// Passes for `users` in parallel; returns (wall seconds, CPU seconds, messages appended).
 fn sync_all(
     rt: &tokio::runtime::Runtime,
@@ -702,19 +713,34 @@ fn main() {
             let multi = measured(&b, || ceiling(&b.new, &t.multi, corpora, 64));
             let fetch = measured(&b, || fetch_ceiling(&b.legacy, users, corpora));
             let relay = measured(&b, || bare_relay(&b, &pairs(&t.relay), corpora));
+            perf_control("enable");
             let ((secs, cpu, appended), mf_u) = measured(&b, || sync_all(&rt, &e, users));
+            perf_control("disable");
             if appended as usize != n {
                 eprintln!("warning: mailferry appended {appended} of {n}");
             }
             let (dsync, dsync_u) = measured(&b, || {
                 doveadm_backup(&b, &pairs(&t.dsync), corpora, pin.as_ref())
             });
+            let mf_rate = Rate::new(n, bytes, secs);
+            eprintln!(
+                "  round {}: MB/s ceiling {:.0}, relay {:.0}, mailferry {:.0} (engine CPU {:.2} s, \
+                 faults {:.0}; new CPU {:.2} s vs {:.2} s in the ceiling)",
+                round + 1,
+                ceil.0.mb,
+                relay.0.mb,
+                mf_rate.mb,
+                cpu,
+                mf_u.faults,
+                mf_u.new,
+                ceil.1.new
+            );
             rounds.push(Round {
                 ceil,
                 multi,
                 fetch,
                 relay,
-                mf: (Rate::new(n, bytes, secs), mf_u),
+                mf: (mf_rate, mf_u),
                 mf_cpu: cpu,
                 dsync: dsync.map(|d| (d, dsync_u)),
             });

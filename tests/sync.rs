@@ -272,7 +272,21 @@ fn killed_passes_resume_without_duplicates() {
 
 #[test]
 fn pending_rows_of_an_older_version_are_recovered_not_copied_again() {
-    within(120, || {
+    // A version that recorded SHA-256, killed after sending its last APPEND.
+    pending_row_is_recovered_not_copied_again(mailferry::sync::sha256_hex);
+}
+
+#[test]
+fn an_intent_whose_append_landed_is_recovered_not_copied_again() {
+    // Killed after sending an APPEND whose pending row is a bare intent (no hash yet): the
+    // hash comes from legacy.
+    pending_row_is_recovered_not_copied_again(|_| String::new());
+}
+
+/// Leaves the state a killed pass leaves: the newest message is on new, its row pending with
+/// the hash `recorded` gives; then checks that the next pass matches it instead of copying it.
+fn pending_row_is_recovered_not_copied_again(recorded: fn(&[u8]) -> String) {
+    within(120, move || {
         let env = Env::new("none", "");
         env.fresh_target(USER);
         let c = corpus::generate(&Spec {
@@ -284,8 +298,6 @@ fn pending_rows_of_an_older_version_are_recovered_not_copied_again() {
         });
         corpus::load(&env.backends.legacy, USER, &c);
         env.sync(USER);
-        // What a pass of a version that recorded SHA-256 leaves when killed after sending its
-        // last APPEND: the newest message is on new, its row pending under the old hash.
         let watcher = MapWatcher::new(&env.state);
         let map = watcher
             .rt
@@ -304,7 +316,7 @@ fn pending_rows_of_an_older_version_are_recovered_not_copied_again() {
         );
         let old = mailferry::store::sync::UidRow {
             target_uid: None,
-            hash: mailferry::sync::sha256_hex(body),
+            hash: recorded(body),
             ..last
         };
         let source_uid = old.source_uid;
@@ -313,27 +325,9 @@ fn pending_rows_of_an_older_version_are_recovered_not_copied_again() {
             .block_on(watcher.store.add_pending(USER, "INBOX", &[old]))
             .expect("add pending");
         // Unacknowledged, so the folder's copy had not got past it.
-        let mut st = watcher
-            .rt
-            .block_on(watcher.store.sync_folders(USER))
-            .expect("folders")
-            .into_iter()
-            .find(|f| f.source_name == "INBOX")
-            .expect("INBOX state");
-        st.last_uid = source_uid - 1;
-        watcher
-            .rt
-            .block_on(watcher.store.put_sync_folder(&st))
-            .expect("put folder");
+        watcher.set_last_uid("INBOX", source_uid - 1);
         // And one new message on legacy, so the folder has changed.
-        let more = corpus::generate(&Spec {
-            seed: 6,
-            messages: 1,
-            large: 0,
-            folders: false,
-            ..Spec::default()
-        });
-        corpus::load(&env.backends.legacy, USER, &more);
+        load_one_more(&env, 6);
 
         let r = env.sync(USER);
         assert_eq!(n(&r, "recovered"), 1, "{r}");
@@ -341,6 +335,63 @@ fn pending_rows_of_an_older_version_are_recovered_not_copied_again() {
         // A duplicate would show as an extra message on new.
         env.assert_same(USER);
     });
+}
+
+#[test]
+fn an_intent_for_a_message_gone_from_legacy_is_forgotten() {
+    within(120, || {
+        let env = Env::new("none", "");
+        env.fresh_target(USER);
+        let c = corpus::generate(&Spec {
+            seed: 7,
+            messages: 5,
+            large: 0,
+            folders: false,
+            ..Spec::default()
+        });
+        corpus::load(&env.backends.legacy, USER, &c);
+        env.sync(USER);
+        // An intent for a UID legacy no longer holds (expunged before the rerun).
+        let watcher = MapWatcher::new(&env.state);
+        let gone = mailferry::store::sync::UidRow {
+            source_uid: 4000,
+            target_uid: None,
+            hash: String::new(),
+            size: 100,
+            pending_at: None,
+        };
+        watcher
+            .rt
+            .block_on(watcher.store.add_pending(USER, "INBOX", &[gone]))
+            .expect("add pending");
+        load_one_more(&env, 8);
+
+        let r = env.sync(USER);
+        assert_eq!(n(&r, "recovered"), 0, "{r}");
+        assert_eq!(n(&r, "appended"), 1, "{r}");
+        let map = watcher
+            .rt
+            .block_on(watcher.store.uid_map(USER, "INBOX"))
+            .expect("uid map");
+        assert!(map.iter().all(|r| r.source_uid != 4000), "intent kept");
+        assert!(
+            map.iter().all(|r| r.target_uid.is_some()),
+            "rows left pending"
+        );
+        env.assert_same(USER);
+    });
+}
+
+/// Delivers one more generated message to legacy's INBOX, so the folder has changed.
+fn load_one_more(env: &Env, seed: u64) {
+    let more = corpus::generate(&Spec {
+        seed,
+        messages: 1,
+        large: 0,
+        folders: false,
+        ..Spec::default()
+    });
+    corpus::load(&env.backends.legacy, USER, &more);
 }
 
 /// Counts rows of the UID map while a pass runs in another process (SQLite WAL allows it).
@@ -379,6 +430,21 @@ impl MapWatcher {
         self.rt
             .block_on(q.fetch_one(self.store.pool()))
             .map_or(0, |r| r.0 as u64)
+    }
+
+    /// Moves the folder's last copied UID back, as a pass killed before confirming leaves it.
+    fn set_last_uid(&self, folder: &str, uid: u32) {
+        let mut st = self
+            .rt
+            .block_on(self.store.sync_folders(USER))
+            .expect("folders")
+            .into_iter()
+            .find(|f| f.source_name == folder)
+            .expect("folder state");
+        st.last_uid = uid;
+        self.rt
+            .block_on(self.store.put_sync_folder(&st))
+            .expect("put folder");
     }
 }
 

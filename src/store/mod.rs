@@ -135,6 +135,10 @@ pub async fn open(url: &str) -> Result<Arc<dyn StateStore>, StoreError> {
 #[derive(Clone)]
 pub struct SqlStore {
     pool: AnyPool,
+    /// SQLite: our own writers take turns here. SQLite lets one writer in at a time and makes
+    /// the others poll with growing sleeps (up to 100 ms each); queued here, the next one
+    /// starts the moment the previous commit ends. None for PostgreSQL (row locks suffice).
+    writes: Option<Arc<tokio::sync::Mutex<()>>>,
 }
 
 impl SqlStore {
@@ -162,7 +166,18 @@ impl SqlStore {
             .connect(&url)
             .await?;
         migrations::run(&pool, !sqlite).await?;
-        Ok(SqlStore { pool })
+        Ok(SqlStore {
+            pool,
+            writes: sqlite.then(|| Arc::new(tokio::sync::Mutex::new(()))),
+        })
+    }
+
+    /// Held for the length of a write transaction (see `writes`).
+    pub(crate) async fn write_turn(&self) -> Option<tokio::sync::MutexGuard<'_, ()>> {
+        match &self.writes {
+            Some(m) => Some(m.lock().await),
+            None => None,
+        }
     }
 
     /// The pool, for modules that keep their own tables here (the embedded directory).

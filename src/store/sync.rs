@@ -120,6 +120,7 @@ impl SqlStore {
 
     /// Creates or replaces a folder state.
     pub async fn put_sync_folder(&self, f: &FolderState) -> Result<(), StoreError> {
+        let _turn = self.write_turn().await;
         sqlx::query(
             "INSERT INTO sync_folders (email, source_name, target_name, source_uidvalidity, \
              target_uidvalidity, last_uid, highest_modseq, source_uidnext, source_messages, source_bytes, \
@@ -154,6 +155,7 @@ impl SqlStore {
         email: &str,
         source_name: &str,
     ) -> Result<(), StoreError> {
+        let _turn = self.write_turn().await;
         let mut tx = self.pool().begin().await?;
         sqlx::query("DELETE FROM sync_uids WHERE email = $1 AND source_name = $2")
             .bind(email)
@@ -176,6 +178,7 @@ impl SqlStore {
         from: &str,
         to: &str,
     ) -> Result<(), StoreError> {
+        let _turn = self.write_turn().await;
         let mut tx = self.pool().begin().await?;
         for table in ["sync_uids", "sync_folders"] {
             // The table name comes from the constant list above, never from input.
@@ -222,6 +225,7 @@ impl SqlStore {
         source_name: &str,
         rows: &[UidRow],
     ) -> Result<(), StoreError> {
+        let _turn = self.write_turn().await;
         let mut tx = self.pool().begin().await?;
         for chunk in rows.chunks(100) {
             let mut sql = String::from(
@@ -269,6 +273,7 @@ impl SqlStore {
         if pairs.is_empty() {
             return Ok(());
         }
+        let _turn = self.write_turn().await;
         let mut tx = self.pool().begin().await?;
         for (s, t) in pairs {
             sqlx::query("UPDATE sync_uids SET target_uid = $4 WHERE email = $1 AND source_name = $2 AND source_uid = $3")
@@ -301,6 +306,7 @@ impl SqlStore {
         source_name: &str,
         uids: &[u32],
     ) -> Result<(), StoreError> {
+        let _turn = self.write_turn().await;
         let mut tx = self.pool().begin().await?;
         for u in uids {
             sqlx::query(
@@ -322,6 +328,7 @@ impl SqlStore {
         state: &FolderState,
         rows: &[UidRow],
     ) -> Result<(), StoreError> {
+        let _turn = self.write_turn().await;
         let mut tx = self.pool().begin().await?;
         sqlx::query("DELETE FROM sync_uids WHERE email = $1 AND source_name = $2")
             .bind(&state.email)
@@ -367,6 +374,7 @@ impl SqlStore {
         error: Option<&str>,
     ) -> Result<(), StoreError> {
         let at = now();
+        let _turn = self.write_turn().await;
         sqlx::query(
             "INSERT INTO sync_passes (email, passes, last_pass_at, last_pass_ms, last_appended, last_error, updated_at) \
              VALUES ($1, 1, $2, $3, $4, $5, $2) ON CONFLICT (email) DO UPDATE SET \

@@ -112,6 +112,7 @@ impl SqlStore {
     ) -> Result<(), StoreError> {
         let before = self.user(email).await?.map(|u| u.state);
         let at = now();
+        let _turn = self.write_turn().await;
         let mut tx = self.pool().begin().await?;
         sqlx::query(
             "INSERT INTO users (email, state, last_error, updated_at) VALUES ($1, $2, $3, $4) \

@@ -1,14 +1,17 @@
-//! Copying new messages of one folder, in four stages that run at once: a fetcher streams
-//! `UID FETCH` results from legacy (a few commands in flight) into a byte-bounded channel; a
-//! recorder writes them to the state store as pending, several per transaction; an appender
-//! sends only recorded messages to new as pipelined APPENDs (MULTIAPPEND batches with LITERAL+
-//! where offered); a confirmer records each acknowledged batch's APPENDUID mapping. The store's
-//! commits (an fsync each) thus overlap the transfer instead of stalling it.
+//! Copying new messages of one folder, in four stages that run at once: an intent recorder
+//! writes each FETCH chunk's messages to the state store as pending (UIDs only, ahead of the
+//! transfer); a fetcher streams `UID FETCH` results of recorded chunks from legacy (a few
+//! commands in flight) into a byte-bounded channel; an appender sends them to new as pipelined
+//! APPENDs (MULTIAPPEND batches with LITERAL+ where offered); a confirmer records each
+//! acknowledged batch's APPENDUID mapping. No store commit (an fsync each) stands between a
+//! message's arrival from legacy and its APPEND: the intents are written before the bytes come,
+//! the confirmations after they have gone. A crash leaves pending rows, which the next pass
+//! resolves by content hash (the hash of a pending row is taken from legacy then).
 //!
 //! Both sides report each command's service time to their backend's [`Limiter`], which may cut
 //! the pipeline depth (and impose a pause) when the backend slows down.
 
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -38,13 +41,19 @@ const APPEND_IN_FLIGHT: usize = 2;
 /// Message bytes held between fetcher and appender (bounded memory whatever the sizes).
 const BUFFER_BYTES: u64 = 48 * 1024 * 1024;
 
+/// Idle body buffers an engine keeps for its copies (bytes): about one copy's buffer, so a
+/// pass reuses what the previous one read into instead of faulting in fresh pages.
+pub(crate) const IDLE_BODIES: usize = 64 * 1024 * 1024;
+
 /// A fetched message on its way to the target.
 pub struct Msg {
     uid: u32,
     flags: Vec<String>,
     date: Option<String>,
     body: Bytes,
-    hash: String,
+    /// Content hash, taken only for a target without UIDPLUS (its pending rows are matched by
+    /// hash right after the copy).
+    hash: Option<String>,
     /// Where the body's buffer goes back once the message is done with.
     bodies: Arc<BodyPool>,
     _permit: OwnedSemaphorePermit,
@@ -61,7 +70,7 @@ impl Msg {
         UidRow {
             source_uid: self.uid,
             target_uid: None,
-            hash: self.hash.clone(),
+            hash: self.hash.clone().unwrap_or_default(),
             size: self.body.len() as u64,
             pending_at: None,
         }
@@ -147,106 +156,158 @@ pub(crate) async fn copy_new(
     }
     let mem = Arc::new(Semaphore::new(BUFFER_BYTES as usize));
     let (fetched_tx, fetched) = mpsc::channel::<Msg>(APPEND_MESSAGES * (APPEND_IN_FLIGHT + 1));
-    let (recorded_tx, recorded) = mpsc::channel::<Msg>(APPEND_MESSAGES * (APPEND_IN_FLIGHT + 1));
-    let (confirm_tx, confirms) = mpsc::unbounded_channel::<Vec<(u32, u32)>>();
+    let (intended_tx, intended) = mpsc::channel::<Vec<u32>>(INTENTS_AHEAD);
+    let (confirm_tx, confirms) = mpsc::unbounded_channel::<Confirm>();
     let src_pace = engine.pace(src.route()).clone();
     let folder = state.source_name.clone();
-    // Idle bodies kept: about what the appender has in flight, so each one it finishes feeds
-    // the next message read.
-    let bodies = Arc::new(BodyPool::new(
-        (APPEND_BYTES * APPEND_IN_FLIGHT as u64) as usize,
-    ));
+    let bodies = engine.bodies().clone();
+    let hash = !tgt.has("UIDPLUS");
     src.set_body_pool(Some(bodies.clone()));
-    let fetch = fetch_all(src, todo, fetched_tx, mem, bodies, &src_pace);
-    let record = record_all(engine, email, &folder, fetched, recorded_tx);
+    let intend = intend_all(engine, email, &folder, chunks(todo), intended_tx);
+    let holding = Holding { mem, bodies, hash };
+    let fetch = fetch_all(
+        src,
+        intended,
+        fetched_tx,
+        holding,
+        &src_pace,
+        confirm_tx.clone(),
+    );
     let append = append_all(
-        engine, email, tgt, state, recorded, confirm_tx, report, progress,
+        engine, email, tgt, state, fetched, confirm_tx, report, progress,
     );
     let confirm = confirm_all(engine, email, &folder, confirms);
-    let (f, r, a, c) = tokio::join!(fetch, record, append, confirm);
+    let (i, f, a, c) = tokio::join!(intend, fetch, append, confirm);
     src.set_body_pool(None);
-    // The store's error first (every stage stops when it fails), then the appender's; a fetch
+    // The store's errors first (every stage stops when one fails), then the appender's; a fetch
     // error stops the others by closing the channel.
     c?;
-    r?;
+    i?;
     let needs_recovery = a?;
     f?;
     Ok(needs_recovery)
 }
 
-/// Most messages recorded as pending in one transaction.
-const RECORD_MESSAGES: usize = 256;
+/// FETCH chunks whose intents may be committed before the fetcher asks for them.
+const INTENTS_AHEAD: usize = 2;
 
-/// Records fetched messages as pending before the appender may send them: a crash after this
-/// point is resolved by matching their hashes against the target. Takes every message waiting,
-/// so one commit covers many while the appender is busy.
-async fn record_all(
+/// Splits `todo` into FETCH commands: UIDs in order, bounded in count and bytes.
+fn chunks(todo: &[(u32, u64)]) -> Vec<Vec<(u32, u64)>> {
+    let mut out = Vec::new();
+    let (mut cur, mut cur_bytes) = (Vec::new(), 0u64);
+    for &(uid, size) in todo {
+        if !cur.is_empty() && (cur.len() >= FETCH_MESSAGES || cur_bytes + size > FETCH_BYTES) {
+            out.push(std::mem::take(&mut cur));
+            cur_bytes = 0;
+        }
+        cur.push((uid, size));
+        cur_bytes += size;
+    }
+    if !cur.is_empty() {
+        out.push(cur);
+    }
+    out
+}
+
+/// Records each chunk's messages as pending (no hash yet) and only then hands the chunk to the
+/// fetcher: whatever reaches new is known to the store first, so a crash at any point is
+/// resolved by matching pending rows against the target.
+async fn intend_all(
     engine: &Engine,
     email: &str,
     folder: &str,
-    mut fetched: mpsc::Receiver<Msg>,
-    recorded: mpsc::Sender<Msg>,
+    chunks: Vec<Vec<(u32, u64)>>,
+    intended: mpsc::Sender<Vec<u32>>,
 ) -> Result<(), SyncError> {
-    while let Some(m) = fetched.recv().await {
-        let mut batch = vec![m];
-        while batch.len() < RECORD_MESSAGES {
-            match fetched.try_recv() {
-                Ok(m) => batch.push(m),
-                Err(_) => break,
-            }
-        }
-        let rows: Vec<UidRow> = batch.iter().map(Msg::row).collect();
+    for chunk in chunks {
+        let rows: Vec<UidRow> = chunk
+            .iter()
+            .map(|&(uid, size)| UidRow {
+                source_uid: uid,
+                target_uid: None,
+                hash: String::new(),
+                size,
+                pending_at: None,
+            })
+            .collect();
         engine.store.add_pending(email, folder, &rows).await?;
-        for m in batch {
-            if recorded.send(m).await.is_err() {
-                // The appender stopped (it reports its own error).
-                return Ok(());
-            }
+        if intended
+            .send(chunk.into_iter().map(|c| c.0).collect())
+            .await
+            .is_err()
+        {
+            // The fetcher stopped (it reports its own error).
+            return Ok(());
         }
     }
     Ok(())
 }
 
-/// Records the legacy → new UID pairs of acknowledged APPENDs, all that are waiting in one
-/// transaction. Until then a pair's row stays pending, which a crash only turns into a match
-/// by hash on the next pass.
+/// What the confirmer writes.
+enum Confirm {
+    /// Legacy → new UID pairs of acknowledged APPENDs (new UID 0: not copyable, skipped).
+    Pairs(Vec<(u32, u32)>),
+    /// Acknowledged without a usable APPENDUID: the rows stay pending, now with their hash.
+    Hashed(Vec<UidRow>),
+    /// Intents of messages legacy no longer had when they were fetched.
+    Gone(Vec<u32>),
+}
+
+/// Records what the appender reports, all that is waiting in one transaction each. Until a
+/// pair is recorded its row stays pending, which a crash only turns into a match by hash on
+/// the next pass.
 async fn confirm_all(
     engine: &Engine,
     email: &str,
     folder: &str,
-    mut confirms: mpsc::UnboundedReceiver<Vec<(u32, u32)>>,
+    mut confirms: mpsc::UnboundedReceiver<Confirm>,
 ) -> Result<(), SyncError> {
-    while let Some(mut pairs) = confirms.recv().await {
-        while let Ok(more) = confirms.try_recv() {
-            pairs.extend(more);
+    while let Some(first) = confirms.recv().await {
+        let (mut pairs, mut hashed, mut gone) = (Vec::new(), Vec::new(), Vec::new());
+        let mut next = Some(first);
+        while let Some(c) = next {
+            match c {
+                Confirm::Pairs(p) => pairs.extend(p),
+                Confirm::Hashed(r) => hashed.extend(r),
+                Confirm::Gone(u) => gone.extend(u),
+            }
+            next = confirms.try_recv().ok();
+        }
+        if !hashed.is_empty() {
+            engine.store.add_pending(email, folder, &hashed).await?;
+        }
+        if !gone.is_empty() {
+            engine.store.delete_uids(email, folder, &gone).await?;
         }
         engine.store.confirm_uids(email, folder, &pairs).await?;
     }
     Ok(())
 }
 
+/// How the fetcher holds the messages it reads.
+struct Holding {
+    /// Bytes the fetched messages may take until the appender is done with them.
+    mem: Arc<Semaphore>,
+    /// Where their bodies go back.
+    bodies: Arc<BodyPool>,
+    /// Whether to take each message's content hash (see [`Msg::hash`]).
+    hash: bool,
+}
+
 async fn fetch_all(
     src: &mut Client,
-    todo: &[(u32, u64)],
+    mut intended: mpsc::Receiver<Vec<u32>>,
     tx: mpsc::Sender<Msg>,
-    mem: Arc<Semaphore>,
-    bodies: Arc<BodyPool>,
+    holding: Holding,
     pace: &Limiter,
+    confirms: mpsc::UnboundedSender<Confirm>,
 ) -> Result<(), SyncError> {
-    let mut chunks: VecDeque<Vec<u32>> = VecDeque::new();
-    let (mut cur, mut cur_bytes) = (Vec::new(), 0u64);
-    for &(uid, size) in todo {
-        if !cur.is_empty() && (cur.len() >= FETCH_MESSAGES || cur_bytes + size > FETCH_BYTES) {
-            chunks.push_back(std::mem::take(&mut cur));
-            cur_bytes = 0;
-        }
-        cur.push(uid);
-        cur_bytes += size;
-    }
-    if !cur.is_empty() {
-        chunks.push_back(cur);
-    }
-    let mut in_flight: VecDeque<(String, Instant)> = VecDeque::new();
+    let Holding { mem, bodies, hash } = holding;
+    let mut more = true;
+    // Tag, when sent, UIDs asked for.
+    let mut in_flight: VecDeque<(String, Instant, Vec<u32>)> = VecDeque::new();
+    // UIDs of the front command that came with a body.
+    let mut got: HashSet<u32> = HashSet::new();
     // Service time of the front command: from when it was sent or the previous one finished
     // (whichever is later), minus the time spent waiting for the appender (backpressure is not
     // the backend's latency).
@@ -254,9 +315,21 @@ async fn fetch_all(
     let mut blocked = std::time::Duration::ZERO;
     let mut front_bytes = 0u64;
     loop {
-        while in_flight.len() < pace.depth(FETCH_IN_FLIGHT) {
-            let Some(chunk) = chunks.pop_front() else {
-                break;
+        while more && in_flight.len() < pace.depth(FETCH_IN_FLIGHT) {
+            // Only chunks whose intents are committed; wait for one only when idle.
+            let next = if in_flight.is_empty() {
+                intended.recv().await.ok_or(true)
+            } else {
+                intended
+                    .try_recv()
+                    .map_err(|e| e == mpsc::error::TryRecvError::Disconnected)
+            };
+            let chunk = match next {
+                Ok(chunk) => chunk,
+                Err(finished) => {
+                    more = !finished;
+                    break;
+                }
             };
             pace.wait_pause().await;
             let tag = src.tag();
@@ -265,9 +338,9 @@ async fn fetch_all(
                 proto::format_uid_set(&chunk)
             );
             src.write(cmd.as_bytes()).await?;
-            in_flight.push_back((tag, Instant::now()));
+            in_flight.push_back((tag, Instant::now(), chunk));
         }
-        let Some((front, sent)) = in_flight.front() else {
+        let Some((front, sent, _)) = in_flight.front() else {
             return Ok(());
         };
         let resp = src.read().await?;
@@ -285,7 +358,14 @@ async fn fetch_all(
                     .saturating_sub(blocked);
                 pace.sample(service, front_bytes);
                 (prev_done, blocked, front_bytes) = (now, std::time::Duration::ZERO, 0);
-                in_flight.pop_front();
+                if let Some((_, _, uids)) = in_flight.pop_front() {
+                    // Expunged on legacy since the pass listed them: their intents go.
+                    let gone: Vec<u32> = uids.into_iter().filter(|u| !got.contains(u)).collect();
+                    if !gone.is_empty() {
+                        let _ = confirms.send(Confirm::Gone(gone));
+                    }
+                }
+                got.clear();
             }
             Response::Condition {
                 status: Status::Bye,
@@ -299,6 +379,7 @@ async fn fetch_all(
                 };
                 // A flag-only FETCH (another session changed flags) carries no body: skip it.
                 let Some(body) = f.body else { continue };
+                got.insert(f.uid);
                 let size = body.len() as u64;
                 front_bytes += size;
                 let waiting = Instant::now();
@@ -311,7 +392,7 @@ async fn fetch_all(
                     uid: f.uid,
                     flags: f.flags.unwrap_or_default(),
                     date: f.internaldate,
-                    hash: content_hash(&body),
+                    hash: hash.then(|| content_hash(&body)),
                     body,
                     bodies: bodies.clone(),
                     _permit: permit,
@@ -330,7 +411,7 @@ async fn fetch_all(
 /// refused MULTIAPPEND batches back to be retried one message at a time.
 struct Completions<'a> {
     email: &'a str,
-    confirms: mpsc::UnboundedSender<Vec<(u32, u32)>>,
+    confirms: mpsc::UnboundedSender<Confirm>,
     singles: VecDeque<Msg>,
     /// Acknowledged without usable APPENDUID: `recover` matches them by hash afterwards.
     needs_recovery: bool,
@@ -345,7 +426,7 @@ async fn append_all(
     tgt: &mut Client,
     state: &mut FolderState,
     mut rx: mpsc::Receiver<Msg>,
-    confirms: mpsc::UnboundedSender<Vec<(u32, u32)>>,
+    confirms: mpsc::UnboundedSender<Confirm>,
     report: &mut PassReport,
     progress: &Progress,
 ) -> Result<bool, SyncError> {
@@ -362,6 +443,9 @@ async fn append_all(
         progress,
     };
     let mut closed = false;
+    // A message that arrived while the appender was waiting for a reply: it starts the next
+    // batch, so new always has the next command queued behind the one it is storing.
+    let mut waiting: Option<Msg> = None;
     let pace = engine.pace(tgt.route()).clone();
     // End of the previous command: with several in flight, a command's service time starts
     // when the server finished the one before it.
@@ -378,9 +462,12 @@ async fn append_all(
             if let Some(m) = done.singles.pop_front() {
                 batch.push(m);
                 single = true;
-            } else if !closed {
+            } else if !closed || waiting.is_some() {
                 let mut bytes = 0u64;
-                if in_flight.is_empty() {
+                if let Some(m) = waiting.take() {
+                    bytes += m.body.len() as u64;
+                    batch.push(m);
+                } else if in_flight.is_empty() {
                     match rx.recv().await {
                         Some(m) => {
                             bytes += m.body.len() as u64;
@@ -403,7 +490,7 @@ async fn append_all(
             if batch.is_empty() {
                 break;
             }
-            // Every message here was recorded as pending by `record_all`.
+            // Every message here was recorded as pending by `intend_all` before it was fetched.
             let bytes: u64 = batch.iter().map(|m| m.body.len() as u64).sum();
             pace.wait_pause().await;
             engine.throttle.acquire(bytes).await;
@@ -473,12 +560,29 @@ async fn append_all(
             tgt.write_parts(&out.finish()).await?;
         }
         if in_flight.is_empty() {
-            if closed && done.singles.is_empty() {
+            if closed && done.singles.is_empty() && waiting.is_none() {
                 return Ok(done.needs_recovery);
             }
             continue;
         }
-        match tgt.read().await? {
+        let room = in_flight.len() < pace.depth(APPEND_IN_FLIGHT);
+        let resp = if room && !closed && waiting.is_none() && done.singles.is_empty() {
+            // `Client::read` is cancel-safe: what it has read stays buffered.
+            tokio::select! {
+                biased;
+                r = tgt.read() => r?,
+                m = rx.recv() => {
+                    match m {
+                        Some(m) => waiting = Some(m),
+                        None => closed = true,
+                    }
+                    continue;
+                }
+            }
+        } else {
+            tgt.read().await?
+        };
+        match resp {
             Response::Tagged { tag, status, info } => {
                 let Some(front) = in_flight.pop_front() else {
                     return Err(tgt.protocol("unexpected tagged response"));
@@ -563,11 +667,22 @@ impl Completions<'_> {
                     if let Some(max) = pairs.iter().map(|p| p.0).max() {
                         state.last_uid = state.last_uid.max(max);
                     }
-                    let _ = self.confirms.send(pairs);
+                    let _ = self.confirms.send(Confirm::Pairs(pairs));
                 }
                 // No UIDPLUS (or a target folder recreated meanwhile): the pending rows stay and
                 // are matched by content hash right after the copy.
-                _ => self.needs_recovery = true,
+                _ => {
+                    self.needs_recovery = true;
+                    let rows: Vec<UidRow> = cmd
+                        .msgs
+                        .iter()
+                        .filter(|m| m.hash.is_some())
+                        .map(Msg::row)
+                        .collect();
+                    if !rows.is_empty() {
+                        let _ = self.confirms.send(Confirm::Hashed(rows));
+                    }
+                }
             }
             self.report.appended += n;
             self.report.appended_bytes += bytes;
@@ -592,7 +707,7 @@ impl Completions<'_> {
                 self.report.failed += 1;
             }
             let none: Vec<(u32, u32)> = cmd.msgs.iter().map(|m| (m.uid, 0)).collect();
-            let _ = self.confirms.send(none);
+            let _ = self.confirms.send(Confirm::Pairs(none));
             return Ok(());
         }
         Err(err)

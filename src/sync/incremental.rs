@@ -69,7 +69,7 @@ pub(crate) async fn sync_folder(
 
     let mut map = engine.store.uid_map(email, &st.source_name).await?;
     if map.iter().any(|r| r.target_uid.is_none()) {
-        recover(engine, tgt, &st, &map, report).await?;
+        recover(engine, src, tgt, &st, &map, report).await?;
         map = engine.store.uid_map(email, &st.source_name).await?;
     }
 
@@ -167,7 +167,7 @@ pub(crate) async fn sync_folder(
         copy::copy_new(engine, email, src, tgt, &mut st, &todo, report, progress).await?;
     if needs_recovery {
         let map = engine.store.uid_map(email, &st.source_name).await?;
-        recover(engine, tgt, &st, &map, report).await?;
+        recover(engine, src, tgt, &st, &map, report).await?;
         needs_recovery = false;
     }
     debug_assert!(!needs_recovery);
@@ -218,27 +218,61 @@ async fn hashes(
 /// How long after a pending row was written an APPEND of a killed process may still be
 /// committed by the server (it had received the whole command before the process died).
 const LATE_COMMIT_GRACE_SECS: i64 = 5;
+/// The least time a recovery watches the target before it gives up on unmatched rows.
+const LATE_COMMIT_RESCAN: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// After a crash: finds in the target the messages whose APPEND was sent but not recorded,
 /// by content hash, in order; records them, and forgets the pending rows not found (they
-/// will be copied again) once the server cannot commit them any more.
+/// will be copied again) once the server cannot commit them any more. A pending row without a
+/// hash (an intent, written before its message was fetched) takes the hash of the legacy
+/// message it names: messages are immutable, so it is the hash of what was appended.
 async fn recover(
     engine: &Engine,
+    src: &mut Client,
     tgt: &mut Client,
     st: &FolderState,
     map: &[UidRow],
     report: &mut PassReport,
 ) -> Result<(), SyncError> {
+    let started = tokio::time::Instant::now();
     let max_confirmed = map.iter().filter_map(|r| r.target_uid).max().unwrap_or(0);
-    let mut pending: Vec<&UidRow> = map.iter().filter(|r| r.target_uid.is_none()).collect();
-    let newest = pending
+    let rows: Vec<&UidRow> = map.iter().filter(|r| r.target_uid.is_none()).collect();
+    let newest = rows.iter().filter_map(|r| r.pending_at).max().unwrap_or(0);
+    let unhashed: Vec<u32> = rows
         .iter()
-        .filter_map(|r| r.pending_at)
-        .max()
-        .unwrap_or(0);
+        .filter(|r| r.hash.is_empty())
+        .map(|r| r.source_uid)
+        .collect();
+    let from_legacy: HashMap<u32, String> = if unhashed.is_empty() {
+        HashMap::new()
+    } else {
+        let set = proto::format_uid_set(&unhashed);
+        hashes(src, &set, 0, false)
+            .await?
+            .into_iter()
+            .map(|(uid, h, _)| (uid, h))
+            .collect()
+    };
+    // (legacy UID, hash); a message expunged on legacy since has none and cannot be matched:
+    // if its APPEND had landed, that copy stays on new (never delete what may not be ours).
+    let mut pending: Vec<(u32, &str)> = Vec::new();
+    for r in &rows {
+        let hash = if r.hash.is_empty() {
+            from_legacy.get(&r.source_uid).map(String::as_str)
+        } else {
+            Some(r.hash.as_str())
+        };
+        match hash {
+            Some(h) => pending.push((r.source_uid, h)),
+            None => warn!(
+                user = %st.email, folder = %st.source_name, uid = r.source_uid,
+                "pending message gone from legacy: a copy appended before the crash would stay"
+            ),
+        }
+    }
     let mut by_hash: HashMap<String, VecDeque<u32>> = HashMap::new();
     // Rows recorded by a version that hashed with SHA-256 still match their message.
-    let old_format = pending.iter().any(|r| !r.hash.starts_with(HASH_PREFIX));
+    let old_format = pending.iter().any(|(_, h)| !h.starts_with(HASH_PREFIX));
     let mut seen = max_confirmed;
     let mut matched = Vec::new();
     // A target message is listed under two hashes when `old_format`: it answers one row only.
@@ -251,25 +285,35 @@ async fn recover(
             seen = seen.max(uid);
             by_hash.entry(h).or_default().push_back(uid);
         }
-        pending.retain(|r| {
-            let Some(q) = by_hash.get_mut(r.hash.as_str()) else {
+        pending.retain(|(source_uid, hash)| {
+            let Some(q) = by_hash.get_mut(*hash) else {
                 return true;
             };
             while let Some(t) = q.pop_front() {
                 if taken.insert(t) {
-                    matched.push((r.source_uid, t));
+                    matched.push((*source_uid, t));
                     return false;
                 }
             }
             true
         });
-        if pending.is_empty() || crate::store::now() - newest > LATE_COMMIT_GRACE_SECS {
+        // Intents are written ahead of their APPENDs, so a row's age says little about when
+        // its APPEND went out: look again once the server has had time to commit whatever
+        // the dead process had fully sent.
+        let settled = crate::store::now() - newest > LATE_COMMIT_GRACE_SECS
+            && started.elapsed() >= LATE_COMMIT_RESCAN;
+        if pending.is_empty() || settled {
             break;
         }
         tokio::time::sleep(std::time::Duration::from_millis(250)).await;
     }
     matched.sort_unstable();
-    let missing: Vec<u32> = pending.iter().map(|r| r.source_uid).collect();
+    let found: HashSet<u32> = matched.iter().map(|m| m.0).collect();
+    let missing: Vec<u32> = rows
+        .iter()
+        .map(|r| r.source_uid)
+        .filter(|u| !found.contains(u))
+        .collect();
     info!(
         user = %st.email, folder = %st.source_name, found = matched.len(), not_found = missing.len(),
         "recovered unacknowledged appends"

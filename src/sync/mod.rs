@@ -211,6 +211,8 @@ pub struct Engine {
     /// Connections per backend (each pass holds one on each side), adaptively limited.
     legacy_pace: Arc<Limiter>,
     new_pace: Arc<Limiter>,
+    /// Buffers that large bodies are read into, shared by every copy of this engine.
+    bodies: Arc<bodies::BodyPool>,
 }
 
 impl Engine {
@@ -231,6 +233,7 @@ impl Engine {
             )),
             legacy_pace: Limiter::with_config(Route::Legacy, pace_config(cfg)),
             new_pace: Limiter::with_config(Route::New, pace_config(cfg)),
+            bodies: Arc::new(bodies::BodyPool::new(copy::IDLE_BODIES)),
         })
     }
 
@@ -240,6 +243,11 @@ impl Engine {
             Route::Legacy => &self.legacy_pace,
             Route::New => &self.new_pace,
         }
+    }
+
+    /// The pool large bodies are read into.
+    pub(crate) fn bodies(&self) -> &Arc<bodies::BodyPool> {
+        &self.bodies
     }
 
     /// Runs one pass for `email` and records its outcome in the store.
