@@ -139,6 +139,13 @@ pub struct SqlStore {
     /// the others poll with growing sleeps (up to 100 ms each); queued here, the next one
     /// starts the moment the previous commit ends. None for PostgreSQL (row locks suffice).
     writes: Option<Arc<tokio::sync::Mutex<()>>>,
+    /// SQLite file: connections whose commits are not fsynced (`synchronous=NORMAL`), for the
+    /// sync engine's progress records, which a lost commit only makes redo (a crash of the
+    /// process loses nothing either way; a power loss may roll back the latest of these).
+    /// Everything a copy's safety rests on (its intents) and all routing state stay on
+    /// `pool`, fsynced at each commit; in WAL mode such a commit also makes every earlier
+    /// one durable.
+    relaxed: Option<AnyPool>,
 }
 
 impl SqlStore {
@@ -166,10 +173,38 @@ impl SqlStore {
             .connect(&url)
             .await?;
         migrations::run(&pool, !sqlite).await?;
+        // An in-memory database is one per connection: it has no second pool.
+        let relaxed = if sqlite && !url.contains(":memory:") {
+            let pool = AnyPoolOptions::new()
+                .max_connections(2)
+                .after_connect(|conn, _| {
+                    Box::pin(async move {
+                        for pragma in [
+                            "PRAGMA journal_mode=WAL",
+                            "PRAGMA busy_timeout=5000",
+                            "PRAGMA synchronous=NORMAL",
+                        ] {
+                            sqlx::query(pragma).execute(&mut *conn).await?;
+                        }
+                        Ok(())
+                    })
+                })
+                .connect(&url)
+                .await?;
+            Some(pool)
+        } else {
+            None
+        };
         Ok(SqlStore {
             pool,
             writes: sqlite.then(|| Arc::new(tokio::sync::Mutex::new(()))),
+            relaxed,
         })
+    }
+
+    /// Where writes that may be lost in a power failure go (see `relaxed`).
+    pub(crate) fn relaxed(&self) -> &AnyPool {
+        self.relaxed.as_ref().unwrap_or(&self.pool)
     }
 
     /// Held for the length of a write transaction (see `writes`).

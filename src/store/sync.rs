@@ -118,7 +118,8 @@ impl SqlStore {
             .collect())
     }
 
-    /// Creates or replaces a folder state.
+    /// Creates or replaces a folder state. Not fsynced on SQLite (`relaxed`): a lost update
+    /// leaves the previous state, from which the next pass redoes the work.
     pub async fn put_sync_folder(&self, f: &FolderState) -> Result<(), StoreError> {
         let _turn = self.write_turn().await;
         sqlx::query(
@@ -144,7 +145,7 @@ impl SqlStore {
         .bind(f.source_bytes as i64)
         .bind(i64::from(f.subscribed))
         .bind(now())
-        .execute(self.pool())
+        .execute(self.relaxed())
         .await?;
         Ok(())
     }
@@ -263,7 +264,9 @@ impl SqlStore {
         Ok(())
     }
 
-    /// Records acknowledged APPENDs (legacy UID → new UID) and advances `last_uid`.
+    /// Records acknowledged APPENDs (legacy UID → new UID) and advances `last_uid`. Not fsynced
+    /// on SQLite (`relaxed`): a lost confirmation leaves its rows pending, and the next pass
+    /// matches them by content.
     pub async fn confirm_uids(
         &self,
         email: &str,
@@ -274,7 +277,7 @@ impl SqlStore {
             return Ok(());
         }
         let _turn = self.write_turn().await;
-        let mut tx = self.pool().begin().await?;
+        let mut tx = self.relaxed().begin().await?;
         for (s, t) in pairs {
             sqlx::query("UPDATE sync_uids SET target_uid = $4 WHERE email = $1 AND source_name = $2 AND source_uid = $3")
                 .bind(email)
@@ -365,7 +368,7 @@ impl SqlStore {
         Ok(row.map_or((0, 0), |(c, s)| (c.unwrap_or(0), s.unwrap_or(0))))
     }
 
-    /// Records the end of a pass.
+    /// Records the end of a pass (not fsynced on SQLite: statistics only).
     pub async fn record_pass(
         &self,
         email: &str,
@@ -387,7 +390,7 @@ impl SqlStore {
         .bind(duration_ms)
         .bind(appended)
         .bind(error)
-        .execute(self.pool())
+        .execute(self.relaxed())
         .await?;
         Ok(())
     }
