@@ -415,6 +415,8 @@ struct Completions<'a> {
     singles: VecDeque<Msg>,
     /// Acknowledged without usable APPENDUID: `recover` matches them by hash afterwards.
     needs_recovery: bool,
+    /// The confirmer has stopped (the store failed): the copy stops and reports its error.
+    store_failed: bool,
     report: &'a mut PassReport,
     progress: &'a Progress,
 }
@@ -439,6 +441,7 @@ async fn append_all(
         confirms,
         singles: VecDeque::new(),
         needs_recovery: false,
+        store_failed: false,
         report,
         progress,
     };
@@ -454,6 +457,10 @@ async fn append_all(
     // outstanding: its reply waited on us, not on the server.
     let mut blocked = std::time::Duration::ZERO;
     loop {
+        if done.store_failed {
+            // Dropping the channel stops the fetcher; `copy_new` reports the store's error.
+            return Ok(done.needs_recovery);
+        }
         // Fill the pipeline.
         while in_flight.len() < pace.depth(APPEND_IN_FLIGHT) {
             let ours = Instant::now();
@@ -637,8 +644,15 @@ async fn complete(
 }
 
 impl Completions<'_> {
+    /// Hands `c` to the confirmer, noting if it has stopped.
+    fn confirm(&mut self, c: Confirm) {
+        if self.confirms.send(c).is_err() {
+            self.store_failed = true;
+        }
+    }
+
     /// Handles the reply to one APPEND command. Confirmations go to the confirmer: if the store
-    /// has failed, the recorder fails too and the copy stops, with the store's error.
+    /// has failed, the copy stops, with the store's error.
     fn complete(
         &mut self,
         tgt: &Client,
@@ -667,7 +681,7 @@ impl Completions<'_> {
                     if let Some(max) = pairs.iter().map(|p| p.0).max() {
                         state.last_uid = state.last_uid.max(max);
                     }
-                    let _ = self.confirms.send(Confirm::Pairs(pairs));
+                    self.confirm(Confirm::Pairs(pairs));
                 }
                 // No UIDPLUS (or a target folder recreated meanwhile): the pending rows stay and
                 // are matched by content hash right after the copy.
@@ -680,7 +694,7 @@ impl Completions<'_> {
                         .map(Msg::row)
                         .collect();
                     if !rows.is_empty() {
-                        let _ = self.confirms.send(Confirm::Hashed(rows));
+                        self.confirm(Confirm::Hashed(rows));
                     }
                 }
             }
@@ -707,7 +721,7 @@ impl Completions<'_> {
                 self.report.failed += 1;
             }
             let none: Vec<(u32, u32)> = cmd.msgs.iter().map(|m| (m.uid, 0)).collect();
-            let _ = self.confirms.send(Confirm::Pairs(none));
+            self.confirm(Confirm::Pairs(none));
             return Ok(());
         }
         Err(err)
