@@ -456,6 +456,27 @@ impl Engine {
                 continue;
             }
             report.folders_changed += 1;
+            if state.is_none() && ss.messages == 0 && ts.messages == 0 {
+                // A folder new to the pass and empty on both sides (most special-use and
+                // archive folders of a fresh user): STATUS says all its state holds, so no
+                // SELECT round trips on either side.
+                self.store
+                    .put_sync_folder(&FolderState {
+                        email: email.to_owned(),
+                        source_name: folder.raw.clone(),
+                        target_name: tname.clone(),
+                        source_uidvalidity: ss.uidvalidity,
+                        target_uidvalidity: ts.uidvalidity,
+                        last_uid: 0,
+                        highest_modseq: ss.highestmodseq.unwrap_or(0),
+                        source_uidnext: ss.uidnext,
+                        source_messages: 0,
+                        source_bytes: 0,
+                        subscribed: folder.subscribed,
+                    })
+                    .await?;
+                continue;
+            }
             progress.set_folder(&folder.raw);
             incremental::sync_folder(
                 self,
