@@ -382,6 +382,61 @@ fn an_intent_for_a_message_gone_from_legacy_is_forgotten() {
     });
 }
 
+#[test]
+fn a_forgotten_row_below_the_last_copied_uid_is_copied_again() {
+    within(120, || {
+        let env = Env::new("none", "");
+        env.fresh_target(USER);
+        let c = corpus::generate(&Spec {
+            seed: 9,
+            messages: 8,
+            large: 0,
+            folders: false,
+            ..Spec::default()
+        });
+        corpus::load(&env.backends.legacy, USER, &c);
+        env.sync(USER);
+        // What a crash leaves when a later batch was confirmed before an earlier one (retried
+        // one by one after a refused MULTIAPPEND) had landed: its row pending, its message
+        // not on new, `last_uid` already past it.
+        let watcher = MapWatcher::new(&env.state);
+        let map = watcher
+            .rt
+            .block_on(watcher.store.uid_map(USER, "INBOX"))
+            .expect("uid map");
+        let row = map
+            .iter()
+            .find(|r| r.source_uid == 3)
+            .expect("row 3")
+            .clone();
+        let target_uid = row.target_uid.expect("copied");
+        let mut s = Session::open(&env.backends.new, USER);
+        s.ok("SELECT INBOX");
+        s.ok(&format!("UID STORE {target_uid} +FLAGS.SILENT (\\Deleted)"));
+        s.ok(&format!("UID EXPUNGE {target_uid}"));
+        drop(s);
+        let pending = mailferry::store::sync::UidRow {
+            target_uid: None,
+            hash: String::new(),
+            ..row
+        };
+        watcher
+            .rt
+            .block_on(watcher.store.add_pending(USER, "INBOX", &[pending]))
+            .expect("add pending");
+        load_one_more(&env, 10);
+
+        let r = env.sync(USER);
+        assert_eq!(n(&r, "recovered"), 0, "{r}");
+        assert_eq!(
+            n(&r, "appended"),
+            2,
+            "the forgotten one and the new one: {r}"
+        );
+        env.assert_same(USER);
+    });
+}
+
 /// Delivers one more generated message to legacy's INBOX, so the folder has changed.
 fn load_one_more(env: &Env, seed: u64) {
     let more = corpus::generate(&Spec {

@@ -69,7 +69,11 @@ pub(crate) async fn sync_folder(
 
     let mut map = engine.store.uid_map(email, &st.source_name).await?;
     if map.iter().any(|r| r.target_uid.is_none()) {
-        recover(engine, src, tgt, &st, &map, report).await?;
+        if let Some(uid) = recover(engine, src, tgt, &st, &map, report).await? {
+            // A forgotten row may lie below `last_uid` (a later batch was confirmed first):
+            // look from there again; the map keeps everything copied from being copied twice.
+            st.last_uid = st.last_uid.min(uid.saturating_sub(1));
+        }
         map = engine.store.uid_map(email, &st.source_name).await?;
     }
 
@@ -165,9 +169,11 @@ pub(crate) async fn sync_folder(
     add(&progress.bytes_total, total_new);
     let mut needs_recovery =
         copy::copy_new(engine, email, src, tgt, &mut st, &todo, report, progress).await?;
+    // The lowest UID whose APPEND did not land: the next pass starts there.
+    let mut redo = None;
     if needs_recovery {
         let map = engine.store.uid_map(email, &st.source_name).await?;
-        recover(engine, src, tgt, &st, &map, report).await?;
+        redo = recover(engine, src, tgt, &st, &map, report).await?;
         needs_recovery = false;
     }
     debug_assert!(!needs_recovery);
@@ -179,6 +185,11 @@ pub(crate) async fn sync_folder(
         .max()
         .unwrap_or(0)
         .max(st.last_uid);
+    if let Some(uid) = redo {
+        st.last_uid = st.last_uid.min(uid.saturating_sub(1));
+        // Nor may STATUS call the folder unchanged next time: those messages are still to copy.
+        st.source_uidnext = 0;
+    }
     st.highest_modseq = s_sel.highestmodseq.unwrap_or(0);
     st.source_uidnext = s_sel.uidnext;
     st.source_messages = s_sel.exists;
@@ -222,10 +233,11 @@ const LATE_COMMIT_GRACE_SECS: i64 = 5;
 const LATE_COMMIT_RESCAN: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// After a crash: finds in the target the messages whose APPEND was sent but not recorded,
-/// by content hash, in order; records them, and forgets the pending rows not found (they
-/// will be copied again) once the server cannot commit them any more. A pending row without a
-/// hash (an intent, written before its message was fetched) takes the hash of the legacy
-/// message it names: messages are immutable, so it is the hash of what was appended.
+/// by content hash, in order; records them, and forgets the pending rows not found once the
+/// server cannot commit them any more. Those are copied again: the lowest of their UIDs is
+/// returned, for the copy to start there. A pending row without a hash (an intent, written
+/// before its message was fetched) takes the hash of the legacy message it names: messages
+/// are immutable, so it is the hash of what was appended.
 async fn recover(
     engine: &Engine,
     src: &mut Client,
@@ -233,7 +245,7 @@ async fn recover(
     st: &FolderState,
     map: &[UidRow],
     report: &mut PassReport,
-) -> Result<(), SyncError> {
+) -> Result<Option<u32>, SyncError> {
     let started = tokio::time::Instant::now();
     let max_confirmed = map.iter().filter_map(|r| r.target_uid).max().unwrap_or(0);
     let rows: Vec<&UidRow> = map.iter().filter(|r| r.target_uid.is_none()).collect();
@@ -327,7 +339,7 @@ async fn recover(
         .delete_uids(&st.email, &st.source_name, &missing)
         .await?;
     report.recovered += matched.len() as u64;
-    Ok(())
+    Ok(missing.iter().copied().min())
 }
 
 /// After a UIDVALIDITY change on either side: rebuilds the UID map by content, so nothing is
