@@ -287,22 +287,7 @@ fn an_intent_whose_append_landed_is_recovered_not_copied_again() {
 /// the hash `recorded` gives; then checks that the next pass matches it instead of copying it.
 fn pending_row_is_recovered_not_copied_again(recorded: fn(&[u8]) -> String) {
     within(120, move || {
-        let env = Env::new("none", "");
-        env.fresh_target(USER);
-        let c = corpus::generate(&Spec {
-            seed: 5,
-            messages: 12,
-            large: 0,
-            folders: false,
-            ..Spec::default()
-        });
-        corpus::load(&env.backends.legacy, USER, &c);
-        env.sync(USER);
-        let watcher = MapWatcher::new(&env.state);
-        let map = watcher
-            .rt
-            .block_on(watcher.store.uid_map(USER, "INBOX"))
-            .expect("uid map");
+        let (env, c, watcher, map) = synced_inbox(5, 12);
         let last = map
             .iter()
             .max_by_key(|r| r.source_uid)
@@ -340,19 +325,8 @@ fn pending_row_is_recovered_not_copied_again(recorded: fn(&[u8]) -> String) {
 #[test]
 fn an_intent_for_a_message_gone_from_legacy_is_forgotten() {
     within(120, || {
-        let env = Env::new("none", "");
-        env.fresh_target(USER);
-        let c = corpus::generate(&Spec {
-            seed: 7,
-            messages: 5,
-            large: 0,
-            folders: false,
-            ..Spec::default()
-        });
-        corpus::load(&env.backends.legacy, USER, &c);
-        env.sync(USER);
+        let (env, _, watcher, _) = synced_inbox(7, 5);
         // An intent for a UID legacy no longer holds (expunged before the rerun).
-        let watcher = MapWatcher::new(&env.state);
         let gone = mailferry::store::sync::UidRow {
             source_uid: 4000,
             target_uid: None,
@@ -385,25 +359,10 @@ fn an_intent_for_a_message_gone_from_legacy_is_forgotten() {
 #[test]
 fn a_forgotten_row_below_the_last_copied_uid_is_copied_again() {
     within(120, || {
-        let env = Env::new("none", "");
-        env.fresh_target(USER);
-        let c = corpus::generate(&Spec {
-            seed: 9,
-            messages: 8,
-            large: 0,
-            folders: false,
-            ..Spec::default()
-        });
-        corpus::load(&env.backends.legacy, USER, &c);
-        env.sync(USER);
+        let (env, _, watcher, map) = synced_inbox(9, 8);
         // What a crash leaves when a later batch was confirmed before an earlier one (retried
         // one by one after a refused MULTIAPPEND) had landed: its row pending, its message
         // not on new, `last_uid` already past it.
-        let watcher = MapWatcher::new(&env.state);
-        let map = watcher
-            .rt
-            .block_on(watcher.store.uid_map(USER, "INBOX"))
-            .expect("uid map");
         let row = map
             .iter()
             .find(|r| r.source_uid == 3)
@@ -435,6 +394,36 @@ fn a_forgotten_row_below_the_last_copied_uid_is_copied_again() {
         );
         env.assert_same(USER);
     });
+}
+
+/// A fresh user with `messages` generated messages in INBOX, synced once; with a watcher on
+/// the state store and INBOX's UID map.
+fn synced_inbox(
+    seed: u64,
+    messages: usize,
+) -> (
+    Env,
+    corpus::Corpus,
+    MapWatcher,
+    Vec<mailferry::store::sync::UidRow>,
+) {
+    let env = Env::new("none", "");
+    env.fresh_target(USER);
+    let c = corpus::generate(&Spec {
+        seed,
+        messages,
+        large: 0,
+        folders: false,
+        ..Spec::default()
+    });
+    corpus::load(&env.backends.legacy, USER, &c);
+    env.sync(USER);
+    let watcher = MapWatcher::new(&env.state);
+    let map = watcher
+        .rt
+        .block_on(watcher.store.uid_map(USER, "INBOX"))
+        .expect("uid map");
+    (env, c, watcher, map)
 }
 
 /// Delivers one more generated message to legacy's INBOX, so the folder has changed.
