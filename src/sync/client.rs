@@ -226,7 +226,8 @@ impl Client {
         self.bodies = pool;
     }
 
-    /// Reads the next complete response.
+    /// Reads the next complete response. Cancel-safe (the appender races it against its
+    /// queue): whatever was read before a cancellation stays buffered for the next call.
     pub async fn read(&mut self) -> Result<Response, SyncError> {
         loop {
             let framed = self
