@@ -436,14 +436,36 @@ fn http_get(addr: SocketAddr, path: &str) -> String {
     out
 }
 
+/// Connects until the greeting is no longer the over-the-limit refusal (peeking at each new
+/// connection's first bytes), within 10 s.
+fn greeted_when_a_slot_is_free(addr: std::net::SocketAddr) -> Client {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let s = tcp(addr);
+        let mut first = [0u8; 4];
+        let n = s.peek(&mut first).unwrap_or(0);
+        if &first[..n] == b"* OK" {
+            return Client::over(Box::new(s));
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no free slot: {:?}",
+            String::from_utf8_lossy(&first[..n])
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 #[test]
 fn connections_over_the_limit_are_told_to_come_back() {
     let (_b, proxy) = start(Options {
         extra: "[limits]\nmax_connections = 2\n".into(),
         ..Options::default()
     });
-    let a = Client::plain(proxy.imap);
-    let b = Client::plain(proxy.imap);
+    // Slots free once the proxy has seen a connection end (its own readiness probe, the
+    // sessions dropped below), which under load takes a moment.
+    let a = greeted_when_a_slot_is_free(proxy.imap);
+    let b = greeted_when_a_slot_is_free(proxy.imap);
     let mut third = tcp(proxy.imap);
     let mut reply = String::new();
     let _ = third.read_to_string(&mut reply);
@@ -452,23 +474,7 @@ fn connections_over_the_limit_are_told_to_come_back() {
         "* BYE [UNAVAILABLE] Too many connections, try again later.\r\n"
     );
     drop((a, b));
-    // A slot is free once the proxy has seen a session end, which under load takes a moment:
-    // look at each new connection's first bytes until the greeting is no longer the refusal.
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    let mut c = loop {
-        let s = tcp(proxy.imap);
-        let mut first = [0u8; 4];
-        let n = s.peek(&mut first).unwrap_or(0);
-        if &first[..n] == b"* OK" {
-            break Client::over(Box::new(s));
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "slots not freed after the sessions left: {:?}",
-            String::from_utf8_lossy(&first[..n])
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let mut c = greeted_when_a_slot_is_free(proxy.imap);
     assert_ok(
         &c.login("alice@example.org", "alicepw"),
         "login after others left",
