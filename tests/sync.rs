@@ -305,10 +305,7 @@ fn pending_row_is_recovered_not_copied_again(recorded: fn(&[u8]) -> String) {
             ..last
         };
         let source_uid = old.source_uid;
-        watcher
-            .rt
-            .block_on(watcher.store.add_pending(USER, "INBOX", &[old]))
-            .expect("add pending");
+        watcher.add_pending("INBOX", old);
         // Unacknowledged, so the folder's copy had not got past it.
         watcher.set_last_uid("INBOX", source_uid - 1);
         // And one new message on legacy, so the folder has changed.
@@ -327,17 +324,8 @@ fn an_intent_for_a_message_gone_from_legacy_is_forgotten() {
     within(120, || {
         let (env, _, watcher, _) = synced_inbox(7, 5);
         // An intent for a UID legacy no longer holds (expunged before the rerun).
-        let gone = mailferry::store::sync::UidRow {
-            source_uid: 4000,
-            target_uid: None,
-            hash: String::new(),
-            size: 100,
-            pending_at: None,
-        };
-        watcher
-            .rt
-            .block_on(watcher.store.add_pending(USER, "INBOX", &[gone]))
-            .expect("add pending");
+        let gone = mailferry::store::sync::UidRow::intent(4000, 100);
+        watcher.add_pending("INBOX", gone);
         load_one_more(&env, 8);
 
         let r = env.sync(USER);
@@ -374,15 +362,8 @@ fn a_forgotten_row_below_the_last_copied_uid_is_copied_again() {
         s.ok(&format!("UID STORE {target_uid} +FLAGS.SILENT (\\Deleted)"));
         s.ok(&format!("UID EXPUNGE {target_uid}"));
         drop(s);
-        let pending = mailferry::store::sync::UidRow {
-            target_uid: None,
-            hash: String::new(),
-            ..row
-        };
-        watcher
-            .rt
-            .block_on(watcher.store.add_pending(USER, "INBOX", &[pending]))
-            .expect("add pending");
+        let pending = mailferry::store::sync::UidRow::intent(row.source_uid, row.size);
+        watcher.add_pending("INBOX", pending);
         load_one_more(&env, 10);
 
         let r = env.sync(USER);
@@ -474,6 +455,13 @@ impl MapWatcher {
         self.rt
             .block_on(q.fetch_one(self.store.pool()))
             .map_or(0, |r| r.0 as u64)
+    }
+
+    /// Records `row` as pending in `folder`, as a killed pass leaves it.
+    fn add_pending(&self, folder: &str, row: mailferry::store::sync::UidRow) {
+        self.rt
+            .block_on(self.store.add_pending(USER, folder, &[row]))
+            .expect("add pending");
     }
 
     /// Moves the folder's last copied UID back, as a pass killed before confirming leaves it.

@@ -159,13 +159,7 @@ impl SqlStore {
             .after_connect(move |conn, _| {
                 Box::pin(async move {
                     if sqlite {
-                        // WAL lets the proxy read routes while the CLI or sync writes state.
-                        sqlx::query("PRAGMA journal_mode=WAL")
-                            .execute(&mut *conn)
-                            .await?;
-                        sqlx::query("PRAGMA busy_timeout=5000")
-                            .execute(&mut *conn)
-                            .await?;
+                        sqlite_pragmas(conn, "FULL").await?;
                     }
                     Ok(())
                 })
@@ -177,18 +171,7 @@ impl SqlStore {
         let relaxed = if sqlite && !url.contains(":memory:") {
             let pool = AnyPoolOptions::new()
                 .max_connections(2)
-                .after_connect(|conn, _| {
-                    Box::pin(async move {
-                        for pragma in [
-                            "PRAGMA journal_mode=WAL",
-                            "PRAGMA busy_timeout=5000",
-                            "PRAGMA synchronous=NORMAL",
-                        ] {
-                            sqlx::query(pragma).execute(&mut *conn).await?;
-                        }
-                        Ok(())
-                    })
-                })
+                .after_connect(|conn, _| Box::pin(sqlite_pragmas(conn, "NORMAL")))
                 .connect(&url)
                 .await?;
             Some(pool)
@@ -330,6 +313,22 @@ impl StateStore for SqlStore {
 }
 
 /// Makes a SQLite URL create its file (and parent directory) on first use.
+/// Settings of every SQLite connection: WAL lets the proxy read routes while the CLI or sync
+/// writes state; `synchronous` is FULL (fsync at each commit) or NORMAL (see `relaxed`).
+async fn sqlite_pragmas(
+    conn: &mut sqlx::AnyConnection,
+    synchronous: &'static str,
+) -> Result<(), sqlx::Error> {
+    for pragma in ["PRAGMA journal_mode=WAL", "PRAGMA busy_timeout=5000"] {
+        sqlx::query(pragma).execute(&mut *conn).await?;
+    }
+    let sync = format!("PRAGMA synchronous={synchronous}");
+    sqlx::query(sqlx::AssertSqlSafe(sync))
+        .execute(&mut *conn)
+        .await?;
+    Ok(())
+}
+
 fn prepare_url(url: &str) -> Result<String, StoreError> {
     let Some(rest) = url.strip_prefix("sqlite://") else {
         if url.starts_with("postgres://") || url.starts_with("postgresql://") {

@@ -32,6 +32,32 @@ pub struct FolderState {
     pub subscribed: bool,
 }
 
+impl FolderState {
+    /// The state of a folder no pass has copied from yet.
+    pub fn fresh(
+        email: &str,
+        source_name: &str,
+        target_name: &str,
+        source_uidvalidity: u32,
+        target_uidvalidity: u32,
+        subscribed: bool,
+    ) -> FolderState {
+        FolderState {
+            email: email.to_owned(),
+            source_name: source_name.to_owned(),
+            target_name: target_name.to_owned(),
+            source_uidvalidity,
+            target_uidvalidity,
+            last_uid: 0,
+            highest_modseq: 0,
+            source_uidnext: 0,
+            source_messages: 0,
+            source_bytes: 0,
+            subscribed,
+        }
+    }
+}
+
 /// One row of the UID map.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UidRow {
@@ -46,6 +72,19 @@ pub struct UidRow {
     pub size: u64,
     /// When the row was recorded as pending (seconds since the epoch).
     pub pending_at: Option<i64>,
+}
+
+impl UidRow {
+    /// A pending row for a legacy message not yet fetched: no target UID, no hash yet.
+    pub fn intent(source_uid: u32, size: u64) -> UidRow {
+        UidRow {
+            source_uid,
+            target_uid: None,
+            hash: String::new(),
+            size,
+            pending_at: None,
+        }
+    }
 }
 
 /// Per-user progress, as `user show` reports it.

@@ -222,13 +222,7 @@ async fn intend_all(
     for chunk in chunks {
         let rows: Vec<UidRow> = chunk
             .iter()
-            .map(|&(uid, size)| UidRow {
-                source_uid: uid,
-                target_uid: None,
-                hash: String::new(),
-                size,
-                pending_at: None,
-            })
+            .map(|&(uid, size)| UidRow::intent(uid, size))
             .collect();
         engine.store.add_pending(email, folder, &rows).await?;
         if intended

@@ -31,19 +31,14 @@ pub(crate) async fn sync_folder(
     let mut st = match state {
         Some(s) => s,
         None => {
-            let s = FolderState {
-                email: email.to_owned(),
-                source_name: folder.raw.clone(),
-                target_name: target_name.to_owned(),
-                source_uidvalidity: s_sel.uidvalidity,
-                target_uidvalidity: t_sel.uidvalidity,
-                last_uid: 0,
-                highest_modseq: 0,
-                source_uidnext: 0,
-                source_messages: 0,
-                source_bytes: 0,
-                subscribed: folder.subscribed,
-            };
+            let s = FolderState::fresh(
+                email,
+                &folder.raw,
+                target_name,
+                s_sel.uidvalidity,
+                t_sel.uidvalidity,
+                folder.subscribed,
+            );
             engine.store.put_sync_folder(&s).await?;
             s
         }
@@ -107,17 +102,7 @@ pub(crate) async fn sync_folder(
         warn!(user = %email, folder = %folder.raw, uid, "message larger than the copy limit, not copied");
         engine
             .store
-            .add_pending(
-                email,
-                &st.source_name,
-                &[UidRow {
-                    source_uid: *uid,
-                    target_uid: None,
-                    hash: String::new(),
-                    size: 0,
-                    pending_at: None,
-                }],
-            )
+            .add_pending(email, &st.source_name, &[UidRow::intent(*uid, 0)])
             .await?;
         engine
             .store
@@ -185,13 +170,13 @@ pub(crate) async fn sync_folder(
         .max()
         .unwrap_or(0)
         .max(st.last_uid);
+    st.highest_modseq = s_sel.highestmodseq.unwrap_or(0);
+    st.source_uidnext = s_sel.uidnext;
     if let Some(uid) = redo {
         st.last_uid = st.last_uid.min(uid.saturating_sub(1));
         // Nor may STATUS call the folder unchanged next time: those messages are still to copy.
         st.source_uidnext = 0;
     }
-    st.highest_modseq = s_sel.highestmodseq.unwrap_or(0);
-    st.source_uidnext = s_sel.uidnext;
     st.source_messages = s_sel.exists;
     st.source_bytes = map.iter().map(|r| r.size).sum();
     st.subscribed = folder.subscribed;

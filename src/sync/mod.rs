@@ -462,17 +462,16 @@ impl Engine {
                 // SELECT round trips on either side.
                 self.store
                     .put_sync_folder(&FolderState {
-                        email: email.to_owned(),
-                        source_name: folder.raw.clone(),
-                        target_name: tname.clone(),
-                        source_uidvalidity: ss.uidvalidity,
-                        target_uidvalidity: ts.uidvalidity,
-                        last_uid: 0,
                         highest_modseq: ss.highestmodseq.unwrap_or(0),
                         source_uidnext: ss.uidnext,
-                        source_messages: 0,
-                        source_bytes: 0,
-                        subscribed: folder.subscribed,
+                        ..FolderState::fresh(
+                            email,
+                            &folder.raw,
+                            tname,
+                            ss.uidvalidity,
+                            ts.uidvalidity,
+                            folder.subscribed,
+                        )
                     })
                     .await?;
                 continue;
