@@ -3,6 +3,7 @@
 //! [`SqlStore`] implements it with one SQL dialect through sqlx's `Any` driver: SQLite by
 //! default, PostgreSQL when several nodes share the work.
 
+mod intents;
 mod migrations;
 pub mod sync;
 pub mod users;
@@ -31,6 +32,9 @@ pub enum StoreError {
     /// A stored value is not one this version understands.
     #[error("state store holds an unknown value {0:?}")]
     BadValue(String),
+    /// The grouped commit that carried this write failed (the error of the writer that ran it).
+    #[error("state store: {0}")]
+    Grouped(String),
 }
 
 /// What a [`StateStore`] operation returns: a boxed future, so the trait stays object-safe.
@@ -61,6 +65,9 @@ pub trait StateStore: Send + Sync + 'static {
 
     /// Creates or replaces a folder state.
     fn put_sync_folder<'a>(&'a self, f: &'a FolderState) -> StoreFuture<'a, ()>;
+
+    /// Creates or replaces several folder states in one transaction.
+    fn put_sync_folders<'a>(&'a self, folders: &'a [FolderState]) -> StoreFuture<'a, ()>;
 
     /// Forgets a folder and its UID map (the legacy folder is gone).
     fn delete_sync_folder<'a>(
@@ -146,6 +153,8 @@ pub struct SqlStore {
     /// `pool`, fsynced at each commit; in WAL mode such a commit also makes every earlier
     /// one durable.
     relaxed: Option<AnyPool>,
+    /// SQLite: intents waiting for a group commit (see `intents`).
+    intents: Option<Arc<intents::IntentQueue>>,
 }
 
 impl SqlStore {
@@ -182,6 +191,7 @@ impl SqlStore {
             pool,
             writes: sqlite.then(|| Arc::new(tokio::sync::Mutex::new(()))),
             relaxed,
+            intents: sqlite.then(Arc::default),
         })
     }
 
@@ -233,6 +243,10 @@ impl StateStore for SqlStore {
 
     fn put_sync_folder<'a>(&'a self, f: &'a FolderState) -> StoreFuture<'a, ()> {
         Box::pin(SqlStore::put_sync_folder(self, f))
+    }
+
+    fn put_sync_folders<'a>(&'a self, folders: &'a [FolderState]) -> StoreFuture<'a, ()> {
+        Box::pin(SqlStore::put_sync_folders(self, folders))
     }
 
     fn delete_sync_folder<'a>(

@@ -2,6 +2,7 @@
 //! and per-user pass results. SQL valid for SQLite and PostgreSQL through sqlx `Any`.
 
 use serde::Serialize;
+use tokio::sync::oneshot;
 
 use super::{now, SqlStore, StoreError};
 
@@ -160,8 +161,19 @@ impl SqlStore {
     /// Creates or replaces a folder state. Not fsynced on SQLite (`relaxed`): a lost update
     /// leaves the previous state, from which the next pass redoes the work.
     pub async fn put_sync_folder(&self, f: &FolderState) -> Result<(), StoreError> {
+        self.put_sync_folders(std::slice::from_ref(f)).await
+    }
+
+    /// Creates or replaces folder states in one transaction (one turn at the writer's lock
+    /// instead of one per folder).
+    pub async fn put_sync_folders(&self, folders: &[FolderState]) -> Result<(), StoreError> {
+        if folders.is_empty() {
+            return Ok(());
+        }
         let _turn = self.write_turn().await;
-        sqlx::query(
+        let mut tx = self.relaxed().begin().await?;
+        for f in folders {
+            sqlx::query(
             "INSERT INTO sync_folders (email, source_name, target_name, source_uidvalidity, \
              target_uidvalidity, last_uid, highest_modseq, source_uidnext, source_messages, source_bytes, \
              subscribed, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) \
@@ -184,8 +196,10 @@ impl SqlStore {
         .bind(f.source_bytes as i64)
         .bind(i64::from(f.subscribed))
         .bind(now())
-        .execute(self.relaxed())
+        .execute(&mut *tx)
         .await?;
+        }
+        tx.commit().await?;
         Ok(())
     }
 
@@ -258,49 +272,46 @@ impl SqlStore {
     }
 
     /// Records messages about to be appended (target UID unknown), before the APPEND is sent:
-    /// after a crash these rows say what to look for in the target.
+    /// after a crash these rows say what to look for in the target. On SQLite, writers that
+    /// queue meanwhile share one commit (`intents`).
     pub async fn add_pending(
         &self,
         email: &str,
         source_name: &str,
         rows: &[UidRow],
     ) -> Result<(), StoreError> {
+        let Some(queue) = &self.intents else {
+            let mut tx = self.pool().begin().await?;
+            insert_rows(&mut tx, email, source_name, rows).await?;
+            tx.commit().await?;
+            return Ok(());
+        };
+        let mut committed = queue.push(email, source_name, rows);
         let _turn = self.write_turn().await;
-        let mut tx = self.pool().begin().await?;
-        for chunk in rows.chunks(100) {
-            let mut sql = String::from(
-                "INSERT INTO sync_uids (email, source_name, source_uid, target_uid, hash, size, pending_at) \
-                 VALUES ",
-            );
-            for i in 0..chunk.len() {
-                let b = i * 7;
-                if i > 0 {
-                    sql.push_str(", ");
-                }
-                let p: Vec<String> = (1..=7).map(|k| format!("${}", b + k)).collect();
-                sql.push_str(&format!("({})", p.join(", ")));
+        match committed.try_recv() {
+            Ok(result) => return result.map_err(StoreError::Grouped),
+            Err(oneshot::error::TryRecvError::Empty) => {}
+            // Taken by a writer that was cancelled before its commit: queued again.
+            Err(oneshot::error::TryRecvError::Closed) => {
+                committed = queue.push(email, source_name, rows);
             }
-            sql.push_str(
-                " ON CONFLICT (email, source_name, source_uid) DO UPDATE SET target_uid = excluded.target_uid, \
-                 hash = excluded.hash, size = excluded.size, pending_at = excluded.pending_at",
-            );
-            let at = now();
-            // Only placeholders are generated; every value is bound.
-            let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
-            for r in chunk {
-                q = q
-                    .bind(email)
-                    .bind(source_name)
-                    .bind(i64::from(r.source_uid))
-                    .bind(r.target_uid.map(i64::from))
-                    .bind(&r.hash)
-                    .bind(r.size as i64)
-                    .bind(at);
-            }
-            q.execute(&mut *tx).await?;
         }
-        tx.commit().await?;
-        Ok(())
+        let batch = queue.take();
+        let result = async {
+            let mut tx = self.pool().begin().await?;
+            for i in &batch {
+                insert_rows(&mut tx, &i.email, &i.folder, &i.rows).await?;
+            }
+            tx.commit().await?;
+            Ok::<(), StoreError>(())
+        }
+        .await;
+        let shared = result.as_ref().map(|_| ()).map_err(|e| e.to_string());
+        for i in batch {
+            let _ = i.done.send(shared.clone());
+        }
+        drop(committed);
+        result
     }
 
     /// Records acknowledged APPENDs (legacy UID → new UID) and advances `last_uid`. Not fsynced
@@ -480,6 +491,48 @@ impl SqlStore {
     }
 }
 
+/// Inserts (or replaces) UID map rows of one folder within `tx`.
+async fn insert_rows(
+    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+    email: &str,
+    source_name: &str,
+    rows: &[UidRow],
+) -> Result<(), StoreError> {
+    for chunk in rows.chunks(100) {
+        let mut sql = String::from(
+            "INSERT INTO sync_uids (email, source_name, source_uid, target_uid, hash, size, pending_at) \
+             VALUES ",
+        );
+        for i in 0..chunk.len() {
+            let b = i * 7;
+            if i > 0 {
+                sql.push_str(", ");
+            }
+            let p: Vec<String> = (1..=7).map(|k| format!("${}", b + k)).collect();
+            sql.push_str(&format!("({})", p.join(", ")));
+        }
+        sql.push_str(
+            " ON CONFLICT (email, source_name, source_uid) DO UPDATE SET target_uid = excluded.target_uid, \
+             hash = excluded.hash, size = excluded.size, pending_at = excluded.pending_at",
+        );
+        let at = now();
+        // Only placeholders are generated; every value is bound.
+        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+        for r in chunk {
+            q = q
+                .bind(email)
+                .bind(source_name)
+                .bind(i64::from(r.source_uid))
+                .bind(r.target_uid.map(i64::from))
+                .bind(&r.hash)
+                .bind(r.size as i64)
+                .bind(at);
+        }
+        q.execute(&mut **tx).await?;
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -536,5 +589,68 @@ mod tests {
         assert_eq!((p.passes, p.last_error.as_deref()), (2, Some("boom")));
         store.delete_sync_folder("a@x", "Other").await.unwrap();
         assert!(store.sync_folders("a@x").await.unwrap().is_empty());
+    }
+
+    async fn file_store(dir: &tempfile::TempDir) -> SqlStore {
+        SqlStore::open(&format!("sqlite://{}/s.db", dir.path().display()))
+            .await
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn concurrent_intents_all_land() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = std::sync::Arc::new(file_store(&dir).await);
+        let writers: Vec<_> = (0..8u32)
+            .map(|w| {
+                let store = store.clone();
+                tokio::spawn(async move {
+                    for chunk in 0..3u32 {
+                        let rows: Vec<UidRow> = (1..=5)
+                            .map(|u| UidRow::intent(chunk * 5 + u, 100))
+                            .collect();
+                        store
+                            .add_pending(&format!("u{w}@x"), "INBOX", &rows)
+                            .await
+                            .unwrap();
+                    }
+                })
+            })
+            .collect();
+        for w in writers {
+            w.await.unwrap();
+        }
+        for w in 0..8 {
+            let map = store.uid_map(&format!("u{w}@x"), "INBOX").await.unwrap();
+            let uids: Vec<u32> = map.iter().map(|r| r.source_uid).collect();
+            assert_eq!(uids, (1..=15).collect::<Vec<u32>>(), "writer {w}");
+        }
+    }
+
+    #[tokio::test]
+    async fn intents_taken_by_a_cancelled_writer_are_written_by_their_own() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = std::sync::Arc::new(file_store(&dir).await);
+        // Hold the turn, so the writer below queues its rows and waits.
+        let turn = store.write_turn().await;
+        let writer = {
+            let store = store.clone();
+            tokio::spawn(async move {
+                store
+                    .add_pending("a@x", "INBOX", &[UidRow::intent(7, 10)])
+                    .await
+            })
+        };
+        let queue = store.intents.as_ref().unwrap();
+        while queue.0.lock().unwrap().is_empty() {
+            tokio::task::yield_now().await;
+        }
+        // A writer that took the queue and was cancelled before its commit.
+        drop(queue.take());
+        drop(turn);
+        writer.await.unwrap().unwrap();
+        let map = store.uid_map("a@x", "INBOX").await.unwrap();
+        assert_eq!(map.len(), 1);
+        assert_eq!(map[0].source_uid, 7);
     }
 }

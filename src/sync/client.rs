@@ -126,6 +126,34 @@ pub enum Next {
     Done(StatusText),
 }
 
+/// At trace level, the timeline of a session: the tag and verb of each command written and
+/// of each tagged reply (`<`: the status word). Never arguments, which may hold credentials.
+fn trace_command(route: Route, dir: &str, bytes: &[u8]) {
+    if !tracing::enabled!(tracing::Level::TRACE) {
+        return;
+    }
+    let line = bytes.split(|&b| b == b'\r').next().unwrap_or_default();
+    let mut words = line.splitn(4, |&b| b == b' ');
+    let tag = words.next().unwrap_or_default();
+    if dir == "<" && (tag == b"*" || tag == b"+") {
+        return;
+    }
+    let verb = words.next().unwrap_or_default();
+    // `UID FETCH`, `UID STORE`: the verb is the second word.
+    let second = if verb.eq_ignore_ascii_case(b"UID") {
+        words.next().unwrap_or_default()
+    } else {
+        b""
+    };
+    tracing::trace!(
+        ?route,
+        "{dir} {} {} {}",
+        String::from_utf8_lossy(tag),
+        String::from_utf8_lossy(verb),
+        String::from_utf8_lossy(second)
+    );
+}
+
 impl Client {
     /// Connects to `ep` and logs in as `user`: through the backend's master user when one is
     /// configured, else with `own`, the user's password captured at a proxy login.
@@ -185,6 +213,12 @@ impl Client {
 
     /// Writes bytes (one or more commands) and flushes.
     pub async fn write(&mut self, bytes: &[u8]) -> Result<(), SyncError> {
+        trace_command(self.route, ">", bytes);
+        self.write_literal(bytes).await
+    }
+
+    /// Writes message data (the literal after a continuation), which is never traced.
+    pub async fn write_literal(&mut self, bytes: &[u8]) -> Result<(), SyncError> {
         match timeout(self.reply_timeout, self.conn.write_all(bytes)).await {
             Err(_) => Err(SyncError::Timeout {
                 backend: self.route,
@@ -201,6 +235,9 @@ impl Client {
     /// Writes `parts` back to back and flushes: large message bodies go out from their own
     /// buffers instead of being copied into one.
     pub async fn write_parts(&mut self, parts: &[Bytes]) -> Result<(), SyncError> {
+        if let Some(first) = parts.first() {
+            trace_command(self.route, ">", first);
+        }
         let conn = &mut self.conn;
         let all = async {
             for p in parts {
@@ -237,6 +274,7 @@ impl Client {
             if let Some(n) = framed {
                 let buf = self.conn.buffer();
                 let frame: Bytes = buf.split_to(n).freeze();
+                trace_command(self.route, "<", &frame);
                 if std::mem::take(&mut self.pooled) {
                     *buf = BytesMut::from(&buf[..]);
                 }

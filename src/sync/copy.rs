@@ -517,7 +517,7 @@ async fn append_all(
                     }
                     let mut body = m.body.to_vec();
                     body.extend_from_slice(b"\r\n");
-                    tgt.write(&body).await?;
+                    tgt.write_literal(&body).await?;
                     let one = InFlight {
                         tag,
                         msgs: vec![m],

@@ -446,6 +446,10 @@ impl Engine {
         let (src_status, tgt_status) =
             tokio::try_join!(src.status_many(&src_names), tgt.status_many(&tgt_names))?;
         let condstore = src.has("CONDSTORE");
+        // Folders to visit, with the messages each may have to copy; folders new to the pass
+        // and empty on both sides, whose state STATUS gives in full.
+        let mut visits: Vec<(usize, u32)> = Vec::new();
+        let mut empty: Vec<FolderState> = Vec::new();
         for (i, (folder, tname)) in mapped.iter().enumerate() {
             let (Some(ss), Some(ts)) = (src_status[i], tgt_status[i]) else {
                 debug!(user = %email, folder = %folder.raw, "folder vanished during the pass");
@@ -456,26 +460,30 @@ impl Engine {
                 continue;
             }
             report.folders_changed += 1;
-            if state.is_none() && ss.messages == 0 && ts.messages == 0 {
-                // A folder new to the pass and empty on both sides (most special-use and
-                // archive folders of a fresh user): STATUS says all its state holds, so no
-                // SELECT round trips on either side.
-                self.store
-                    .put_sync_folder(&FolderState {
-                        highest_modseq: ss.highestmodseq.unwrap_or(0),
-                        source_uidnext: ss.uidnext,
-                        ..FolderState::fresh(
-                            email,
-                            &folder.raw,
-                            tname,
-                            ss.uidvalidity,
-                            ts.uidvalidity,
-                            folder.subscribed,
-                        )
-                    })
-                    .await?;
-                continue;
+            match state {
+                // Most special-use and archive folders of a fresh user: no SELECT round trips
+                // on either side.
+                None if ss.messages == 0 && ts.messages == 0 => empty.push(FolderState {
+                    highest_modseq: ss.highestmodseq.unwrap_or(0),
+                    source_uidnext: ss.uidnext,
+                    ..FolderState::fresh(
+                        email,
+                        &folder.raw,
+                        tname,
+                        ss.uidvalidity,
+                        ts.uidvalidity,
+                        folder.subscribed,
+                    )
+                }),
+                None => visits.push((i, ss.messages)),
+                Some(s) => visits.push((i, ss.uidnext.saturating_sub(s.source_uidnext))),
             }
+        }
+        // The largest copy first: the user's pass then ends with small folders instead of
+        // one long copy started late, which keeps the target's connections evenly busy.
+        visits.sort_by_key(|&(_, todo)| std::cmp::Reverse(todo));
+        for (i, _) in visits {
+            let (folder, tname) = &mapped[i];
             progress.set_folder(&folder.raw);
             incremental::sync_folder(
                 self,
@@ -484,12 +492,15 @@ impl Engine {
                 tgt,
                 folder,
                 tname,
-                state.cloned(),
+                states.get(&folder.raw).cloned(),
                 &mut report,
                 progress,
             )
             .await?;
         }
+        // In one transaction, after the copies: written first, one at a time, they queued at
+        // the store behind other users' commits and held back this user's first FETCH.
+        self.store.put_sync_folders(&empty).await?;
 
         // Subscriptions follow legacy for every mapped folder.
         let tgt_list = tgt.list().await?;
