@@ -518,7 +518,7 @@ fn config(b: &Backends, dir: &Path) -> Config {
 }
 
 /// With `BENCH_PERF_CTL=<fifo>` (perf record -D -1 --control fifo:<fifo>), profiles only the
-/// mailferry phase.
+/// mailferry phase (of every round but the first, when there are several).
 fn perf_control(cmd: &str) {
     if let Ok(fifo) = std::env::var("BENCH_PERF_CTL") {
         let _ = std::fs::OpenOptions::new()
@@ -713,9 +713,15 @@ fn main() {
             let multi = measured(&b, || ceiling(&b.new, &t.multi, corpora, 64));
             let fetch = measured(&b, || fetch_ceiling(&b.legacy, users, corpora));
             let relay = measured(&b, || bare_relay(&b, &pairs(&t.relay), corpora));
-            perf_control("enable");
+            // Round 1 warms this VM's memory (first touch is slow here); profile the others.
+            let profile = round > 0 || rounds_n == 1;
+            if profile {
+                perf_control("enable");
+            }
             let ((secs, cpu, appended), mf_u) = measured(&b, || sync_all(&rt, &e, users));
-            perf_control("disable");
+            if profile {
+                perf_control("disable");
+            }
             if appended as usize != n {
                 eprintln!("warning: mailferry appended {appended} of {n}");
             }

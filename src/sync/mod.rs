@@ -440,66 +440,98 @@ impl Engine {
             }
         }
 
-        // STATUS both sides, pipelined, to find the folders that changed.
+        // STATUS, pipelined, to find the folders that changed: legacy's of every folder, new's
+        // of those with a state to check. A folder new to the pass is looked at on new when it
+        // is visited (SELECT), or after the copies if it is empty on legacy: a fresh user's
+        // first STATUS costs new an index per folder, which need not delay the first copy.
         let src_names: Vec<String> = mapped.iter().map(|(f, _)| f.raw.clone()).collect();
-        let tgt_names: Vec<String> = mapped.iter().map(|(_, t)| t.clone()).collect();
-        let (src_status, tgt_status) =
-            tokio::try_join!(src.status_many(&src_names), tgt.status_many(&tgt_names))?;
+        let known: Vec<usize> = (0..mapped.len())
+            .filter(|&i| states.contains_key(&mapped[i].0.raw))
+            .collect();
+        let known_names: Vec<String> = known.iter().map(|&i| mapped[i].1.clone()).collect();
+        let (src_status, known_status) =
+            tokio::try_join!(src.status_many(&src_names), tgt.status_many(&known_names))?;
+        let mut tgt_status: Vec<Option<MailboxStatus>> = vec![None; mapped.len()];
+        for (&i, st) in known.iter().zip(known_status) {
+            tgt_status[i] = st;
+        }
         let condstore = src.has("CONDSTORE");
         // Folders to visit, with the messages each may have to copy; folders new to the pass
-        // and empty on both sides, whose state STATUS gives in full.
+        // and empty on legacy, whose state STATUS may give in full.
         let mut visits: Vec<(usize, u32)> = Vec::new();
-        let mut empty: Vec<FolderState> = Vec::new();
+        let mut empty_on_legacy: Vec<usize> = Vec::new();
         for (i, (folder, tname)) in mapped.iter().enumerate() {
-            let (Some(ss), Some(ts)) = (src_status[i], tgt_status[i]) else {
-                debug!(user = %email, folder = %folder.raw, "folder vanished during the pass");
+            let vanished =
+                || debug!(user = %email, folder = %folder.raw, "folder vanished during the pass");
+            let Some(ss) = src_status[i] else {
+                vanished();
                 continue;
             };
-            let state = states.get(&folder.raw);
-            if state.is_some_and(|s| unchanged(s, &ss, &ts, tname, condstore)) {
-                continue;
+            match states.get(&folder.raw) {
+                Some(s) => {
+                    let Some(ts) = tgt_status[i] else {
+                        vanished();
+                        continue;
+                    };
+                    if unchanged(s, &ss, &ts, tname, condstore) {
+                        continue;
+                    }
+                    visits.push((i, ss.uidnext.saturating_sub(s.source_uidnext)));
+                }
+                None if ss.messages == 0 => empty_on_legacy.push(i),
+                None => visits.push((i, ss.messages)),
             }
             report.folders_changed += 1;
-            match state {
-                // Most special-use and archive folders of a fresh user: no SELECT round trips
-                // on either side.
-                None if ss.messages == 0 && ts.messages == 0 => empty.push(FolderState {
-                    highest_modseq: ss.highestmodseq.unwrap_or(0),
-                    source_uidnext: ss.uidnext,
-                    ..FolderState::fresh(
-                        email,
-                        &folder.raw,
-                        tname,
-                        ss.uidvalidity,
-                        ts.uidvalidity,
-                        folder.subscribed,
-                    )
-                }),
-                None => visits.push((i, ss.messages)),
-                Some(s) => visits.push((i, ss.uidnext.saturating_sub(s.source_uidnext))),
-            }
         }
         // The largest copy first: the user's pass then ends with small folders instead of
         // one long copy started late, which keeps the target's connections evenly busy.
         visits.sort_by_key(|&(_, todo)| std::cmp::Reverse(todo));
         for (i, _) in visits {
-            let (folder, tname) = &mapped[i];
-            progress.set_folder(&folder.raw);
-            incremental::sync_folder(
-                self,
+            self.visit(
                 email,
                 src,
                 tgt,
-                folder,
-                tname,
-                states.get(&folder.raw).cloned(),
+                &mapped[i],
+                states.get(&mapped[i].0.raw),
                 &mut report,
                 progress,
             )
             .await?;
         }
-        // In one transaction, after the copies: written first, one at a time, they queued at
-        // the store behind other users' commits and held back this user's first FETCH.
+        // Most special-use and archive folders of a fresh user are empty on both sides: their
+        // state is written from STATUS, without SELECT round trips, in one transaction (one
+        // at a time, before the copies, they queued at the store behind other users' commits).
+        let names: Vec<String> = empty_on_legacy
+            .iter()
+            .map(|&i| mapped[i].1.clone())
+            .collect();
+        let on_new = tgt.status_many(&names).await?;
+        let mut empty: Vec<FolderState> = Vec::new();
+        for (&i, ts) in empty_on_legacy.iter().zip(on_new) {
+            let (folder, tname) = &mapped[i];
+            let (Some(ss), Some(ts)) = (src_status[i], ts) else {
+                debug!(user = %email, folder = %folder.raw, "folder vanished during the pass");
+                continue;
+            };
+            if ts.messages > 0 {
+                // Mail on new already (delivered there, or an earlier run's copy).
+                self.visit(email, src, tgt, &mapped[i], None, &mut report, progress)
+                    .await?;
+                continue;
+            }
+            empty.push(FolderState {
+                highest_modseq: ss.highestmodseq.unwrap_or(0),
+                source_uidnext: ss.uidnext,
+                ..FolderState::fresh(
+                    email,
+                    &folder.raw,
+                    tname,
+                    ss.uidvalidity,
+                    ts.uidvalidity,
+                    folder.subscribed,
+                )
+            });
+        }
         self.store.put_sync_folders(&empty).await?;
 
         // Subscriptions follow legacy for every mapped folder.
@@ -518,6 +550,33 @@ impl Engine {
             }
         }
         Ok(report)
+    }
+
+    /// Brings one folder up to date (`incremental::sync_folder`), shown in the progress.
+    #[allow(clippy::too_many_arguments)]
+    async fn visit(
+        &self,
+        email: &str,
+        src: &mut Client,
+        tgt: &mut Client,
+        (folder, tname): &(&Folder, String),
+        state: Option<&FolderState>,
+        report: &mut PassReport,
+        progress: &Progress,
+    ) -> Result<(), SyncError> {
+        progress.set_folder(&folder.raw);
+        incremental::sync_folder(
+            self,
+            email,
+            src,
+            tgt,
+            folder,
+            tname,
+            state.cloned(),
+            report,
+            progress,
+        )
+        .await
     }
 }
 
