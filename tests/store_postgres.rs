@@ -124,8 +124,10 @@ fn sync_tables() {
             f.source_messages = 3;
             f.source_bytes = 30;
             store.put_sync_folder(&f).await.unwrap();
+            // A folder new to the sync: its state and first intents in one transaction.
             let other = folder(email, "Archive.2019");
-            store.put_sync_folder(&other).await.unwrap();
+            store.start_folder(&other, &pending(1..=2)).await.unwrap();
+            assert_eq!(store.uid_map(email, "Archive.2019").await.unwrap().len(), 2);
             let mut states = store.sync_folders(email).await.unwrap();
             states.sort_by(|a, b| a.source_name.cmp(&b.source_name));
             assert_eq!(states, vec![other.clone(), f.clone()]);

@@ -270,6 +270,95 @@ fn killed_passes_resume_without_duplicates() {
     });
 }
 
+/// Nothing reaches new before the state store records it as pending. With the store's write
+/// lock held by another connection, the pass goes on fetching from legacy but appends nothing;
+/// once the lock is released it completes, and verify is clean.
+#[test]
+fn nothing_is_appended_before_its_intent_is_committed() {
+    within(120, || {
+        let env = Env::new("none", "");
+        env.fresh_target(USER);
+        let c = corpus::generate(&Spec {
+            seed: 41,
+            messages: 30,
+            large: 0,
+            folders: false,
+            ..Spec::default()
+        });
+        corpus::load(&env.backends.legacy, USER, &c);
+        // The schema exists before the lock is taken (opening the store migrates it).
+        let watcher = MapWatcher::new(&env.state);
+        let mut lock = watcher
+            .rt
+            .block_on(watcher.store.pool().acquire())
+            .expect("connection");
+        watcher
+            .rt
+            .block_on(sqlx::query("BEGIN IMMEDIATE").execute(&mut *lock))
+            .expect("write lock");
+        let mut child = Command::new(support::mailferry::binary())
+            .arg("-c")
+            .arg(&env.config)
+            .args(["sync", USER, "--once", "--json"])
+            .env("MAILFERRY_LOG", "warn,mailferry::sync::client=trace")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn");
+        // The command timeline: wait for the FETCH of bodies (the second UID FETCH on legacy,
+        // after the one listing sizes), i.e. the copy is under way while its intents wait.
+        let stderr = child.stderr.take().expect("stderr");
+        let (seen_tx, seen) = std::sync::mpsc::channel();
+        let log = std::thread::spawn(move || {
+            use std::io::BufRead;
+            let mut fetches = 0;
+            let mut lines = Vec::new();
+            for line in std::io::BufReader::new(stderr)
+                .lines()
+                .map_while(Result::ok)
+            {
+                if line.contains("UID FETCH") && line.contains("Legacy") {
+                    fetches += 1;
+                    if fetches == 2 {
+                        let _ = seen_tx.send(());
+                    }
+                }
+                lines.push(line);
+            }
+            lines
+        });
+        seen.recv_timeout(Duration::from_secs(30))
+            .expect("the pass never asked legacy for bodies");
+        // Ample time for bodies of ~5 KB to be fetched and, were it allowed, appended.
+        std::thread::sleep(Duration::from_millis(1500));
+        let status = env
+            .backends
+            .new
+            .doveadm(&["mailbox", "status", "-u", USER, "messages", "INBOX"]);
+        let on_new = String::from_utf8_lossy(&status.stdout).trim().to_string();
+        watcher
+            .rt
+            .block_on(sqlx::query("COMMIT").execute(&mut *lock))
+            .expect("release");
+        {
+            // The connection goes back to its pool on the runtime.
+            let _rt = watcher.rt.enter();
+            drop(lock);
+        }
+        let out = child.wait_with_output().expect("sync");
+        let log = log.join().unwrap_or_default().join("\n");
+        assert!(
+            on_new.split_whitespace().any(|w| w == "messages=0"),
+            "appended before its intent was committed ({on_new})\n{log}"
+        );
+        assert!(out.status.success(), "sync failed: {log}");
+        let r: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json report");
+        // The corpus plus the harness's legacy marker message.
+        assert_eq!(n(&r, "appended"), c.messages.len() as u64 + 1, "{r}");
+        env.assert_same(USER);
+    });
+}
+
 #[test]
 fn pending_rows_of_an_older_version_are_recovered_not_copied_again() {
     // A version that recorded SHA-256, killed after sending its last APPEND.

@@ -8,10 +8,12 @@ use std::sync::Mutex;
 
 use tokio::sync::oneshot;
 
-use super::sync::UidRow;
+use super::sync::{FolderState, UidRow};
 
-/// One writer's rows, and where it hears whether they were committed.
+/// One writer's rows (with the state of their folder when it is new), and where it hears
+/// whether they were committed.
 pub(crate) struct Intent {
+    pub(crate) fresh: Option<FolderState>,
     pub(crate) email: String,
     pub(crate) folder: String,
     pub(crate) rows: Vec<UidRow>,
@@ -27,12 +29,14 @@ impl IntentQueue {
     /// took them was cancelled first, so the rows must be written again).
     pub(crate) fn push(
         &self,
+        fresh: Option<&FolderState>,
         email: &str,
         folder: &str,
         rows: &[UidRow],
     ) -> oneshot::Receiver<Result<(), String>> {
         let (done, committed) = oneshot::channel();
         let intent = Intent {
+            fresh: fresh.cloned(),
             email: email.to_string(),
             folder: folder.to_string(),
             rows: rows.to_vec(),

@@ -95,6 +95,10 @@ pub trait StateStore: Send + Sync + 'static {
         rows: &'a [UidRow],
     ) -> StoreFuture<'a, ()>;
 
+    /// Creates the state of a folder new to the sync and records its first pending rows, in
+    /// one transaction.
+    fn start_folder<'a>(&'a self, f: &'a FolderState, rows: &'a [UidRow]) -> StoreFuture<'a, ()>;
+
     /// Records acknowledged APPENDs (legacy UID → new UID) and advances `last_uid`.
     fn confirm_uids<'a>(
         &'a self,
@@ -277,6 +281,10 @@ impl StateStore for SqlStore {
         rows: &'a [UidRow],
     ) -> StoreFuture<'a, ()> {
         Box::pin(SqlStore::add_pending(self, email, source_name, rows))
+    }
+
+    fn start_folder<'a>(&'a self, f: &'a FolderState, rows: &'a [UidRow]) -> StoreFuture<'a, ()> {
+        Box::pin(SqlStore::start_folder(self, f, rows))
     }
 
     fn confirm_uids<'a>(

@@ -173,31 +173,7 @@ impl SqlStore {
         let _turn = self.write_turn().await;
         let mut tx = self.relaxed().begin().await?;
         for f in folders {
-            sqlx::query(
-            "INSERT INTO sync_folders (email, source_name, target_name, source_uidvalidity, \
-             target_uidvalidity, last_uid, highest_modseq, source_uidnext, source_messages, source_bytes, \
-             subscribed, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) \
-             ON CONFLICT (email, source_name) DO UPDATE SET target_name = excluded.target_name, \
-             source_uidvalidity = excluded.source_uidvalidity, target_uidvalidity = excluded.target_uidvalidity, \
-             last_uid = excluded.last_uid, highest_modseq = excluded.highest_modseq, \
-             source_uidnext = excluded.source_uidnext, source_messages = excluded.source_messages, \
-             source_bytes = excluded.source_bytes, subscribed = excluded.subscribed, \
-             updated_at = excluded.updated_at",
-        )
-        .bind(&f.email)
-        .bind(&f.source_name)
-        .bind(&f.target_name)
-        .bind(i64::from(f.source_uidvalidity))
-        .bind(i64::from(f.target_uidvalidity))
-        .bind(i64::from(f.last_uid))
-        .bind(f.highest_modseq as i64)
-        .bind(i64::from(f.source_uidnext))
-        .bind(i64::from(f.source_messages))
-        .bind(f.source_bytes as i64)
-        .bind(i64::from(f.subscribed))
-        .bind(now())
-        .execute(&mut *tx)
-        .await?;
+            upsert_folder(&mut tx, f).await?;
         }
         tx.commit().await?;
         Ok(())
@@ -280,26 +256,48 @@ impl SqlStore {
         source_name: &str,
         rows: &[UidRow],
     ) -> Result<(), StoreError> {
+        self.intend(None, email, source_name, rows).await
+    }
+
+    /// Creates the state of a folder new to the sync together with its first pending rows:
+    /// one commit, and never rows without their folder's state.
+    pub async fn start_folder(&self, f: &FolderState, rows: &[UidRow]) -> Result<(), StoreError> {
+        self.intend(Some(f), &f.email, &f.source_name, rows).await
+    }
+
+    async fn intend(
+        &self,
+        fresh: Option<&FolderState>,
+        email: &str,
+        source_name: &str,
+        rows: &[UidRow],
+    ) -> Result<(), StoreError> {
         let Some(queue) = &self.intents else {
             let mut tx = self.pool().begin().await?;
+            if let Some(f) = fresh {
+                upsert_folder(&mut tx, f).await?;
+            }
             insert_rows(&mut tx, email, source_name, rows).await?;
             tx.commit().await?;
             return Ok(());
         };
-        let mut committed = queue.push(email, source_name, rows);
+        let mut committed = queue.push(fresh, email, source_name, rows);
         let _turn = self.write_turn().await;
         match committed.try_recv() {
             Ok(result) => return result.map_err(StoreError::Grouped),
             Err(oneshot::error::TryRecvError::Empty) => {}
             // Taken by a writer that was cancelled before its commit: queued again.
             Err(oneshot::error::TryRecvError::Closed) => {
-                committed = queue.push(email, source_name, rows);
+                committed = queue.push(fresh, email, source_name, rows);
             }
         }
         let batch = queue.take();
         let result = async {
             let mut tx = self.pool().begin().await?;
             for i in &batch {
+                if let Some(f) = &i.fresh {
+                    upsert_folder(&mut tx, f).await?;
+                }
                 insert_rows(&mut tx, &i.email, &i.folder, &i.rows).await?;
             }
             tx.commit().await?;
@@ -491,6 +489,39 @@ impl SqlStore {
     }
 }
 
+/// Creates or replaces one folder state within `tx`.
+async fn upsert_folder(
+    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+    f: &FolderState,
+) -> Result<(), StoreError> {
+    sqlx::query(
+        "INSERT INTO sync_folders (email, source_name, target_name, source_uidvalidity, \
+         target_uidvalidity, last_uid, highest_modseq, source_uidnext, source_messages, source_bytes, \
+         subscribed, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) \
+         ON CONFLICT (email, source_name) DO UPDATE SET target_name = excluded.target_name, \
+         source_uidvalidity = excluded.source_uidvalidity, target_uidvalidity = excluded.target_uidvalidity, \
+         last_uid = excluded.last_uid, highest_modseq = excluded.highest_modseq, \
+         source_uidnext = excluded.source_uidnext, source_messages = excluded.source_messages, \
+         source_bytes = excluded.source_bytes, subscribed = excluded.subscribed, \
+         updated_at = excluded.updated_at",
+    )
+    .bind(&f.email)
+    .bind(&f.source_name)
+    .bind(&f.target_name)
+    .bind(i64::from(f.source_uidvalidity))
+    .bind(i64::from(f.target_uidvalidity))
+    .bind(i64::from(f.last_uid))
+    .bind(f.highest_modseq as i64)
+    .bind(i64::from(f.source_uidnext))
+    .bind(i64::from(f.source_messages))
+    .bind(f.source_bytes as i64)
+    .bind(i64::from(f.subscribed))
+    .bind(now())
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
 /// Inserts (or replaces) UID map rows of one folder within `tx`.
 async fn insert_rows(
     tx: &mut sqlx::Transaction<'_, sqlx::Any>,
@@ -595,6 +626,19 @@ mod tests {
         SqlStore::open(&format!("sqlite://{}/s.db", dir.path().display()))
             .await
             .unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_new_folder_gets_its_state_with_its_first_intents() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = file_store(&dir).await;
+        let f = FolderState::fresh("a@x", "Sent", "Sent", 5, 6, true);
+        store
+            .start_folder(&f, &[UidRow::intent(1, 10), UidRow::intent(2, 20)])
+            .await
+            .unwrap();
+        assert_eq!(store.sync_folders("a@x").await.unwrap(), vec![f]);
+        assert_eq!(store.uid_map("a@x", "Sent").await.unwrap().len(), 2);
     }
 
     #[tokio::test]

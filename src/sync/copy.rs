@@ -1,11 +1,11 @@
 //! Copying new messages of one folder, in four stages that run at once: an intent recorder
-//! writes each FETCH chunk's messages to the state store as pending (UIDs only, ahead of the
-//! transfer); a fetcher streams `UID FETCH` results of recorded chunks from legacy (a few
-//! commands in flight) into a byte-bounded channel; an appender sends them to new as pipelined
-//! APPENDs (MULTIAPPEND batches with LITERAL+ where offered); a confirmer records each
-//! acknowledged batch's APPENDUID mapping. No store commit (an fsync each) stands between a
-//! message's arrival from legacy and its APPEND: the intents are written before the bytes come,
-//! the confirmations after they have gone. A crash leaves pending rows, which the next pass
+//! writes each FETCH chunk's messages to the state store as pending (UIDs only, a little ahead
+//! of the transfer); a fetcher streams `UID FETCH` results from legacy (a few commands in
+//! flight) into a byte-bounded channel; an appender sends them to new as pipelined APPENDs
+//! (MULTIAPPEND batches with LITERAL+ where offered), each only once its intent is committed; a
+//! confirmer records each acknowledged batch's APPENDUID mapping. No store commit (an fsync
+//! each) stands between a message's arrival from legacy and its APPEND: the intents commit
+//! while the bytes come, the confirmations after they have gone. A crash leaves pending rows, which the next pass
 //! resolves by content hash (the hash of a pending row is taken from legacy then).
 //!
 //! Both sides report each command's service time to their backend's [`Limiter`], which may cut
@@ -15,7 +15,7 @@ use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
 
 use bytes::Bytes;
-use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use tracing::warn;
 
@@ -138,7 +138,8 @@ impl InFlight {
     }
 }
 
-/// Copies the legacy messages `todo` ((UID, size), ascending) of the selected folders.
+/// Copies the legacy messages `todo` ((UID, size), ascending) of the selected folders; with
+/// `fresh`, `state` is not in the store yet and is written with the first intents.
 /// Returns whether unacknowledged appends are left for `recover` (server without APPENDUID).
 #[allow(clippy::too_many_arguments)]
 pub(crate) async fn copy_new(
@@ -147,6 +148,7 @@ pub(crate) async fn copy_new(
     src: &mut Client,
     tgt: &mut Client,
     state: &mut FolderState,
+    fresh: bool,
     todo: &[(u32, u64)],
     report: &mut PassReport,
     progress: &Progress,
@@ -156,27 +158,53 @@ pub(crate) async fn copy_new(
     }
     let mem = Arc::new(Semaphore::new(BUFFER_BYTES as usize));
     let (fetched_tx, fetched) = mpsc::channel::<Msg>(APPEND_MESSAGES * (APPEND_IN_FLIGHT + 1));
-    let (intended_tx, intended) = mpsc::channel::<Vec<u32>>(INTENTS_AHEAD);
+    // Highest legacy UID whose intent is committed: nothing above it may be appended.
+    let (committed_tx, committed) = watch::channel(0u32);
+    // FETCH commands sent: the intents keep at most `INTENTS_AHEAD` chunks ahead of them.
+    let (requested_tx, requested) = watch::channel(0usize);
     let (confirm_tx, confirms) = mpsc::unbounded_channel::<Confirm>();
     let src_pace = engine.pace(src.route()).clone();
     let folder = state.source_name.clone();
     let bodies = engine.bodies().clone();
     let hash = !tgt.has("UIDPLUS");
     src.set_body_pool(Some(bodies.clone()));
-    let intend = intend_all(engine, email, &folder, chunks(todo), intended_tx);
+    let fresh = fresh.then(|| state.clone());
+    let chunks = chunks(todo);
+    let to_fetch: VecDeque<Vec<u32>> = chunks
+        .iter()
+        .map(|c| c.iter().map(|m| m.0).collect())
+        .collect();
+    let intend = intend_all(
+        engine,
+        fresh,
+        email,
+        &folder,
+        chunks,
+        requested,
+        committed_tx,
+    );
     let holding = Holding { mem, bodies, hash };
     let fetch = fetch_all(
         src,
-        intended,
+        to_fetch,
+        requested_tx,
         fetched_tx,
         holding,
         &src_pace,
         confirm_tx.clone(),
     );
     let append = append_all(
-        engine, email, tgt, state, fetched, confirm_tx, report, progress,
+        engine,
+        email,
+        tgt,
+        state,
+        fetched,
+        committed.clone(),
+        confirm_tx,
+        report,
+        progress,
     );
-    let confirm = confirm_all(engine, email, &folder, confirms);
+    let confirm = confirm_all(engine, email, &folder, confirms, committed);
     let (i, f, a, c) = tokio::join!(intend, fetch, append, confirm);
     src.set_body_pool(None);
     // The store's errors first (every stage stops when one fails), then the appender's; a fetch
@@ -188,7 +216,9 @@ pub(crate) async fn copy_new(
     Ok(needs_recovery)
 }
 
-/// FETCH chunks whose intents may be committed before the fetcher asks for them.
+/// FETCH chunks whose intents may be committed before the fetcher has asked for them: enough
+/// that a slow commit rarely holds up the appender, few enough that a failed pass leaves few
+/// pending rows for the next one to resolve.
 const INTENTS_AHEAD: usize = 2;
 
 /// Splits `todo` into FETCH commands: UIDs in order, bounded in count and bytes.
@@ -209,32 +239,51 @@ fn chunks(todo: &[(u32, u64)]) -> Vec<Vec<(u32, u64)>> {
     out
 }
 
-/// Records each chunk's messages as pending (no hash yet) and only then hands the chunk to the
-/// fetcher: whatever reaches new is known to the store first, so a crash at any point is
-/// resolved by matching pending rows against the target.
+/// Records each chunk's messages as pending (no hash yet), in order, and raises `committed`
+/// past each chunk once its commit is done: whatever reaches new is known to the store first,
+/// so a crash at any point is resolved by matching pending rows against the target. The fetcher
+/// does not wait for these commits (reading legacy commits to nothing); the appender does. An
+/// fsync under the target's own write load can take 100 ms, which no longer holds back the
+/// first FETCH of a folder.
 async fn intend_all(
     engine: &Engine,
+    mut fresh: Option<FolderState>,
     email: &str,
     folder: &str,
     chunks: Vec<Vec<(u32, u64)>>,
-    intended: mpsc::Sender<Vec<u32>>,
+    mut requested: watch::Receiver<usize>,
+    committed: watch::Sender<u32>,
 ) -> Result<(), SyncError> {
-    for chunk in chunks {
+    for (k, chunk) in chunks.into_iter().enumerate() {
+        if let Some(behind) = k.checked_sub(INTENTS_AHEAD) {
+            if requested.wait_for(|&n| n > behind).await.is_err() {
+                // The fetcher stopped early (it reports its own error).
+                return Ok(());
+            }
+        }
         let rows: Vec<UidRow> = chunk
             .iter()
             .map(|&(uid, size)| UidRow::intent(uid, size))
             .collect();
-        engine.store.add_pending(email, folder, &rows).await?;
-        if intended
-            .send(chunk.into_iter().map(|c| c.0).collect())
-            .await
-            .is_err()
-        {
-            // The fetcher stopped (it reports its own error).
+        match fresh.take() {
+            Some(state) => engine.store.start_folder(&state, &rows).await?,
+            None => engine.store.add_pending(email, folder, &rows).await?,
+        }
+        if let Some(&(top, _)) = chunk.last() {
+            committed.send_replace(top);
+        }
+        if committed.is_closed() {
+            // The appender and the confirmer stopped (they report their own errors).
             return Ok(());
         }
     }
     Ok(())
+}
+
+/// Waits until the intents of every UID up to `uid` are committed; false if they never will
+/// be (the intent stage failed and reports why).
+async fn intended(committed: &mut watch::Receiver<u32>, uid: u32) -> bool {
+    committed.wait_for(|&c| c >= uid).await.is_ok()
 }
 
 /// What the confirmer writes.
@@ -255,6 +304,7 @@ async fn confirm_all(
     email: &str,
     folder: &str,
     mut confirms: mpsc::UnboundedReceiver<Confirm>,
+    mut committed: watch::Receiver<u32>,
 ) -> Result<(), SyncError> {
     while let Some(first) = confirms.recv().await {
         let (mut pairs, mut hashed, mut gone) = (Vec::new(), Vec::new(), Vec::new());
@@ -270,7 +320,9 @@ async fn confirm_all(
         if !hashed.is_empty() {
             engine.store.add_pending(email, folder, &hashed).await?;
         }
-        if !gone.is_empty() {
+        // An intent still committing would land after its deletion (and linger as pending).
+        let top = gone.iter().copied().max().unwrap_or(0);
+        if !gone.is_empty() && intended(&mut committed, top).await {
             engine.store.delete_uids(email, folder, &gone).await?;
         }
         engine.store.confirm_uids(email, folder, &pairs).await?;
@@ -290,14 +342,14 @@ struct Holding {
 
 async fn fetch_all(
     src: &mut Client,
-    mut intended: mpsc::Receiver<Vec<u32>>,
+    mut to_fetch: VecDeque<Vec<u32>>,
+    requested: watch::Sender<usize>,
     tx: mpsc::Sender<Msg>,
     holding: Holding,
     pace: &Limiter,
     confirms: mpsc::UnboundedSender<Confirm>,
 ) -> Result<(), SyncError> {
     let Holding { mem, bodies, hash } = holding;
-    let mut more = true;
     // Tag, when sent, UIDs asked for.
     let mut in_flight: VecDeque<(String, Instant, Vec<u32>)> = VecDeque::new();
     // UIDs of the front command that came with a body.
@@ -309,21 +361,9 @@ async fn fetch_all(
     let mut blocked = std::time::Duration::ZERO;
     let mut front_bytes = 0u64;
     loop {
-        while more && in_flight.len() < pace.depth(FETCH_IN_FLIGHT) {
-            // Only chunks whose intents are committed; wait for one only when idle.
-            let next = if in_flight.is_empty() {
-                intended.recv().await.ok_or(true)
-            } else {
-                intended
-                    .try_recv()
-                    .map_err(|e| e == mpsc::error::TryRecvError::Disconnected)
-            };
-            let chunk = match next {
-                Ok(chunk) => chunk,
-                Err(finished) => {
-                    more = !finished;
-                    break;
-                }
+        while in_flight.len() < pace.depth(FETCH_IN_FLIGHT) {
+            let Some(chunk) = to_fetch.pop_front() else {
+                break;
             };
             pace.wait_pause().await;
             let tag = src.tag();
@@ -332,6 +372,7 @@ async fn fetch_all(
                 proto::format_uid_set(&chunk)
             );
             src.write(cmd.as_bytes()).await?;
+            requested.send_modify(|n| *n += 1);
             in_flight.push_back((tag, Instant::now(), chunk));
         }
         let Some((front, sent, _)) = in_flight.front() else {
@@ -422,6 +463,7 @@ async fn append_all(
     tgt: &mut Client,
     state: &mut FolderState,
     mut rx: mpsc::Receiver<Msg>,
+    mut committed: watch::Receiver<u32>,
     confirms: mpsc::UnboundedSender<Confirm>,
     report: &mut PassReport,
     progress: &Progress,
@@ -491,7 +533,12 @@ async fn append_all(
             if batch.is_empty() {
                 break;
             }
-            // Every message here was recorded as pending by `intend_all` before it was fetched.
+            // Nothing goes out before `intend_all` has recorded it as pending.
+            let top = batch.iter().map(|m| m.uid).max().unwrap_or(0);
+            if !intended(&mut committed, top).await {
+                // Dropping the channel stops the fetcher; `copy_new` reports the store's error.
+                return Ok(done.needs_recovery);
+            }
             let bytes: u64 = batch.iter().map(|m| m.body.len() as u64).sum();
             pace.wait_pause().await;
             engine.throttle.acquire(bytes).await;

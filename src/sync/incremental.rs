@@ -26,23 +26,24 @@ pub(crate) async fn sync_folder(
     report: &mut PassReport,
     progress: &Progress,
 ) -> Result<(), SyncError> {
-    let s_sel = src.select(&folder.raw, true).await?;
-    let t_sel = tgt.select(target_name, false).await?;
-    let mut st = match state {
-        Some(s) => s,
-        None => {
-            let s = FolderState::fresh(
-                email,
-                &folder.raw,
-                target_name,
-                s_sel.uidvalidity,
-                t_sel.uidvalidity,
-                folder.subscribed,
-            );
-            engine.store.put_sync_folder(&s).await?;
-            s
-        }
-    };
+    let (s_sel, t_sel) = tokio::try_join!(
+        src.select(&folder.raw, true),
+        tgt.select(target_name, false)
+    )?;
+    // A folder new to the sync has its state written with the first intents of its copy (one
+    // commit instead of two turns at the store before the first FETCH), or before anything
+    // else that writes rows of it.
+    let mut fresh = state.is_none();
+    let mut st = state.unwrap_or_else(|| {
+        FolderState::fresh(
+            email,
+            &folder.raw,
+            target_name,
+            s_sel.uidvalidity,
+            t_sel.uidvalidity,
+            folder.subscribed,
+        )
+    });
     st.target_name = target_name.to_owned();
     let condstore = s_sel.highestmodseq.is_some();
     let mut full_flags = !condstore || st.highest_modseq == 0;
@@ -98,6 +99,10 @@ pub(crate) async fn sync_folder(
         }
     }
     todo.sort_unstable();
+    if fresh && !too_large.is_empty() {
+        engine.store.put_sync_folder(&st).await?;
+        fresh = false;
+    }
     for uid in &too_large {
         warn!(user = %email, folder = %folder.raw, uid, "message larger than the copy limit, not copied");
         engine
@@ -152,8 +157,10 @@ pub(crate) async fn sync_folder(
     let total_new: u64 = todo.iter().map(|t| t.1).sum();
     add(&progress.messages_total, todo.len() as u64);
     add(&progress.bytes_total, total_new);
-    let mut needs_recovery =
-        copy::copy_new(engine, email, src, tgt, &mut st, &todo, report, progress).await?;
+    let mut needs_recovery = copy::copy_new(
+        engine, email, src, tgt, &mut st, fresh, &todo, report, progress,
+    )
+    .await?;
     // The lowest UID whose APPEND did not land: the next pass starts there.
     let mut redo = None;
     if needs_recovery {

@@ -25,7 +25,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
-use tracing::{debug, info, warn};
+use tracing::{debug, info, warn, Instrument};
 
 use crate::config::Config;
 use crate::imap::backend::BackendError;
@@ -258,7 +258,9 @@ impl Engine {
     ) -> Result<PassReport, SyncError> {
         let started = Instant::now();
         let progress = progress.unwrap_or_default();
-        let result = self.pass_inner(email, &progress).await;
+        // Every line the pass logs (the trace-level command timeline too) names the user.
+        let span = tracing::debug_span!("pass", user = %email);
+        let result = self.pass_inner(email, &progress).instrument(span).await;
         let ms = started.elapsed().as_millis() as i64;
         match &result {
             Ok(r) => {
