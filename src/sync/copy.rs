@@ -5,8 +5,9 @@
 //! (MULTIAPPEND batches with LITERAL+ where offered), each only once its intent is committed; a
 //! confirmer records each acknowledged batch's APPENDUID mapping. No store commit (an fsync
 //! each) stands between a message's arrival from legacy and its APPEND: the intents commit
-//! while the bytes come, the confirmations after they have gone. A crash leaves pending rows, which the next pass
-//! resolves by content hash (the hash of a pending row is taken from legacy then).
+//! while the bytes come, the confirmations after they have gone. A crash leaves pending rows,
+//! which the next pass resolves by content hash (the hash of a pending row is taken from legacy
+//! then).
 //!
 //! Both sides report each command's service time to their backend's [`Limiter`], which may cut
 //! the pipeline depth (and impose a pause) when the backend slows down.
@@ -242,9 +243,9 @@ fn chunks(todo: &[(u32, u64)]) -> Vec<Vec<(u32, u64)>> {
 /// Records each chunk's messages as pending (no hash yet), in order, and raises `committed`
 /// past each chunk once its commit is done: whatever reaches new is known to the store first,
 /// so a crash at any point is resolved by matching pending rows against the target. The fetcher
-/// does not wait for these commits (reading legacy commits to nothing); the appender does. An
-/// fsync under the target's own write load can take 100 ms, which no longer holds back the
-/// first FETCH of a folder.
+/// does not wait for these commits (a `BODY.PEEK` FETCH changes nothing on legacy); the
+/// appender does. Under new's own write load an fsync can take 100 ms, which then overlaps the
+/// transfer instead of delaying a folder's first FETCH.
 async fn intend_all(
     engine: &Engine,
     mut fresh: Option<FolderState>,
