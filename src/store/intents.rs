@@ -4,6 +4,7 @@
 //! and then waits for the write turn; whoever gets the turn commits everything queued by
 //! then in one transaction and tells the others, who return without writing.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
 use tokio::sync::oneshot;
@@ -13,6 +14,7 @@ use super::sync::{FolderState, UidRow};
 /// One writer's rows (with the state of their folder when it is new), and where it hears
 /// whether they were committed.
 pub(crate) struct Intent {
+    id: u64,
     pub(crate) fresh: Option<FolderState>,
     pub(crate) email: String,
     pub(crate) folder: String,
@@ -22,36 +24,58 @@ pub(crate) struct Intent {
 
 /// Rows waiting for the next commit.
 #[derive(Default)]
-pub(crate) struct IntentQueue(pub(super) Mutex<Vec<Intent>>);
+pub(crate) struct IntentQueue(pub(super) Mutex<Vec<Intent>>, AtomicU64);
+
+/// A writer's place in the queue. Dropped before anyone took its rows (the writer was
+/// cancelled), it takes them out again: committed later, they would overwrite rows confirmed
+/// meanwhile with pending ones.
+pub(crate) struct Queued<'a> {
+    queue: &'a IntentQueue,
+    id: u64,
+    /// Says whether the rows were committed (closed: taken by a writer that was cancelled
+    /// before its commit, so they must be queued again).
+    pub(crate) committed: oneshot::Receiver<Result<(), String>>,
+}
+
+impl Drop for Queued<'_> {
+    fn drop(&mut self) {
+        self.queue.lock().retain(|i| i.id != self.id);
+    }
+}
 
 impl IntentQueue {
-    /// Queues `rows`; the receiver says when someone committed them (closed: the writer that
-    /// took them was cancelled first, so the rows must be written again).
+    /// Queues `rows` until the next commit.
     pub(crate) fn push(
         &self,
         fresh: Option<&FolderState>,
         email: &str,
         folder: &str,
         rows: &[UidRow],
-    ) -> oneshot::Receiver<Result<(), String>> {
+    ) -> Queued<'_> {
         let (done, committed) = oneshot::channel();
-        let intent = Intent {
+        let id = self.1.fetch_add(1, Ordering::Relaxed);
+        self.lock().push(Intent {
+            id,
             fresh: fresh.cloned(),
             email: email.to_string(),
             folder: folder.to_string(),
             rows: rows.to_vec(),
             done,
-        };
+        });
+        Queued {
+            queue: self,
+            id,
+            committed,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Intent>> {
         // A panic elsewhere while holding the lock leaves a Vec that is still whole.
-        self.0
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(intent);
-        committed
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Everything queued so far, for one transaction.
     pub(crate) fn take(&self) -> Vec<Intent> {
-        std::mem::take(&mut *self.0.lock().unwrap_or_else(|p| p.into_inner()))
+        std::mem::take(&mut *self.lock())
     }
 }

@@ -281,14 +281,14 @@ impl SqlStore {
             tx.commit().await?;
             return Ok(());
         };
-        let mut committed = queue.push(fresh, email, source_name, rows);
+        let mut queued = queue.push(fresh, email, source_name, rows);
         let _turn = self.write_turn().await;
-        match committed.try_recv() {
+        match queued.committed.try_recv() {
             Ok(result) => return result.map_err(StoreError::Grouped),
             Err(oneshot::error::TryRecvError::Empty) => {}
             // Taken by a writer that was cancelled before its commit: queued again.
             Err(oneshot::error::TryRecvError::Closed) => {
-                committed = queue.push(fresh, email, source_name, rows);
+                queued = queue.push(fresh, email, source_name, rows);
             }
         }
         let batch = queue.take();
@@ -308,7 +308,7 @@ impl SqlStore {
         for i in batch {
             let _ = i.done.send(shared.clone());
         }
-        drop(committed);
+        drop(queued);
         result
     }
 
@@ -669,6 +669,35 @@ mod tests {
             let uids: Vec<u32> = map.iter().map(|r| r.source_uid).collect();
             assert_eq!(uids, (1..=15).collect::<Vec<u32>>(), "writer {w}");
         }
+    }
+
+    #[tokio::test]
+    async fn a_writer_cancelled_while_queued_leaves_nothing_behind() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = std::sync::Arc::new(file_store(&dir).await);
+        let turn = store.write_turn().await;
+        let writer = {
+            let store = store.clone();
+            tokio::spawn(async move {
+                store
+                    .add_pending("a@x", "INBOX", &[UidRow::intent(7, 10)])
+                    .await
+            })
+        };
+        let queue = store.intents.as_ref().unwrap();
+        while queue.0.lock().unwrap().is_empty() {
+            tokio::task::yield_now().await;
+        }
+        writer.abort();
+        assert!(writer.await.unwrap_err().is_cancelled());
+        assert!(queue.0.lock().unwrap().is_empty(), "its rows stayed queued");
+        drop(turn);
+        // The next writer commits only its own rows.
+        store
+            .add_pending("a@x", "Sent", &[UidRow::intent(1, 10)])
+            .await
+            .unwrap();
+        assert!(store.uid_map("a@x", "INBOX").await.unwrap().is_empty());
     }
 
     #[tokio::test]

@@ -126,8 +126,9 @@ pub enum Next {
     Done(StatusText),
 }
 
-/// At trace level, the timeline of a session: the tag and verb of each command written and
-/// of each tagged reply (`<`: the status word). Never arguments, which may hold credentials.
+/// At trace level, the timeline of a session: the tag and verb of the first command of each
+/// write (pipelined APPENDs show as one) and of each tagged reply (`<`: the status word).
+/// Never arguments, which may hold credentials.
 fn trace_command(route: Route, dir: &str, bytes: &[u8]) {
     if !tracing::enabled!(tracing::Level::TRACE) {
         return;

@@ -3,9 +3,10 @@
 //! of the transfer); a fetcher streams `UID FETCH` results from legacy (a few commands in
 //! flight) into a byte-bounded channel; an appender sends them to new as pipelined APPENDs
 //! (MULTIAPPEND batches with LITERAL+ where offered), each only once its intent is committed; a
-//! confirmer records each acknowledged batch's APPENDUID mapping. No store commit (an fsync
-//! each) stands between a message's arrival from legacy and its APPEND: the intents commit
-//! while the bytes come, the confirmations after they have gone. A crash leaves pending rows,
+//! confirmer records each acknowledged batch's APPENDUID mapping. The intents commit while the
+//! bytes come and the confirmations after they have gone, so once a copy is under way no store
+//! commit (an fsync each) stands between a message's arrival from legacy and its APPEND; only
+//! a folder's first chunk may wait for its own. A crash leaves pending rows,
 //! which the next pass resolves by content hash (the hash of a pending row is taken from legacy
 //! then).
 //!
@@ -282,7 +283,8 @@ async fn intend_all(
 }
 
 /// Waits until the intents of every UID up to `uid` are committed; false if they never will
-/// be (the intent stage failed and reports why).
+/// be: the intent stage failed (and reports why), as the fetcher hands on only UIDs of the
+/// copy's chunks, whose intents all commit when it succeeds.
 async fn intended(committed: &mut watch::Receiver<u32>, uid: u32) -> bool {
     committed.wait_for(|&c| c >= uid).await.is_ok()
 }
@@ -415,6 +417,18 @@ async fn fetch_all(
                 };
                 // A flag-only FETCH (another session changed flags) carries no body: skip it.
                 let Some(body) = f.body else { continue };
+                // Only what this copy asked for (and recorded intents of): a body for any other
+                // UID would be appended without an intent, or a second time.
+                let asked = in_flight
+                    .iter()
+                    .any(|(_, _, uids)| uids.binary_search(&f.uid).is_ok());
+                if !asked {
+                    warn!(
+                        uid = f.uid,
+                        "legacy sent a message that was not asked for; ignored"
+                    );
+                    continue;
+                }
                 got.insert(f.uid);
                 let size = body.len() as u64;
                 front_bytes += size;

@@ -26,10 +26,12 @@ pub(crate) async fn sync_folder(
     report: &mut PassReport,
     progress: &Progress,
 ) -> Result<(), SyncError> {
-    let (s_sel, t_sel) = tokio::try_join!(
+    // Both run to completion, so neither connection is left in the middle of a response.
+    let (s_sel, t_sel) = tokio::join!(
         src.select(&folder.raw, true),
         tgt.select(target_name, false)
-    )?;
+    );
+    let (s_sel, t_sel) = (s_sel?, t_sel?);
     // A folder new to the sync has its state written with the first intents of its copy (one
     // commit instead of two turns at the store before the first FETCH), or before anything
     // else that writes rows of it.

@@ -480,7 +480,11 @@ impl Engine {
                     }
                     visits.push((i, ss.uidnext.saturating_sub(s.source_uidnext)));
                 }
-                None if ss.messages == 0 => empty_on_legacy.push(i),
+                // Counted once new's STATUS has answered for it.
+                None if ss.messages == 0 => {
+                    empty_on_legacy.push(i);
+                    continue;
+                }
                 None => visits.push((i, ss.messages)),
             }
             report.folders_changed += 1;
@@ -515,6 +519,7 @@ impl Engine {
                 debug!(user = %email, folder = %folder.raw, "folder vanished during the pass");
                 continue;
             };
+            report.folders_changed += 1;
             if ts.messages > 0 {
                 // Mail on new already (delivered there, or an earlier run's copy).
                 self.visit(email, src, tgt, &mapped[i], None, &mut report, progress)
@@ -567,7 +572,7 @@ impl Engine {
         progress: &Progress,
     ) -> Result<(), SyncError> {
         progress.set_folder(&folder.raw);
-        incremental::sync_folder(
+        let r = incremental::sync_folder(
             self,
             email,
             src,
@@ -578,7 +583,22 @@ impl Engine {
             report,
             progress,
         )
-        .await
+        .await;
+        match r {
+            // The target folder does not exist although CREATE did not fail (a `\Noselect`
+            // name the server keeps, or one deleted meanwhile): the other folders go on, and
+            // the next pass tries again.
+            Err(SyncError::Refused {
+                backend: Route::New,
+                command: "SELECT",
+                ref code,
+                ref text,
+            }) if matches!(code.as_str(), "NONEXISTENT" | "TRYCREATE") => {
+                warn!(user = %email, folder = %folder.raw, target = %tname, error = %text, "target folder missing, not copied this pass");
+                Ok(())
+            }
+            r => r,
+        }
     }
 }
 
