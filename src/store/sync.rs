@@ -671,11 +671,11 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn a_writer_cancelled_while_queued_leaves_nothing_behind() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = std::sync::Arc::new(file_store(&dir).await);
-        let turn = store.write_turn().await;
+    /// A writer of one intent (INBOX, UID 7), once it has queued its rows; the caller holds
+    /// the write turn, so it then waits.
+    async fn queued_writer(
+        store: &std::sync::Arc<SqlStore>,
+    ) -> tokio::task::JoinHandle<Result<(), StoreError>> {
         let writer = {
             let store = store.clone();
             tokio::spawn(async move {
@@ -688,6 +688,16 @@ mod tests {
         while queue.0.lock().unwrap().is_empty() {
             tokio::task::yield_now().await;
         }
+        writer
+    }
+
+    #[tokio::test]
+    async fn a_writer_cancelled_while_queued_leaves_nothing_behind() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = std::sync::Arc::new(file_store(&dir).await);
+        let turn = store.write_turn().await;
+        let writer = queued_writer(&store).await;
+        let queue = store.intents.as_ref().unwrap();
         writer.abort();
         assert!(writer.await.unwrap_err().is_cancelled());
         assert!(queue.0.lock().unwrap().is_empty(), "its rows stayed queued");
@@ -706,18 +716,8 @@ mod tests {
         let store = std::sync::Arc::new(file_store(&dir).await);
         // Hold the turn, so the writer below queues its rows and waits.
         let turn = store.write_turn().await;
-        let writer = {
-            let store = store.clone();
-            tokio::spawn(async move {
-                store
-                    .add_pending("a@x", "INBOX", &[UidRow::intent(7, 10)])
-                    .await
-            })
-        };
+        let writer = queued_writer(&store).await;
         let queue = store.intents.as_ref().unwrap();
-        while queue.0.lock().unwrap().is_empty() {
-            tokio::task::yield_now().await;
-        }
         // A writer that took the queue and was cancelled before its commit.
         drop(queue.take());
         drop(turn);
