@@ -6,7 +6,7 @@ mod support;
 use support::deadline::within;
 
 use std::path::PathBuf;
-use std::process::{Command, Output, Stdio};
+use std::process::{Output, Stdio};
 use std::time::{Duration, Instant};
 
 use support::corpus::{self, Session, Spec};
@@ -230,18 +230,18 @@ fn killed_passes_resume_without_duplicates() {
         // Kill at increasing progress: as soon as the UID map holds N rows (pending or done).
         let watcher = MapWatcher::new(&env.state);
         for threshold in [1, 60, 200, 350] {
-            let mut child = Command::new(support::mailferry::binary())
-                .arg("-c")
-                .arg(&env.config)
-                .args(["sync", USER, "--once", "--quiet"])
-                .env("MAILFERRY_LOG", "info")
-                .stdout(Stdio::null())
-                .stderr(
-                    std::fs::File::create(env.state.with_extension(format!("kill{threshold}.log")))
+            let mut child =
+                support::mailferry::command(&env.config, &["sync", USER, "--once", "--quiet"])
+                    .env("MAILFERRY_LOG", "info")
+                    .stdout(Stdio::null())
+                    .stderr(
+                        std::fs::File::create(
+                            env.state.with_extension(format!("kill{threshold}.log")),
+                        )
                         .unwrap(),
-                )
-                .spawn()
-                .expect("spawn");
+                    )
+                    .spawn()
+                    .expect("spawn");
             let deadline = Instant::now() + Duration::from_secs(60);
             loop {
                 if watcher.rows() >= threshold || Instant::now() > deadline {
@@ -296,15 +296,13 @@ fn nothing_is_appended_before_its_intent_is_committed() {
             .rt
             .block_on(sqlx::query("BEGIN IMMEDIATE").execute(&mut *lock))
             .expect("write lock");
-        let mut child = Command::new(support::mailferry::binary())
-            .arg("-c")
-            .arg(&env.config)
-            .args(["sync", USER, "--once", "--json"])
-            .env("MAILFERRY_LOG", "warn,mailferry::sync::client=trace")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn");
+        let mut child =
+            support::mailferry::command(&env.config, &["sync", USER, "--once", "--json"])
+                .env("MAILFERRY_LOG", "warn,mailferry::sync::client=trace")
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .expect("spawn");
         // The command timeline: wait for the FETCH of bodies (the second UID FETCH on legacy,
         // after the one listing sizes), i.e. the copy is under way while its intents wait.
         let stderr = child.stderr.take().expect("stderr");

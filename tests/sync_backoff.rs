@@ -8,7 +8,7 @@
 mod support;
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -104,16 +104,16 @@ impl Env {
     fn spawn_sync(&self, name: &str) -> Run {
         let out = self.dir.path().join(format!("{name}.out"));
         let log = self.dir.path().join(format!("{name}.log"));
-        let child = Command::new(support::mailferry::binary())
-            .arg("-c")
-            .arg(&self.config)
-            .args(["--log-format", "json", "sync", USER, "--once", "--json"])
-            .env("MAILFERRY_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(std::fs::File::create(&out).expect("stdout file"))
-            .stderr(std::fs::File::create(&log).expect("log file"))
-            .spawn()
-            .expect("spawn mailferry sync");
+        let child = support::mailferry::command(
+            &self.config,
+            &["--log-format", "json", "sync", USER, "--once", "--json"],
+        )
+        .env("MAILFERRY_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(&out).expect("stdout file"))
+        .stderr(std::fs::File::create(&log).expect("log file"))
+        .spawn()
+        .expect("spawn mailferry sync");
         Run {
             child: Some(child),
             out,

@@ -1,15 +1,25 @@
-//! Group commit of intents on SQLite. Intents are fsynced, and SQLite admits one writer at a
-//! time: users starting their copies together would otherwise wait for each other's fsync in
-//! turn (the fourth of four waited ~70 ms for its first FETCH). A writer queues its rows here
-//! and then waits for the write turn; whoever gets the turn commits everything queued by
-//! then in one transaction and tells the others, who return without writing.
+//! How our own writers share a SQLite file. SQLite admits one writer at a time and makes the
+//! others poll with growing sleeps (up to 100 ms each); here they take turns instead, and the
+//! next starts the moment the previous commit ends. Intents, which are fsynced, also share
+//! commits: users starting their copies together would otherwise wait for each other's fsync
+//! in turn (the fourth of four waited ~70 ms for its first FETCH). A writer queues its rows,
+//! then waits for the turn; whoever gets the turn commits everything queued by then in one
+//! transaction and tells the others, who return without writing.
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
 use tokio::sync::oneshot;
 
 use super::sync::{FolderState, UidRow};
+
+/// The write turn and the intents waiting for a commit, of one SQLite store.
+#[derive(Default)]
+pub(crate) struct Writers {
+    /// Held for the length of a write transaction.
+    pub(crate) turn: tokio::sync::Mutex<()>,
+    /// Intents waiting for the next commit.
+    pub(crate) intents: IntentQueue,
+}
 
 /// One writer's rows (with the state of their folder when it is new), and where it hears
 /// whether they were committed.
@@ -24,7 +34,14 @@ pub(crate) struct Intent {
 
 /// Rows waiting for the next commit.
 #[derive(Default)]
-pub(crate) struct IntentQueue(pub(super) Mutex<Vec<Intent>>, AtomicU64);
+pub(crate) struct IntentQueue(Mutex<Waiting>);
+
+#[derive(Default)]
+struct Waiting {
+    intents: Vec<Intent>,
+    /// Id of the next intent queued.
+    next_id: u64,
+}
 
 /// A writer's place in the queue. Dropped before anyone took its rows (the writer was
 /// cancelled), it takes them out again: committed later, they would overwrite rows confirmed
@@ -39,7 +56,7 @@ pub(crate) struct Queued<'a> {
 
 impl Drop for Queued<'_> {
     fn drop(&mut self) {
-        self.queue.lock().retain(|i| i.id != self.id);
+        self.queue.lock().intents.retain(|i| i.id != self.id);
     }
 }
 
@@ -53,8 +70,10 @@ impl IntentQueue {
         rows: &[UidRow],
     ) -> Queued<'_> {
         let (done, committed) = oneshot::channel();
-        let id = self.1.fetch_add(1, Ordering::Relaxed);
-        self.lock().push(Intent {
+        let mut waiting = self.lock();
+        let id = waiting.next_id;
+        waiting.next_id += 1;
+        waiting.intents.push(Intent {
             id,
             fresh: fresh.cloned(),
             email: email.to_string(),
@@ -69,13 +88,19 @@ impl IntentQueue {
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Intent>> {
-        // A panic elsewhere while holding the lock leaves a Vec that is still whole.
+    fn lock(&self) -> std::sync::MutexGuard<'_, Waiting> {
+        // A panic elsewhere while holding the lock leaves a queue that is still whole.
         self.0.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Everything queued so far, for one transaction.
     pub(crate) fn take(&self) -> Vec<Intent> {
-        std::mem::take(&mut *self.lock())
+        std::mem::take(&mut self.lock().intents)
+    }
+
+    /// Intents waiting (for tests).
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
+        self.lock().intents.len()
     }
 }

@@ -146,10 +146,9 @@ pub async fn open(url: &str) -> Result<Arc<dyn StateStore>, StoreError> {
 #[derive(Clone)]
 pub struct SqlStore {
     pool: AnyPool,
-    /// SQLite: our own writers take turns here. SQLite lets one writer in at a time and makes
-    /// the others poll with growing sleeps (up to 100 ms each); queued here, the next one
-    /// starts the moment the previous commit ends. None for PostgreSQL (row locks suffice).
-    writes: Option<Arc<tokio::sync::Mutex<()>>>,
+    /// SQLite: our own writers' turns and group commit (see `intents`). None for PostgreSQL
+    /// (row locks suffice).
+    writers: Option<Arc<intents::Writers>>,
     /// SQLite file: connections whose commits are not fsynced (`synchronous=NORMAL`), for the
     /// sync engine's progress records, which a lost commit only makes redo (a crash of the
     /// process loses nothing either way; a power loss may roll back the latest of these).
@@ -157,8 +156,6 @@ pub struct SqlStore {
     /// `pool`, fsynced at each commit; in WAL mode such a commit also makes every earlier
     /// one durable.
     relaxed: Option<AnyPool>,
-    /// SQLite: intents waiting for a group commit (see `intents`).
-    intents: Option<Arc<intents::IntentQueue>>,
 }
 
 impl SqlStore {
@@ -193,9 +190,8 @@ impl SqlStore {
         };
         Ok(SqlStore {
             pool,
-            writes: sqlite.then(|| Arc::new(tokio::sync::Mutex::new(()))),
+            writers: sqlite.then(Arc::default),
             relaxed,
-            intents: sqlite.then(Arc::default),
         })
     }
 
@@ -204,12 +200,17 @@ impl SqlStore {
         self.relaxed.as_ref().unwrap_or(&self.pool)
     }
 
-    /// Held for the length of a write transaction (see `writes`).
+    /// Held for the length of a write transaction (see `writers`).
     pub(crate) async fn write_turn(&self) -> Option<tokio::sync::MutexGuard<'_, ()>> {
-        match &self.writes {
-            Some(m) => Some(m.lock().await),
+        match &self.writers {
+            Some(w) => Some(w.turn.lock().await),
             None => None,
         }
+    }
+
+    /// SQLite: where intents wait for a group commit.
+    pub(crate) fn intent_queue(&self) -> Option<&intents::IntentQueue> {
+        self.writers.as_ref().map(|w| &w.intents)
     }
 
     /// The pool, for modules that keep their own tables here (the embedded directory).
@@ -334,7 +335,6 @@ impl StateStore for SqlStore {
     }
 }
 
-/// Makes a SQLite URL create its file (and parent directory) on first use.
 /// Settings of every SQLite connection: WAL lets the proxy read routes while the CLI or sync
 /// writes state; `synchronous` is FULL (fsync at each commit) or NORMAL (see `relaxed`).
 async fn sqlite_pragmas(
@@ -351,6 +351,7 @@ async fn sqlite_pragmas(
     Ok(())
 }
 
+/// Makes a SQLite URL create its file (and parent directory) on first use.
 fn prepare_url(url: &str) -> Result<String, StoreError> {
     let Some(rest) = url.strip_prefix("sqlite://") else {
         if url.starts_with("postgres://") || url.starts_with("postgresql://") {

@@ -249,7 +249,7 @@ impl SqlStore {
 
     /// Records messages about to be appended (target UID unknown), before the APPEND is sent:
     /// after a crash these rows say what to look for in the target. On SQLite, writers that
-    /// queue meanwhile share one commit (`intents`).
+    /// queue meanwhile share one commit (see `intents`).
     pub async fn add_pending(
         &self,
         email: &str,
@@ -272,12 +272,9 @@ impl SqlStore {
         source_name: &str,
         rows: &[UidRow],
     ) -> Result<(), StoreError> {
-        let Some(queue) = &self.intents else {
+        let Some(queue) = self.intent_queue() else {
             let mut tx = self.pool().begin().await?;
-            if let Some(f) = fresh {
-                upsert_folder(&mut tx, f).await?;
-            }
-            insert_rows(&mut tx, email, source_name, rows).await?;
+            write_intent(&mut tx, fresh, email, source_name, rows).await?;
             tx.commit().await?;
             return Ok(());
         };
@@ -295,10 +292,7 @@ impl SqlStore {
         let result = async {
             let mut tx = self.pool().begin().await?;
             for i in &batch {
-                if let Some(f) = &i.fresh {
-                    upsert_folder(&mut tx, f).await?;
-                }
-                insert_rows(&mut tx, &i.email, &i.folder, &i.rows).await?;
+                write_intent(&mut tx, i.fresh.as_ref(), &i.email, &i.folder, &i.rows).await?;
             }
             tx.commit().await?;
             Ok::<(), StoreError>(())
@@ -522,6 +516,20 @@ async fn upsert_folder(
     Ok(())
 }
 
+/// Writes one intent within `tx`: its folder's state first when the folder is new.
+async fn write_intent(
+    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+    fresh: Option<&FolderState>,
+    email: &str,
+    source_name: &str,
+    rows: &[UidRow],
+) -> Result<(), StoreError> {
+    if let Some(f) = fresh {
+        upsert_folder(tx, f).await?;
+    }
+    insert_rows(tx, email, source_name, rows).await
+}
+
 /// Inserts (or replaces) UID map rows of one folder within `tx`.
 async fn insert_rows(
     tx: &mut sqlx::Transaction<'_, sqlx::Any>,
@@ -684,8 +692,8 @@ mod tests {
                     .await
             })
         };
-        let queue = store.intents.as_ref().unwrap();
-        while queue.0.lock().unwrap().is_empty() {
+        let queue = store.intent_queue().unwrap();
+        while queue.len() == 0 {
             tokio::task::yield_now().await;
         }
         writer
@@ -697,10 +705,10 @@ mod tests {
         let store = std::sync::Arc::new(file_store(&dir).await);
         let turn = store.write_turn().await;
         let writer = queued_writer(&store).await;
-        let queue = store.intents.as_ref().unwrap();
+        let queue = store.intent_queue().unwrap();
         writer.abort();
         assert!(writer.await.unwrap_err().is_cancelled());
-        assert!(queue.0.lock().unwrap().is_empty(), "its rows stayed queued");
+        assert_eq!(queue.len(), 0, "its rows stayed queued");
         drop(turn);
         // The next writer commits only its own rows.
         store
@@ -717,7 +725,7 @@ mod tests {
         // Hold the turn, so the writer below queues its rows and waits.
         let turn = store.write_turn().await;
         let writer = queued_writer(&store).await;
-        let queue = store.intents.as_ref().unwrap();
+        let queue = store.intent_queue().unwrap();
         // A writer that took the queue and was cancelled before its commit.
         drop(queue.take());
         drop(turn);

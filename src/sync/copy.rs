@@ -6,9 +6,8 @@
 //! confirmer records each acknowledged batch's APPENDUID mapping. The intents commit while the
 //! bytes come and the confirmations after they have gone, so once a copy is under way no store
 //! commit (an fsync each) stands between a message's arrival from legacy and its APPEND; only
-//! a folder's first chunk may wait for its own. A crash leaves pending rows,
-//! which the next pass resolves by content hash (the hash of a pending row is taken from legacy
-//! then).
+//! a folder's first chunk may wait for its own. A crash leaves pending rows, which the next
+//! pass resolves by content hash (the hash of a pending row is taken from legacy then).
 //!
 //! Both sides report each command's service time to their backend's [`Limiter`], which may cut
 //! the pipeline depth (and impose a pause) when the backend slows down.

@@ -262,6 +262,8 @@ async fn recover(
     // (legacy UID, hash); a message expunged on legacy since has none and cannot be matched:
     // if its APPEND had landed, that copy stays on new (never delete what may not be ours).
     let mut pending: Vec<(u32, &str)> = Vec::new();
+    // Rows that can never match: forgotten with the unmatched ones.
+    let mut gone: Vec<u32> = Vec::new();
     for r in &rows {
         let hash = if r.hash.is_empty() {
             from_legacy.get(&r.source_uid).map(String::as_str)
@@ -270,10 +272,13 @@ async fn recover(
         };
         match hash {
             Some(h) => pending.push((r.source_uid, h)),
-            None => warn!(
-                user = %st.email, folder = %st.source_name, uid = r.source_uid,
-                "pending message gone from legacy: a copy appended before the crash would stay"
-            ),
+            None => {
+                warn!(
+                    user = %st.email, folder = %st.source_name, uid = r.source_uid,
+                    "pending message gone from legacy: a copy appended before the crash would stay"
+                );
+                gone.push(r.source_uid);
+            }
         }
     }
     let mut by_hash: HashMap<String, VecDeque<u32>> = HashMap::new();
@@ -314,12 +319,7 @@ async fn recover(
         tokio::time::sleep(std::time::Duration::from_millis(250)).await;
     }
     matched.sort_unstable();
-    let found: HashSet<u32> = matched.iter().map(|m| m.0).collect();
-    let missing: Vec<u32> = rows
-        .iter()
-        .map(|r| r.source_uid)
-        .filter(|u| !found.contains(u))
-        .collect();
+    let missing: Vec<u32> = pending.iter().map(|(uid, _)| *uid).chain(gone).collect();
     info!(
         user = %st.email, folder = %st.source_name, found = matched.len(), not_found = missing.len(),
         "recovered unacknowledged appends"

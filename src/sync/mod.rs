@@ -463,16 +463,14 @@ impl Engine {
         let mut visits: Vec<(usize, u32)> = Vec::new();
         let mut empty_on_legacy: Vec<usize> = Vec::new();
         for (i, (folder, tname)) in mapped.iter().enumerate() {
-            let vanished =
-                || debug!(user = %email, folder = %folder.raw, "folder vanished during the pass");
             let Some(ss) = src_status[i] else {
-                vanished();
+                vanished(email, folder);
                 continue;
             };
             match states.get(&folder.raw) {
                 Some(s) => {
                     let Some(ts) = tgt_status[i] else {
-                        vanished();
+                        vanished(email, folder);
                         continue;
                     };
                     if unchanged(s, &ss, &ts, tname, condstore) {
@@ -516,7 +514,7 @@ impl Engine {
         for (&i, ts) in empty_on_legacy.iter().zip(on_new) {
             let (folder, tname) = &mapped[i];
             let (Some(ss), Some(ts)) = (src_status[i], ts) else {
-                debug!(user = %email, folder = %folder.raw, "folder vanished during the pass");
+                vanished(email, folder);
                 continue;
             };
             report.folders_changed += 1;
@@ -600,6 +598,11 @@ impl Engine {
             r => r,
         }
     }
+}
+
+/// A folder listed at the start of the pass that STATUS no longer finds on one side.
+fn vanished(email: &str, folder: &Folder) {
+    debug!(user = %email, folder = %folder.raw, "folder vanished during the pass");
 }
 
 /// Whether nothing changed on either side since the state was recorded.

@@ -161,10 +161,7 @@ impl Mailferry {
         std::fs::write(&config, text).unwrap();
         let log_path = dir.path().join("mailferry.log");
         let log = std::fs::File::create(&log_path).unwrap();
-        let child = Command::new(binary())
-            .arg("-c")
-            .arg(&config)
-            .arg("serve")
+        let child = command(&config, &["serve"])
             .env("MAILFERRY_LOG", "info,mailferry=debug")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -206,10 +203,7 @@ impl Mailferry {
 
     /// Runs the CLI against this server's config.
     pub fn cli(&self, args: &[&str]) -> Output {
-        Command::new(binary())
-            .arg("-c")
-            .arg(&self.config)
-            .args(args)
+        command(&self.config, args)
             .output()
             .expect("run mailferry CLI")
     }
@@ -266,12 +260,16 @@ impl Drop for Mailferry {
     }
 }
 
+/// `mailferry -c CONFIG ARGS...`, to be given its log filter and standard streams.
+pub fn command(config: &std::path::Path, args: &[&str]) -> Command {
+    let mut c = Command::new(binary());
+    c.arg("-c").arg(config).args(args);
+    c
+}
+
 /// Runs the CLI with `config` and fails the test if it takes longer than `secs`.
 pub fn run_cli(config: &std::path::Path, args: &[&str], secs: u64) -> Output {
-    let mut child = Command::new(binary())
-        .arg("-c")
-        .arg(config)
-        .args(args)
+    let mut child = command(config, args)
         .env("MAILFERRY_LOG", "warn")
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
