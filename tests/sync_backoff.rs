@@ -19,8 +19,16 @@ use support::{Backends, Dovecot, MASTER_PASSWORD, MASTER_USER};
 
 const USER: &str = "alice@example.org";
 
-/// Two backends, optionally a relay in front of new, and two mailferry configs: `config` (what
-/// the sync uses, new through the relay) and `direct` (both backends direct, for verify).
+/// Which backend the sync reaches through a fault-injecting relay.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Relayed {
+    Neither,
+    New,
+    Legacy,
+}
+
+/// Two backends, optionally a relay in front of one, and two mailferry configs: `config` (what
+/// the sync uses, through the relay) and `direct` (both backends direct, for verify).
 struct Env {
     backends: Backends,
     relay: Option<Relay>,
@@ -39,16 +47,20 @@ fn backend_toml(name: &str, imap: std::net::SocketAddr, d: &Dovecot, secret: &Pa
 }
 
 impl Env {
-    /// Starts the backends (`new_conf` is extra dovecot.conf for new), a relay in front of new
-    /// if `relay`, and writes the configs with `sync_toml` in `[sync]`.
-    fn new(new_conf: &str, relay: bool, sync_toml: &str) -> Env {
+    /// Starts the backends (`new_conf` is extra dovecot.conf for new), a relay in front of the
+    /// `relayed` one, and writes the configs with `sync_toml` in `[sync]`.
+    fn new(new_conf: &str, relayed: Relayed, sync_toml: &str) -> Env {
         let backends = Backends::start_with("", new_conf);
-        let relay = relay.then(|| Relay::start(backends.new.imap));
+        let relay = match relayed {
+            Relayed::Neither => None,
+            Relayed::New => Some(Relay::start(backends.new.imap)),
+            Relayed::Legacy => Some(Relay::start(backends.legacy.imap)),
+        };
         let dir = tempfile::tempdir().expect("tempdir");
         let secret = dir.path().join("master.secret");
         std::fs::write(&secret, format!("{MASTER_PASSWORD}\n")).expect("secret");
         let state = dir.path().join("state.db");
-        let write = |file: &str, new_addr| {
+        let write = |file: &str, legacy_addr, new_addr| {
             let mut text = format!(
                 "[admin]\ntoken_file = \"{}\"\n\n[state]\nurl = \"sqlite://{}\"\n\n",
                 secret.display(),
@@ -56,7 +68,7 @@ impl Env {
             );
             text.push_str(&backend_toml(
                 "legacy",
-                backends.legacy.imap,
+                legacy_addr,
                 &backends.legacy,
                 &secret,
             ));
@@ -67,11 +79,16 @@ impl Env {
             std::fs::write(&path, text).expect("config");
             path
         };
+        let through = |side, direct| match &relay {
+            Some(r) if relayed == side => r.addr,
+            _ => direct,
+        };
         let config = write(
             "sync.toml",
-            relay.as_ref().map_or(backends.new.imap, |r| r.addr),
+            through(Relayed::Legacy, backends.legacy.imap),
+            through(Relayed::New, backends.new.imap),
         );
-        let direct = write("direct.toml", backends.new.imap);
+        let direct = write("direct.toml", backends.legacy.imap, backends.new.imap);
         Env {
             backends,
             relay,
@@ -283,7 +300,7 @@ fn corpus(seed: u64, messages: usize, large: usize) -> Corpus {
 #[test]
 fn rising_latency_backs_off_and_the_pass_completes() {
     within(170, || {
-        let env = Env::new("", true, "");
+        let env = Env::new("", Relayed::New, "");
         let c = corpus(21, 400, 6);
         env.load(&c);
         let relay = env.relay();
@@ -338,7 +355,7 @@ fn rising_latency_backs_off_and_the_pass_completes() {
 #[test]
 fn limit_at_login_backs_off_and_retries_until_the_slot_is_free() {
     within(150, || {
-        let env = Env::new("mail_max_userip_connections = 1\n", false, "");
+        let env = Env::new("mail_max_userip_connections = 1\n", Relayed::Neither, "");
         let c = corpus(22, 40, 1);
         env.load(&c);
         // The user's one connection from 127.0.0.1, taken by someone else.
@@ -385,7 +402,7 @@ fn limit_at_login_backs_off_and_retries_until_the_slot_is_free() {
 /// `[sync] reply_timeout_secs`), backs off and retries; the retry finds the messages new stored
 /// but never acknowledged instead of appending them again.
 fn silent_backend(name: &str, replies_only: bool) {
-    let env = Env::new("", true, "reply_timeout_secs = 3\n");
+    let env = Env::new("", Relayed::New, "reply_timeout_secs = 3\n");
     let c = corpus(23, 300, 4);
     env.load(&c);
     let relay = env.relay();
@@ -441,4 +458,45 @@ fn replies_that_never_arrive_time_out_and_nothing_is_appended_twice() {
 #[test]
 fn a_hung_backend_times_out_and_nothing_is_appended_twice() {
     within(150, || silent_backend("hung", false));
+}
+
+/// Legacy's connection dies in the middle of a large message, which the engine is already
+/// passing on to new as it arrives (cut through): the pass fails with legacy's error (not one of
+/// its own making), new discards the message it was given only part of, and the retry copies
+/// everything exactly once.
+#[test]
+fn legacy_lost_in_the_middle_of_a_message_leaves_nothing_half_copied() {
+    within(150, || {
+        let env = Env::new("", Relayed::Legacy, "");
+        // Large messages are nearly all of the bytes: the cut falls inside one of them.
+        let c = corpus::generate(&Spec {
+            seed: 24,
+            messages: 20,
+            large: 4,
+            large_min: 1024 * 1024,
+            large_max: 2 * 1024 * 1024,
+            folders: false,
+            small_size: 3000,
+        });
+        env.load(&c);
+        let relay = env.relay();
+        let cut = c.bytes() / 2;
+        relay.cut_replies_after(cut);
+        let run = env.spawn_sync("cut");
+        // Once the cut has happened, the retry gets through.
+        assert!(wait_until(90, || relay.bytes_down() >= cut));
+        relay.cut_replies_after(0);
+        let (report, events) = run.finish(120);
+        let failed = named(&events, "sync pass failed");
+        assert_eq!(failed.len(), 1, "{failed:#?}");
+        let error = field(failed[0], "error");
+        assert!(error.starts_with("backend legacy:"), "{error}");
+        assert!(!named(&events, "sync pass will be retried").is_empty());
+        eprintln!(
+            "cut at {cut} of {} bytes: {error}; retry: {report}",
+            c.bytes()
+        );
+        env.assert_same(&c);
+        env.assert_nothing_left();
+    });
 }

@@ -40,6 +40,13 @@ impl Conn {
         limited.read_buf(&mut self.buf).await
     }
 
+    /// Reads once straight into `dst` (past the buffer), at most `max` bytes: a large literal
+    /// goes into its own buffer without passing through this one.
+    pub async fn read_into(&mut self, dst: &mut BytesMut, max: usize) -> io::Result<usize> {
+        let mut limited = (&mut self.stream).take(max as u64);
+        limited.read_buf(dst).await
+    }
+
     /// Writes all of `bytes` and flushes.
     pub async fn write_all(&mut self, bytes: &[u8]) -> io::Result<()> {
         self.stream.write_all(bytes).await?;

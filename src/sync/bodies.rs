@@ -61,6 +61,20 @@ impl BodyPool {
             return;
         };
         buf.clear();
+        self.keep(buf);
+    }
+
+    /// Keeps the buffer a body was read into part by part: `tail` is what is left of it once
+    /// the `used` bytes before it were split off (and given up by everyone since).
+    pub fn give_tail(&self, mut tail: BytesMut, used: usize) {
+        // The whole allocation comes back only if no part is still held somewhere.
+        if used < Self::MIN || !tail.is_empty() || !tail.try_reclaim(used + tail.capacity()) {
+            return;
+        }
+        self.keep(tail);
+    }
+
+    fn keep(&self, buf: BytesMut) {
         let mut free = self.free.lock().unwrap_or_else(|e| e.into_inner());
         let idle: usize = free.iter().map(BytesMut::capacity).sum();
         if idle + buf.capacity() <= self.keep {
@@ -99,6 +113,42 @@ mod tests {
         assert_eq!(again.as_ptr(), first, "the same allocation, from its start");
         assert!(again.is_empty() && again.capacity() >= 4 << 20);
         assert_eq!(pool.idle(), 0);
+    }
+
+    /// Reads three 1 MiB parts into a buffer of `pool` as the fetcher does: (start of the
+    /// allocation, its capacity, the parts, what is left of the buffer).
+    fn read_in_parts(pool: &BodyPool) -> (*const u8, usize, Vec<Bytes>, BytesMut) {
+        let mut buf = pool.take(3 << 20);
+        let (start, cap) = (buf.as_ptr(), buf.capacity());
+        let mut parts = Vec::new();
+        for _ in 0..3 {
+            buf.resize(buf.len() + (1 << 20), b'x');
+            parts.push(buf.split().freeze());
+        }
+        (start, cap, parts, buf)
+    }
+
+    #[test]
+    fn a_body_read_in_parts_gives_its_whole_buffer_back() {
+        let pool = BodyPool::new(64 << 20);
+        let (start, cap, parts, tail) = read_in_parts(&pool);
+        drop(parts);
+        pool.give_tail(tail, 3 << 20);
+        assert_eq!(pool.idle(), 1);
+        let again = pool.take(3 << 20);
+        assert_eq!(again.as_ptr(), start, "the same allocation, from its start");
+        assert_eq!(again.capacity(), cap);
+    }
+
+    #[test]
+    fn a_buffer_with_a_part_still_held_is_not_kept() {
+        let pool = BodyPool::new(64 << 20);
+        let (_, _, parts, tail) = read_in_parts(&pool);
+        let held = parts[1].clone();
+        drop(parts);
+        pool.give_tail(tail, 3 << 20);
+        assert_eq!(pool.idle(), 0);
+        assert_eq!(held.len(), 1 << 20);
     }
 
     #[test]

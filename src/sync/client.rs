@@ -9,7 +9,7 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use tokio::time::timeout;
 
 use super::bodies::BodyPool;
@@ -116,6 +116,40 @@ pub struct Client {
     /// The response being read went into a buffer of `bodies`: once it is split off, the
     /// bytes after it move out, so the buffer is the body's alone and can come back.
     pooled: bool,
+    /// Bytes of an announced body (`read_fetch`) not read yet.
+    body_left: u64,
+    /// An announced body, or the rest of its response, is still to be read.
+    in_body: bool,
+    /// The response being framed was looked at and is read whole (`take_arriving`).
+    declined: bool,
+    /// A literal has been announced to the server and not all of it sent: whatever is
+    /// written next would become message data, so the session can only be dropped.
+    literal_open: bool,
+}
+
+/// What [`Client::read_fetch`] read.
+pub enum Incoming {
+    /// A whole response.
+    Response(Response),
+    /// A FETCH response up to its body, which is still arriving.
+    Body(Arriving),
+}
+
+/// A FETCH response whose body is still arriving.
+pub struct Arriving {
+    /// The items before the body (`body` is `None`).
+    pub fetched: Fetched,
+    /// The body's length.
+    pub len: u64,
+}
+
+/// What [`Client::read_body`] did.
+#[derive(Debug, PartialEq, Eq)]
+pub enum BodyRead {
+    /// Read more of the body.
+    More,
+    /// The body and the rest of its response are read.
+    Done,
 }
 
 /// One step of reading a command's responses (`Client::next_of`).
@@ -155,6 +189,49 @@ fn trace_command(route: Route, dir: &str, bytes: &[u8]) {
     );
 }
 
+/// Runs one socket operation of `route`'s connection within `limit`.
+async fn within<T>(
+    route: Route,
+    limit: Duration,
+    phase: &'static str,
+    op: impl std::future::Future<Output = std::io::Result<T>>,
+) -> Result<T, SyncError> {
+    match timeout(limit, op).await {
+        Err(_) => Err(SyncError::Timeout {
+            backend: route,
+            phase,
+        }),
+        Ok(Err(source)) => Err(SyncError::Io {
+            backend: route,
+            source,
+        }),
+        Ok(Ok(v)) => Ok(v),
+    }
+}
+
+/// End of stream where a server owed more.
+fn eof(route: Route) -> SyncError {
+    SyncError::Io {
+        backend: route,
+        source: std::io::ErrorKind::UnexpectedEof.into(),
+    }
+}
+
+/// The UID, FLAGS and other items of a FETCH response's head, which ends with `BODY[] {n}`
+/// and a line end; `None` unless it holds UID and FLAGS and the literal is `BODY[]`'s.
+fn head_fetch(head: &[u8]) -> Option<Fetched> {
+    let brace = memchr::memrchr(b'{', head)?;
+    let items = &head[..brace];
+    let trimmed = items.strip_suffix(b" ")?;
+    if !trimmed.to_ascii_uppercase().ends_with(b" BODY[]") {
+        return None;
+    }
+    let mut whole = items.to_vec();
+    whole.extend_from_slice(b"NIL)\r\n");
+    let f = Fetched::parse(&proto::parse(Bytes::from(whole)).ok()?)?;
+    (f.flags.is_some() && f.body.is_some()).then_some(Fetched { body: None, ..f })
+}
+
 impl Client {
     /// Connects to `ep` and logs in as `user`: through the backend's master user when one is
     /// configured, else with `own`, the user's password captured at a proxy login.
@@ -192,6 +269,10 @@ impl Client {
             reply_timeout: ep.reply_timeout,
             bodies: None,
             pooled: false,
+            body_left: 0,
+            in_body: false,
+            declined: false,
+            literal_open: false,
         })
     }
 
@@ -220,17 +301,8 @@ impl Client {
 
     /// Writes message data (the literal after a continuation), which is never traced.
     pub async fn write_literal(&mut self, bytes: &[u8]) -> Result<(), SyncError> {
-        match timeout(self.reply_timeout, self.conn.write_all(bytes)).await {
-            Err(_) => Err(SyncError::Timeout {
-                backend: self.route,
-                phase: "write",
-            }),
-            Ok(Err(source)) => Err(SyncError::Io {
-                backend: self.route,
-                source,
-            }),
-            Ok(Ok(())) => Ok(()),
-        }
+        let write = self.conn.write_all(bytes);
+        within(self.route, self.reply_timeout, "write", write).await
     }
 
     /// Writes `parts` back to back and flushes: large message bodies go out from their own
@@ -246,17 +318,18 @@ impl Client {
             }
             Ok::<(), std::io::Error>(())
         };
-        match timeout(self.reply_timeout, all).await {
-            Err(_) => Err(SyncError::Timeout {
-                backend: self.route,
-                phase: "write",
-            }),
-            Ok(Err(source)) => Err(SyncError::Io {
-                backend: self.route,
-                source,
-            }),
-            Ok(Ok(())) => Ok(()),
-        }
+        within(self.route, self.reply_timeout, "write", all).await
+    }
+
+    /// Marks a literal announced to the server as open (until closed): if the session ends
+    /// before, it is dropped without a word, so the server discards the partial message.
+    pub fn set_literal_open(&mut self, open: bool) {
+        self.literal_open = open;
+    }
+
+    /// Whether a literal announced to the server was left unfinished.
+    pub fn literal_open(&self) -> bool {
+        self.literal_open
     }
 
     /// Reads large literals into buffers of `pool` (None: allocate as usual).
@@ -268,56 +341,141 @@ impl Client {
     /// queue): whatever was read before a cancellation stays buffered for the next call.
     pub async fn read(&mut self) -> Result<Response, SyncError> {
         loop {
-            let framed = self
+            if let Some(r) = self.take_frame()? {
+                return Ok(r);
+            }
+            self.fill().await?;
+        }
+    }
+
+    /// Like [`read`](Self::read), but a FETCH response whose `BODY[]` is a literal of at least
+    /// `stream_from` bytes, not all arrived yet, comes back as soon as the items before it are
+    /// here: the caller then takes the body with [`read_body`](Self::read_body) as it arrives
+    /// (and must, before anything else is read). Not cancel-safe once a body is announced.
+    pub async fn read_fetch(&mut self, stream_from: u64) -> Result<Incoming, SyncError> {
+        loop {
+            if let Some(r) = self.take_frame()? {
+                return Ok(Incoming::Response(r));
+            }
+            if let Some(a) = self.take_arriving(stream_from) {
+                return Ok(Incoming::Body(a));
+            }
+            self.fill().await?;
+        }
+    }
+
+    /// Reads more of the body announced by [`read_fetch`](Self::read_fetch) into `into`
+    /// (which must have room for it all); once it is all there, reads the rest of its
+    /// response and says so.
+    pub async fn read_body(&mut self, into: &mut BytesMut) -> Result<BodyRead, SyncError> {
+        if self.body_left > 0 {
+            let buf = self.conn.buffer();
+            if !buf.is_empty() {
+                let k = buf.len().min(self.body_left as usize);
+                into.extend_from_slice(&buf[..k]);
+                buf.advance(k);
+                self.body_left -= k as u64;
+                return Ok(BodyRead::More);
+            }
+            let max = self.body_left as usize;
+            let read = self.conn.read_into(into, max);
+            let n = within(self.route, self.reply_timeout, "reply", read).await?;
+            if n == 0 {
+                return Err(eof(self.route));
+            }
+            self.body_left -= n as u64;
+            return Ok(BodyRead::More);
+        }
+        if !self.in_body {
+            return Err(self.protocol("no message body is being read"));
+        }
+        loop {
+            if let Some(n) = self
                 .framer
                 .frame(self.conn.buffer(), MAX_MESSAGE, MAX_LINE)
-                .map_err(|e| self.protocol(e.to_string()))?;
-            if let Some(n) = framed {
-                let buf = self.conn.buffer();
-                let frame: Bytes = buf.split_to(n).freeze();
-                trace_command(self.route, "<", &frame);
-                if std::mem::take(&mut self.pooled) {
-                    *buf = BytesMut::from(&buf[..]);
-                }
-                return proto::parse(frame).map_err(|e| self.protocol(e.to_string()));
+                .map_err(|e| self.protocol(e.to_string()))?
+            {
+                // The rest of the FETCH items after the body: checked for form, not used.
+                let rest = self.conn.buffer().split_to(n);
+                let mut whole = b"* 0 FETCH (BODY[] NIL".to_vec();
+                whole.extend_from_slice(&rest);
+                proto::parse(Bytes::from(whole)).map_err(|e| self.protocol(e.to_string()))?;
+                self.in_body = false;
+                return Ok(BodyRead::Done);
             }
-            // Large reads while a literal streams in. The rest of a known literal is reserved
-            // at once: growing an 8 MB buffer 256 KiB at a time copies it over and over.
-            let want = 256 * 1024;
-            let missing = self.framer.literal_missing(self.conn.buffer().len());
-            let buf = self.conn.buffer();
-            if let Some(pool) = &self.bodies {
-                if missing >= BodyPool::MIN && buf.capacity() - buf.len() < missing {
-                    // Room for the frame and one more read past its end.
-                    let mut recycled = pool.take(buf.len() + missing + want);
-                    recycled.extend_from_slice(buf);
-                    *buf = recycled;
-                    self.pooled = true;
-                }
-            }
-            buf.reserve(want.max(missing));
-            let n = match timeout(self.reply_timeout, self.conn.read_some(want)).await {
-                Err(_) => {
-                    return Err(SyncError::Timeout {
-                        backend: self.route,
-                        phase: "reply",
-                    })
-                }
-                Ok(Err(source)) => {
-                    return Err(SyncError::Io {
-                        backend: self.route,
-                        source,
-                    })
-                }
-                Ok(Ok(n)) => n,
-            };
-            if n == 0 {
-                return Err(SyncError::Io {
-                    backend: self.route,
-                    source: std::io::ErrorKind::UnexpectedEof.into(),
-                });
+            self.fill().await?;
+        }
+    }
+
+    /// Takes the first complete response off the buffer, if there is one.
+    fn take_frame(&mut self) -> Result<Option<Response>, SyncError> {
+        if self.in_body {
+            return Err(self.protocol("a message body is still being read"));
+        }
+        let framed = self
+            .framer
+            .frame(self.conn.buffer(), MAX_MESSAGE, MAX_LINE)
+            .map_err(|e| self.protocol(e.to_string()))?;
+        let Some(n) = framed else {
+            return Ok(None);
+        };
+        self.declined = false;
+        let buf = self.conn.buffer();
+        let frame: Bytes = buf.split_to(n).freeze();
+        trace_command(self.route, "<", &frame);
+        if std::mem::take(&mut self.pooled) {
+            *buf = BytesMut::from(&buf[..]);
+        }
+        proto::parse(frame)
+            .map(Some)
+            .map_err(|e| self.protocol(e.to_string()))
+    }
+
+    /// The FETCH response being read, if its first literal is a large `BODY[]` still arriving
+    /// after a head that holds its UID and FLAGS: the head is taken off the buffer.
+    fn take_arriving(&mut self, stream_from: u64) -> Option<Arriving> {
+        if self.declined {
+            return None;
+        }
+        let buf_len = self.conn.buffer().len();
+        let (start, len) = self.framer.open_literal(buf_len)?;
+        if len < stream_from {
+            return None;
+        }
+        let Some(fetched) = head_fetch(&self.conn.buffer()[..start]) else {
+            // Read whole, as any other response.
+            self.declined = true;
+            return None;
+        };
+        self.conn.buffer().advance(start);
+        self.framer = Framer::default();
+        self.body_left = len;
+        self.in_body = true;
+        Some(Arriving { fetched, len })
+    }
+
+    /// Reads more from the server into the buffer.
+    async fn fill(&mut self) -> Result<(), SyncError> {
+        // Large reads while a literal streams in. The rest of a known literal is reserved
+        // at once: growing an 8 MB buffer 256 KiB at a time copies it over and over.
+        let want = 256 * 1024;
+        let missing = self.framer.literal_missing(self.conn.buffer().len());
+        let buf = self.conn.buffer();
+        if let Some(pool) = &self.bodies {
+            if missing >= BodyPool::MIN && buf.capacity() - buf.len() < missing {
+                // Room for the frame and one more read past its end.
+                let mut recycled = pool.take(buf.len() + missing + want);
+                recycled.extend_from_slice(buf);
+                *buf = recycled;
+                self.pooled = true;
             }
         }
+        buf.reserve(want.max(missing));
+        let read = self.conn.read_some(want);
+        if within(self.route, self.reply_timeout, "reply", read).await? == 0 {
+            return Err(eof(self.route));
+        }
+        Ok(())
     }
 
     /// Sends `cmd` (without tag and CRLF) and collects untagged responses until its completion.
@@ -397,6 +555,11 @@ impl Client {
 
     /// Ends the session politely; errors do not matter any more.
     pub async fn logout(mut self) {
+        if self.literal_open || self.in_body {
+            // Mid-message: the server would take LOGOUT for message data (or its reply would
+            // be lost in the literal). Closing the connection makes it drop the message.
+            return;
+        }
         let tag = self.tag();
         if self
             .write(format!("{tag} LOGOUT\r\n").as_bytes())
@@ -761,6 +924,42 @@ mod tests {
             backend: Route::New,
             text: text.into(),
         })
+    }
+
+    #[test]
+    fn a_body_is_taken_as_it_arrives_only_after_uid_and_flags() {
+        let f = head_fetch(
+            b"* 3 FETCH (UID 17 FLAGS (\\Seen $Work) INTERNALDATE \"01-Feb-2020 10:00:00 +0000\" \
+              RFC822.SIZE 900000 BODY[] {900000}\r\n",
+        )
+        .expect("a streamable head");
+        assert_eq!(f.uid, 17);
+        assert_eq!(
+            f.flags.as_deref(),
+            Some(&["\\Seen".to_owned(), "$Work".to_owned()][..])
+        );
+        assert_eq!(
+            f.internaldate.as_deref(),
+            Some("01-Feb-2020 10:00:00 +0000")
+        );
+        assert!(f.body.is_none());
+        for head in [
+            // FLAGS would come after the body: read whole.
+            &b"* 3 FETCH (UID 17 BODY[] {900000}\r\n"[..],
+            // Another item's literal.
+            b"* 3 FETCH (UID 17 FLAGS () BODY[HEADER] {900000}\r\n",
+            b"* 3 FETCH (UID 17 FLAGS () XBODY[] {900000}\r\n",
+            // No UID.
+            b"* 3 FETCH (FLAGS () BODY[] {900000}\r\n",
+            b"* 3 FETCH (UID 17 FLAGS ( BODY[] {900000}\r\n",
+            b"{900000}\r\n",
+        ] {
+            assert!(
+                head_fetch(head).is_none(),
+                "{}",
+                String::from_utf8_lossy(head)
+            );
+        }
     }
 
     #[test]

@@ -642,9 +642,14 @@ pub const HASH_PREFIX: &str = "b3:";
 /// as collision-resistant (senders choose message content) and three times cheaper on large
 /// messages, where hashing was half of the engine's own CPU.
 pub fn content_hash(body: &[u8]) -> String {
+    hash_text(&blake3::hash(body))
+}
+
+/// How a content hash (of a body taken whole or in pieces) is stored.
+pub fn hash_text(hash: &blake3::Hash) -> String {
     let mut s = String::with_capacity(HASH_PREFIX.len() + 64);
     s.push_str(HASH_PREFIX);
-    s.push_str(blake3::hash(body).to_hex().as_str());
+    s.push_str(hash.to_hex().as_str());
     s
 }
 

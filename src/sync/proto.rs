@@ -29,6 +29,10 @@ pub struct Framer {
     scan: usize,
     /// Offset where the current line (after the last literal) starts.
     line_start: usize,
+    /// Where the frame's first literal starts and its length, while it is the only one seen.
+    first_literal: Option<(usize, u64)>,
+    /// Literals seen in the frame so far.
+    literals: u32,
 }
 
 impl Framer {
@@ -36,6 +40,15 @@ impl Framer {
     /// lets the reader reserve a large literal once instead of growing (and copying) in steps.
     pub fn literal_missing(&self, buf_len: usize) -> usize {
         self.scan.saturating_sub(buf_len)
+    }
+
+    /// The literal being waited for, as (offset of its first byte, length), when it is the
+    /// frame's first: the line before it is the whole response so far, which lets a reader
+    /// take the rest of a large literal as it comes instead of holding it whole.
+    pub fn open_literal(&self, buf_len: usize) -> Option<(usize, u64)> {
+        (self.literals == 1 && self.scan > buf_len)
+            .then_some(self.first_literal)
+            .flatten()
     }
 
     /// Length of the first complete response in `buf` (including its final CRLF), if there is one.
@@ -71,6 +84,10 @@ impl Framer {
                         return Err(ProtoError::LiteralTooLarge(n));
                     }
                     let next = end + 1 + n as usize;
+                    if self.literals == 0 {
+                        self.first_literal = Some((end + 1, n));
+                    }
+                    self.literals += 1;
                     self.scan = next;
                     self.line_start = next;
                 }
@@ -595,6 +612,26 @@ mod tests {
         let l = items[0].list().unwrap();
         assert!(l[2].is_atom("BODY[]"));
         assert_eq!(l[3].bytes().unwrap(), b"A OK {3}\r\n.");
+    }
+
+    #[test]
+    fn an_open_first_literal_is_reported_and_a_second_is_not() {
+        let msg = b"* 1 FETCH (UID 7 BODY[] {11}\r\nA OK {3}\r\n. X {2}\r\nab)\r\n";
+        let head = b"* 1 FETCH (UID 7 BODY[] {11}\r\n".len();
+        let mut f = Framer::default();
+        assert_eq!(f.frame(&msg[..head - 2], 1 << 20, 1 << 16).unwrap(), None);
+        assert_eq!(f.open_literal(head - 2), None, "no literal yet");
+        assert_eq!(f.frame(&msg[..head + 4], 1 << 20, 1 << 16).unwrap(), None);
+        assert_eq!(f.open_literal(head + 4), Some((head, 11)));
+        let second = msg.len() - 4;
+        assert_eq!(f.frame(&msg[..second], 1 << 20, 1 << 16).unwrap(), None);
+        assert_eq!(
+            f.open_literal(second),
+            None,
+            "the second literal is not the first"
+        );
+        assert_eq!(f.frame(msg, 1 << 20, 1 << 16).unwrap(), Some(msg.len()));
+        assert_eq!(f.open_literal(0), None, "a new frame");
     }
 
     #[test]

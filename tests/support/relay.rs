@@ -14,7 +14,11 @@
 //!   client has sent that many bytes in total (exactly there: a chunk crossing the point is
 //!   split), at a point of the transfer the test chooses; the second stops only the server's
 //!   replies (the server still receives and executes commands, its answers never arrive).
-//!   [`Relay::stall`]`(false)` ends these too.
+//!   [`Relay::stall`]`(false)` ends these too;
+//! - [`Relay::cut_replies_after`]: once the server has sent that many bytes in total (exactly
+//!   there), the connection carrying them is closed both ways, as when a backend dies in the
+//!   middle of a response; so is any connection that gets server bytes afterwards, until the
+//!   cut is switched off.
 //!
 //! Counters: connections accepted, bytes forwarded each way, whether a stall is on.
 //! Bounded: at most [`MAX_CONNECTIONS`] open at once (more are closed at once) and one
@@ -43,6 +47,8 @@ struct Shared {
     stall_at: AtomicU64,
     /// ... in both directions (else replies only).
     stall_at_both: AtomicBool,
+    /// Server bytes after which connections are closed (0 = off).
+    cut_at: AtomicU64,
     stop: AtomicBool,
     accepted: AtomicUsize,
     open: AtomicUsize,
@@ -72,6 +78,19 @@ impl Shared {
         }
         let left = at.saturating_sub(self.up_bytes.load(SeqCst));
         len.min(usize::try_from(left).unwrap_or(usize::MAX))
+    }
+}
+
+impl Shared {
+    /// How many of `len` server bytes may go before a cut, and whether the cut comes then.
+    fn cut_allowance(&self, len: usize) -> (usize, bool) {
+        let at = self.cut_at.load(SeqCst);
+        if at == 0 {
+            return (len, false);
+        }
+        let left = at.saturating_sub(self.down_bytes.load(SeqCst));
+        let k = len.min(usize::try_from(left).unwrap_or(usize::MAX));
+        (k, k < len)
     }
 }
 
@@ -127,6 +146,11 @@ impl Relay {
     pub fn stall_replies_after(&self, bytes: u64) {
         self.shared.stall_at_both.store(false, SeqCst);
         self.shared.stall_at.store(bytes.max(1), SeqCst);
+    }
+
+    /// Closes connections once the server has sent `bytes` in total (0: no more cuts).
+    pub fn cut_replies_after(&self, bytes: u64) {
+        self.shared.cut_at.store(bytes, SeqCst);
     }
 
     /// Whether the server's replies are held now (by any of the stalls).
@@ -276,15 +300,20 @@ fn pump(mut from: TcpStream, mut to: TcpStream, shared: &Shared, down: bool) {
             if shared.stop.load(SeqCst) {
                 return close(&from, &to);
             }
-            let k = if down {
-                data.len()
+            let (k, cut) = if down {
+                shared.cut_allowance(data.len())
             } else {
-                shared.allowance(data.len())
+                (shared.allowance(data.len()), false)
             };
             // Counted before the write: a reply to these bytes must see them counted.
             counter.fetch_add(k as u64, SeqCst);
             if to.write_all(&data[..k]).is_err() {
                 return close(&from, &to);
+            }
+            if cut {
+                let _ = from.shutdown(Shutdown::Both);
+                let _ = to.shutdown(Shutdown::Both);
+                return;
             }
             data = &data[k..];
         }
