@@ -460,43 +460,59 @@ fn a_hung_backend_times_out_and_nothing_is_appended_twice() {
     within(150, || silent_backend("hung", false));
 }
 
-/// Legacy's connection dies in the middle of a large message, which the engine is already
-/// passing on to new as it arrives (cut through): the pass fails with legacy's error (not one of
-/// its own making), new discards the message it was given only part of, and the retry copies
-/// everything exactly once.
+/// Large messages are nearly all of this corpus's bytes: a cut at half of them falls inside one.
+fn large_corpus(seed: u64) -> Corpus {
+    corpus::generate(&Spec {
+        seed,
+        messages: 20,
+        large: 4,
+        large_min: 1024 * 1024,
+        large_max: 2 * 1024 * 1024,
+        folders: false,
+        small_size: 3000,
+    })
+}
+
+/// The relayed backend's connection is cut (by `cut`, given the corpus) in the middle of a
+/// large message that the engine passes on as it arrives: the pass fails with that backend's
+/// error (`backend`), nothing half copied stays on new, and the retry copies everything once.
+fn cut_mid_message(relayed: Relayed, backend: &str, cut: impl Fn(&Relay, u64)) {
+    let env = Env::new("", relayed, "");
+    let c = large_corpus(24);
+    env.load(&c);
+    let relay = env.relay();
+    let at = c.bytes() / 2;
+    cut(relay, at);
+    let run = env.spawn_sync("cut");
+    // Once the cut has happened, the retry gets through.
+    assert!(wait_until(90, || relay.bytes_down().max(relay.bytes_up()) >= at));
+    cut(relay, 0);
+    let (report, events) = run.finish(120);
+    let failed = named(&events, "sync pass failed");
+    assert_eq!(failed.len(), 1, "{failed:#?}");
+    let error = field(failed[0], "error");
+    assert!(error.starts_with(&format!("backend {backend}:")), "{error}");
+    assert!(!named(&events, "sync pass will be retried").is_empty());
+    eprintln!(
+        "cut at {at} of {} bytes: {error}; retry: {report}",
+        c.bytes()
+    );
+    env.assert_same(&c);
+    env.assert_nothing_left();
+}
+
+/// Legacy's connection dies while it sends a large message.
 #[test]
 fn legacy_lost_in_the_middle_of_a_message_leaves_nothing_half_copied() {
     within(150, || {
-        let env = Env::new("", Relayed::Legacy, "");
-        // Large messages are nearly all of the bytes: the cut falls inside one of them.
-        let c = corpus::generate(&Spec {
-            seed: 24,
-            messages: 20,
-            large: 4,
-            large_min: 1024 * 1024,
-            large_max: 2 * 1024 * 1024,
-            folders: false,
-            small_size: 3000,
-        });
-        env.load(&c);
-        let relay = env.relay();
-        let cut = c.bytes() / 2;
-        relay.cut_replies_after(cut);
-        let run = env.spawn_sync("cut");
-        // Once the cut has happened, the retry gets through.
-        assert!(wait_until(90, || relay.bytes_down() >= cut));
-        relay.cut_replies_after(0);
-        let (report, events) = run.finish(120);
-        let failed = named(&events, "sync pass failed");
-        assert_eq!(failed.len(), 1, "{failed:#?}");
-        let error = field(failed[0], "error");
-        assert!(error.starts_with("backend legacy:"), "{error}");
-        assert!(!named(&events, "sync pass will be retried").is_empty());
-        eprintln!(
-            "cut at {cut} of {} bytes: {error}; retry: {report}",
-            c.bytes()
-        );
-        env.assert_same(&c);
-        env.assert_nothing_left();
+        cut_mid_message(Relayed::Legacy, "legacy", Relay::cut_replies_after);
+    });
+}
+
+/// New's connection dies while it receives a large message.
+#[test]
+fn new_lost_in_the_middle_of_a_message_leaves_nothing_half_copied() {
+    within(150, || {
+        cut_mid_message(Relayed::New, "new", Relay::cut_after)
     });
 }

@@ -18,7 +18,7 @@
 //! - [`Relay::cut_replies_after`]: once the server has sent that many bytes in total (exactly
 //!   there), the connection carrying them is closed both ways, as when a backend dies in the
 //!   middle of a response; so is any connection that gets server bytes afterwards, until the
-//!   cut is switched off.
+//!   cut is switched off; [`Relay::cut_after`] does the same at a count of client bytes.
 //!
 //! Counters: connections accepted, bytes forwarded each way, whether a stall is on.
 //! Bounded: at most [`MAX_CONNECTIONS`] open at once (more are closed at once) and one
@@ -47,8 +47,10 @@ struct Shared {
     stall_at: AtomicU64,
     /// ... in both directions (else replies only).
     stall_at_both: AtomicBool,
-    /// Server bytes after which connections are closed (0 = off).
+    /// Bytes after which connections are closed (0 = off) ...
     cut_at: AtomicU64,
+    /// ... counted client→server (else server→client).
+    cut_up: AtomicBool,
     stop: AtomicBool,
     accepted: AtomicUsize,
     open: AtomicUsize,
@@ -82,13 +84,19 @@ impl Shared {
 }
 
 impl Shared {
-    /// How many of `len` server bytes may go before a cut, and whether the cut comes then.
-    fn cut_allowance(&self, len: usize) -> (usize, bool) {
+    /// How many of `len` bytes going `down` (or up) may go before a cut, and whether the cut
+    /// comes then.
+    fn cut_allowance(&self, down: bool, len: usize) -> (usize, bool) {
         let at = self.cut_at.load(SeqCst);
-        if at == 0 {
+        if at == 0 || self.cut_up.load(SeqCst) == down {
             return (len, false);
         }
-        let left = at.saturating_sub(self.down_bytes.load(SeqCst));
+        let sent = if down {
+            &self.down_bytes
+        } else {
+            &self.up_bytes
+        };
+        let left = at.saturating_sub(sent.load(SeqCst));
         let k = len.min(usize::try_from(left).unwrap_or(usize::MAX));
         (k, k < len)
     }
@@ -150,6 +158,13 @@ impl Relay {
 
     /// Closes connections once the server has sent `bytes` in total (0: no more cuts).
     pub fn cut_replies_after(&self, bytes: u64) {
+        self.shared.cut_up.store(false, SeqCst);
+        self.shared.cut_at.store(bytes, SeqCst);
+    }
+
+    /// Closes connections once the client has sent `bytes` in total (0: no more cuts).
+    pub fn cut_after(&self, bytes: u64) {
+        self.shared.cut_up.store(true, SeqCst);
         self.shared.cut_at.store(bytes, SeqCst);
     }
 
@@ -300,11 +315,12 @@ fn pump(mut from: TcpStream, mut to: TcpStream, shared: &Shared, down: bool) {
             if shared.stop.load(SeqCst) {
                 return close(&from, &to);
             }
-            let (k, cut) = if down {
-                shared.cut_allowance(data.len())
+            let room = if down {
+                data.len()
             } else {
-                (shared.allowance(data.len()), false)
+                shared.allowance(data.len())
             };
+            let (k, cut) = shared.cut_allowance(down, room);
             // Counted before the write: a reply to these bytes must see them counted.
             counter.fetch_add(k as u64, SeqCst);
             if to.write_all(&data[..k]).is_err() {
