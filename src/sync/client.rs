@@ -116,10 +116,9 @@ pub struct Client {
     /// The response being read went into a buffer of `bodies`: once it is split off, the
     /// bytes after it move out, so the buffer is the body's alone and can come back.
     pooled: bool,
-    /// Bytes of an announced body (`read_fetch`) not read yet.
-    body_left: u64,
-    /// An announced body, or the rest of its response, is still to be read.
-    in_body: bool,
+    /// An announced body (`read_fetch`) is being read: its bytes not read yet (at 0, the rest
+    /// of its response is still to be read).
+    body_left: Option<u64>,
     /// The response being framed was looked at and is read whole (`take_arriving`).
     declined: bool,
     /// A literal has been announced to the server and not all of it sent: whatever is
@@ -269,8 +268,7 @@ impl Client {
             reply_timeout: ep.reply_timeout,
             bodies: None,
             pooled: false,
-            body_left: 0,
-            in_body: false,
+            body_left: None,
             declined: false,
             literal_open: false,
         })
@@ -368,26 +366,25 @@ impl Client {
     /// (which must have room for it all); once it is all there, reads the rest of its
     /// response and says so.
     pub async fn read_body(&mut self, into: &mut BytesMut) -> Result<BodyRead, SyncError> {
-        if self.body_left > 0 {
+        let Some(left) = self.body_left else {
+            return Err(self.protocol("no message body is being read"));
+        };
+        if left > 0 {
             let buf = self.conn.buffer();
-            if !buf.is_empty() {
-                let k = buf.len().min(self.body_left as usize);
+            let n = if buf.is_empty() {
+                let read = self.conn.read_into(into, left as usize);
+                match within(self.route, self.reply_timeout, "reply", read).await? {
+                    0 => return Err(eof(self.route)),
+                    n => n,
+                }
+            } else {
+                let k = buf.len().min(left as usize);
                 into.extend_from_slice(&buf[..k]);
                 buf.advance(k);
-                self.body_left -= k as u64;
-                return Ok(BodyRead::More);
-            }
-            let max = self.body_left as usize;
-            let read = self.conn.read_into(into, max);
-            let n = within(self.route, self.reply_timeout, "reply", read).await?;
-            if n == 0 {
-                return Err(eof(self.route));
-            }
-            self.body_left -= n as u64;
+                k
+            };
+            self.body_left = Some(left - n as u64);
             return Ok(BodyRead::More);
-        }
-        if !self.in_body {
-            return Err(self.protocol("no message body is being read"));
         }
         loop {
             if let Some(n) = self
@@ -400,7 +397,7 @@ impl Client {
                 let mut whole = b"* 0 FETCH (BODY[] NIL".to_vec();
                 whole.extend_from_slice(&rest);
                 proto::parse(Bytes::from(whole)).map_err(|e| self.protocol(e.to_string()))?;
-                self.in_body = false;
+                self.body_left = None;
                 return Ok(BodyRead::Done);
             }
             self.fill().await?;
@@ -409,7 +406,7 @@ impl Client {
 
     /// Takes the first complete response off the buffer, if there is one.
     fn take_frame(&mut self) -> Result<Option<Response>, SyncError> {
-        if self.in_body {
+        if self.body_left.is_some() {
             return Err(self.protocol("a message body is still being read"));
         }
         let framed = self
@@ -449,8 +446,7 @@ impl Client {
         };
         self.conn.buffer().advance(start);
         self.framer = Framer::default();
-        self.body_left = len;
-        self.in_body = true;
+        self.body_left = Some(len);
         Some(Arriving { fetched, len })
     }
 
@@ -555,7 +551,7 @@ impl Client {
 
     /// Ends the session politely; errors do not matter any more.
     pub async fn logout(mut self) {
-        if self.literal_open || self.in_body {
+        if self.literal_open || self.body_left.is_some() {
             // Mid-message: the server would take LOGOUT for message data (or its reply would
             // be lost in the literal). Closing the connection makes it drop the message.
             return;

@@ -29,10 +29,8 @@ pub struct Framer {
     scan: usize,
     /// Offset where the current line (after the last literal) starts.
     line_start: usize,
-    /// Where the frame's first literal starts and its length, while it is the only one seen.
+    /// Where the frame's first literal starts and its length.
     first_literal: Option<(usize, u64)>,
-    /// Literals seen in the frame so far.
-    literals: u32,
 }
 
 impl Framer {
@@ -46,9 +44,9 @@ impl Framer {
     /// frame's first: the line before it is the whole response so far, which lets a reader
     /// take the rest of a large literal as it comes instead of holding it whole.
     pub fn open_literal(&self, buf_len: usize) -> Option<(usize, u64)> {
-        (self.literals == 1 && self.scan > buf_len)
-            .then_some(self.first_literal)
-            .flatten()
+        // Still skipping it: the scan stops at its end until it has arrived.
+        self.first_literal
+            .filter(|&(start, n)| self.scan == start + n as usize && self.scan > buf_len)
     }
 
     /// Length of the first complete response in `buf` (including its final CRLF), if there is one.
@@ -84,10 +82,7 @@ impl Framer {
                         return Err(ProtoError::LiteralTooLarge(n));
                     }
                     let next = end + 1 + n as usize;
-                    if self.literals == 0 {
-                        self.first_literal = Some((end + 1, n));
-                    }
-                    self.literals += 1;
+                    self.first_literal.get_or_insert((end + 1, n));
                     self.scan = next;
                     self.line_start = next;
                 }

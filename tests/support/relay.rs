@@ -81,9 +81,7 @@ impl Shared {
         let left = at.saturating_sub(self.up_bytes.load(SeqCst));
         len.min(usize::try_from(left).unwrap_or(usize::MAX))
     }
-}
 
-impl Shared {
     /// How many of `len` bytes going `down` (or up) may go before a cut, and whether the cut
     /// comes then.
     fn cut_allowance(&self, down: bool, len: usize) -> (usize, bool) {
