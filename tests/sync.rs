@@ -7,6 +7,7 @@ use support::deadline::within;
 
 use std::path::PathBuf;
 use std::process::{Output, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use support::corpus::{self, Session, Spec};
@@ -32,7 +33,12 @@ fn backend_toml(name: &str, d: &Dovecot, tls: &str, secret: &std::path::Path) ->
 
 impl Env {
     fn new(tls: &str, sync_toml: &str) -> Env {
-        let backends = Backends::start();
+        Env::with_new_conf(tls, sync_toml, "")
+    }
+
+    /// As `new`, with `new_conf` added to new's dovecot.conf.
+    fn with_new_conf(tls: &str, sync_toml: &str, new_conf: &str) -> Env {
+        let backends = Backends::start_with("", new_conf);
         let dir = tempfile::tempdir().expect("tempdir");
         let secret = dir.path().join("master.secret");
         std::fs::write(&secret, format!("{MASTER_PASSWORD}\n")).unwrap();
@@ -78,6 +84,23 @@ impl Env {
         support::mailferry::sync_report(&self.cli(&["sync", user, "--once", "--json"]))
     }
 
+    /// A pass copies `c` (loaded on legacy) with nothing left to differ, and a second pass
+    /// appends nothing; returns the second pass's report.
+    fn copies_once(&self, user: &str, c: &corpus::Corpus) -> serde_json::Value {
+        let first = self.sync(user);
+        // The corpus plus the harness's legacy marker message.
+        assert_eq!(
+            n(&first, "appended"),
+            c.messages.len() as u64 + 1,
+            "{first}"
+        );
+        self.assert_same(user);
+        let second = self.sync(user);
+        assert_eq!(n(&second, "appended"), 0, "{second}");
+        self.assert_same(user);
+        second
+    }
+
     /// `verify EMAIL`: asserts exit 0 ("same").
     fn assert_same(&self, user: &str) {
         let out = self.cli(&["verify", user]);
@@ -117,18 +140,8 @@ fn one_pass_copies_the_corpus_and_a_second_pass_appends_nothing() {
         );
         assert!(String::from_utf8_lossy(&out.stdout).contains("missing on new"));
 
-        let first = env.sync(USER);
-        // The corpus plus the harness's legacy marker message.
-        assert_eq!(
-            n(&first, "appended"),
-            c.messages.len() as u64 + 1,
-            "{first}"
-        );
-        env.assert_same(USER);
-        let second = env.sync(USER);
-        assert_eq!(n(&second, "appended"), 0, "{second}");
+        let second = env.copies_once(USER, &c);
         assert_eq!(n(&second, "folders_changed"), 0, "{second}");
-        env.assert_same(USER);
         // Folder names arrived translated: "." → "/", modified UTF-7 kept, INBOX children.
         let folders = env.backends.new.mailboxes(USER);
         for want in [
@@ -142,6 +155,43 @@ fn one_pass_copies_the_corpus_and_a_second_pass_appends_nothing() {
                 "{want} missing in {folders:?}"
             );
         }
+    });
+}
+
+/// What new advertises after login when it offers none of LITERAL+ (nor LITERAL-),
+/// MULTIAPPEND and UIDPLUS: Dovecot's own list otherwise.
+const PLAIN_APPEND_CAPS: &str = "IMAP4rev1 SASL-IR LOGIN-REFERRALS ID ENABLE IDLE SORT \
+     SEARCHRES WITHIN ESEARCH LIST-STATUS BINARY MOVE NAMESPACE UNSELECT CHILDREN \
+     LIST-EXTENDED I18NLEVEL=1 CONDSTORE QRESYNC ESORT THREAD=REFERENCES SPECIAL-USE";
+
+/// A target without LITERAL+, MULTIAPPEND and UIDPLUS gets the same copy: one APPEND per
+/// message, each literal sent after the server's continuation, each message found again by
+/// its content hash; the second pass appends nothing.
+#[test]
+fn a_target_without_literal_plus_multiappend_or_uidplus_gets_the_same_copy() {
+    within(150, || {
+        let env = Env::with_new_conf(
+            "none",
+            "",
+            &format!("imap_capability = {PLAIN_APPEND_CAPS}\n"),
+        );
+        env.fresh_target(USER);
+        let caps = Session::open(&env.backends.new, USER)
+            .ok("CAPABILITY")
+            .lines;
+        let caps: Vec<&str> = caps.iter().flat_map(|l| l.split_whitespace()).collect();
+        assert!(caps.contains(&"IMAP4rev1"), "{caps:?}");
+        for absent in ["LITERAL+", "LITERAL-", "MULTIAPPEND", "UIDPLUS"] {
+            assert!(!caps.contains(&absent), "{absent} in {caps:?}");
+        }
+        let c = corpus::generate(&Spec {
+            seed: 43,
+            messages: 40,
+            large: 2,
+            ..Spec::default()
+        });
+        corpus::load(&env.backends.legacy, USER, &c);
+        env.copies_once(USER, &c);
     });
 }
 
@@ -270,9 +320,10 @@ fn killed_passes_resume_without_duplicates() {
     });
 }
 
-/// Nothing reaches new before the state store records it as pending. With the store's write
-/// lock held by another connection, the pass goes on fetching from legacy but appends nothing;
-/// once the lock is released it completes, and verify is clean.
+/// Nothing reaches new whole before the state store records it as pending. With the store's
+/// write lock held by another connection, the pass goes on fetching from legacy and sends its
+/// APPEND commands (small bodies in one batch, large ones as they arrive) but the end of each,
+/// so new stores nothing; once the lock is released it completes, and verify is clean.
 #[test]
 fn nothing_is_appended_before_its_intent_is_committed() {
     within(120, || {
@@ -281,7 +332,7 @@ fn nothing_is_appended_before_its_intent_is_committed() {
         let c = corpus::generate(&Spec {
             seed: 41,
             messages: 30,
-            large: 0,
+            large: 2,
             folders: false,
             ..Spec::default()
         });
@@ -307,33 +358,41 @@ fn nothing_is_appended_before_its_intent_is_committed() {
         // after the one listing sizes), i.e. the copy is under way while its intents wait.
         let stderr = child.stderr.take().expect("stderr");
         let (seen_tx, seen) = std::sync::mpsc::channel();
-        let log = std::thread::spawn(move || {
-            use std::io::BufRead;
-            let mut fetches = 0;
-            let mut lines = Vec::new();
-            for line in std::io::BufReader::new(stderr)
-                .lines()
-                .map_while(Result::ok)
-            {
-                if line.contains("UID FETCH") && line.contains("Legacy") {
-                    fetches += 1;
-                    if fetches == 2 {
-                        let _ = seen_tx.send(());
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let log = std::thread::spawn({
+            let lines = lines.clone();
+            move || {
+                use std::io::BufRead;
+                let mut fetches = 0;
+                for line in std::io::BufReader::new(stderr)
+                    .lines()
+                    .map_while(Result::ok)
+                {
+                    if line.contains("UID FETCH") && line.contains("Legacy") {
+                        fetches += 1;
+                        if fetches == 2 {
+                            let _ = seen_tx.send(());
+                        }
                     }
+                    lines.lock().unwrap_or_else(|p| p.into_inner()).push(line);
                 }
-                lines.push(line);
             }
-            lines
         });
         seen.recv_timeout(Duration::from_secs(30))
             .expect("the pass never asked legacy for bodies");
-        // Ample time for bodies of ~5 KB to be fetched and, were it allowed, appended.
+        // Ample time for the bodies to be fetched and, were it allowed, appended.
         std::thread::sleep(Duration::from_millis(1500));
         let status = env
             .backends
             .new
             .doveadm(&["mailbox", "status", "-u", USER, "messages", "INBOX"]);
         let on_new = String::from_utf8_lossy(&status.stdout).trim().to_string();
+        let appends_while_locked = lines
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .filter(|l| l.contains("APPEND") && l.contains("New"))
+            .count();
         watcher
             .rt
             .block_on(sqlx::query("COMMIT").execute(&mut *lock))
@@ -344,10 +403,16 @@ fn nothing_is_appended_before_its_intent_is_committed() {
             drop(lock);
         }
         let out = child.wait_with_output().expect("sync");
-        let log = log.join().unwrap_or_default().join("\n");
+        let _ = log.join();
+        let log = lines.lock().unwrap_or_else(|p| p.into_inner()).join("\n");
         assert!(
             on_new.split_whitespace().any(|w| w == "messages=0"),
             "appended before its intent was committed ({on_new})\n{log}"
+        );
+        // The commit overlaps the transfer: the commands went out while it waited.
+        assert!(
+            appends_while_locked > 0,
+            "no APPEND went out before the intents were committed\n{log}"
         );
         assert!(out.status.success(), "sync failed: {log}");
         let r: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json report");

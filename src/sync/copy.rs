@@ -559,19 +559,33 @@ async fn skip_body(src: &mut Client) -> Result<(), SyncError> {
     Ok(())
 }
 
-/// Writes `m`'s body (taking the rest as it arrives from legacy) and the line end after it.
-/// False if legacy stopped before all of it arrived (the fetcher reports why): the literal is
-/// then left open on `tgt`, whose session can only be dropped, which makes new discard it.
-async fn send_body(tgt: &mut Client, m: &mut Msg) -> Result<bool, SyncError> {
+/// Bytes at the end of an APPEND command held back until its messages' intents are committed:
+/// the last byte of its last literal and the CRLF after it. Until they go, new cannot hold the
+/// message whole (nor, for MULTIAPPEND, any of the command's messages), so a crash before the
+/// commit leaves new a partial command, which it discards when the connection drops. Everything
+/// else of the command goes out while the commit is being fsynced instead of after it.
+const HELD_BACK: usize = 3;
+
+/// Writes `m`'s body (taking the rest as it arrives from legacy) and the line end after it,
+/// the last [`HELD_BACK`] bytes once `m`'s intent is committed. False if legacy stopped before
+/// all of it arrived (the fetcher reports why) or the intent will never be committed (the
+/// intent stage reports why): the literal is then left open on `tgt`, whose session can only
+/// be dropped, which makes new discard it.
+async fn send_body(
+    tgt: &mut Client,
+    m: &mut Msg,
+    committed: &mut watch::Receiver<u32>,
+) -> Result<bool, SyncError> {
     tgt.set_literal_open(true);
+    let mut end = Tail::new(m.size);
     for p in &m.parts {
-        tgt.write_literal(p).await?;
+        end.write(tgt, p).await?;
     }
     if let Some(mut rest) = m.rest.take() {
         loop {
             match rest.recv().await {
                 Some(Part::Data(p)) => {
-                    tgt.write_literal(&p).await?;
+                    end.write(tgt, &p).await?;
                     m.parts.push(p);
                 }
                 Some(Part::End { hash, tail }) => {
@@ -583,9 +597,69 @@ async fn send_body(tgt: &mut Client, m: &mut Msg) -> Result<bool, SyncError> {
             }
         }
     }
-    tgt.write_literal(b"\r\n").await?;
+    if !intended(committed, m.uid).await {
+        return Ok(false);
+    }
+    tgt.write_literal(&end.held).await?;
     tgt.set_literal_open(false);
     Ok(true)
+}
+
+/// The end of one literal and its command's CRLF, kept from the pieces written before it.
+struct Tail {
+    /// Body bytes not written yet.
+    left: u64,
+    held: Vec<u8>,
+}
+
+impl Tail {
+    fn new(size: u64) -> Tail {
+        // An empty body holds no byte back: the CRLF alone keeps the command open.
+        let held = if size == 0 {
+            b"\r\n".to_vec()
+        } else {
+            Vec::with_capacity(HELD_BACK)
+        };
+        Tail { left: size, held }
+    }
+
+    /// Writes `piece` of the body but what belongs to the held-back end.
+    async fn write(&mut self, tgt: &mut Client, piece: &[u8]) -> Result<(), SyncError> {
+        self.left = self.left.saturating_sub(piece.len() as u64);
+        let keep = if self.left == 0 {
+            piece.len().min(HELD_BACK - 2)
+        } else {
+            0
+        };
+        let (now, later) = piece.split_at(piece.len() - keep);
+        if !now.is_empty() {
+            tgt.write_literal(now).await?;
+        }
+        if self.left == 0 {
+            self.held.extend_from_slice(later);
+            self.held.extend_from_slice(b"\r\n");
+        }
+        Ok(())
+    }
+}
+
+/// Splits the last `n` bytes off `parts` (fewer if they hold fewer).
+fn hold_back(parts: &mut Vec<Bytes>, mut n: usize) -> Vec<Bytes> {
+    let mut held = Vec::new();
+    while n > 0 {
+        let Some(last) = parts.last_mut() else { break };
+        if last.len() <= n {
+            n -= last.len();
+            if let Some(p) = parts.pop() {
+                held.push(p);
+            }
+        } else {
+            held.push(last.split_off(last.len() - n));
+            n = 0;
+        }
+    }
+    held.reverse();
+    held
 }
 
 /// Where completed APPENDs go: UID pairs to the confirmer, counts to the report and progress,
@@ -688,9 +762,12 @@ async fn append_all(
             if batch.is_empty() {
                 break;
             }
-            // Nothing goes out before `intend_all` has recorded it as pending.
             let top = batch.iter().map(|m| m.uid).max().unwrap_or(0);
-            if !intended(&mut committed, top).await {
+            // Nothing reaches new whole before `intend_all` has recorded it as pending: a
+            // command's held-back end waits for that (`HELD_BACK`). Pipelined APPENDs of one
+            // message each would each be whole, so such a batch waits before it goes out.
+            let one_command = !literal_plus || batch.len() == 1 || (multi && !single);
+            if !one_command && !intended(&mut committed, top).await {
                 // Dropping the channel stops the fetcher; `copy_new` reports the store's error.
                 return Ok(done.needs_recovery);
             }
@@ -717,7 +794,7 @@ async fn append_all(
                             _ => {}
                         }
                     }
-                    if !send_body(tgt, &mut m).await? {
+                    if !send_body(tgt, &mut m, &mut committed).await? {
                         return Ok(done.needs_recovery);
                     }
                     let one = InFlight {
@@ -737,7 +814,7 @@ async fn append_all(
                 m.encode(&mut head, true);
                 tgt.write(&head).await?;
                 let streaming = Instant::now();
-                if !send_body(tgt, &mut m).await? {
+                if !send_body(tgt, &mut m, &mut committed).await? {
                     return Ok(done.needs_recovery);
                 }
                 if !in_flight.is_empty() {
@@ -751,6 +828,7 @@ async fn append_all(
                 continue;
             }
             let mut out = Out::default();
+            let mut commands: Vec<(String, Vec<Msg>)> = Vec::new();
             if multi && !single && batch.len() > 1 {
                 let tag = tgt.tag();
                 out.head
@@ -761,11 +839,7 @@ async fn append_all(
                     out.body(&m.parts);
                 }
                 out.head.extend_from_slice(b"\r\n");
-                in_flight.push_back(InFlight {
-                    tag,
-                    msgs: batch,
-                    sent: Instant::now(),
-                });
+                commands.push((tag, batch));
             } else {
                 for m in batch {
                     let tag = tgt.tag();
@@ -774,14 +848,28 @@ async fn append_all(
                     m.encode(&mut out.head, true);
                     out.body(&m.parts);
                     out.head.extend_from_slice(b"\r\n");
-                    in_flight.push_back(InFlight {
-                        tag,
-                        msgs: vec![m],
-                        sent: Instant::now(),
-                    });
+                    commands.push((tag, vec![m]));
                 }
             }
-            tgt.write_parts(&out.finish()).await?;
+            let mut parts = out.finish();
+            if one_command {
+                let held = hold_back(&mut parts, HELD_BACK);
+                tgt.set_literal_open(true);
+                tgt.write_parts(&parts).await?;
+                if !gate(&mut committed, top, &in_flight, &mut blocked).await {
+                    return Ok(done.needs_recovery);
+                }
+                for h in &held {
+                    tgt.write_literal(h).await?;
+                }
+                tgt.set_literal_open(false);
+            } else {
+                tgt.write_parts(&parts).await?;
+            }
+            let sent = Instant::now();
+            for (tag, msgs) in commands {
+                in_flight.push_back(InFlight { tag, msgs, sent });
+            }
         }
         if in_flight.is_empty() {
             if closed && done.singles.is_empty() && waiting.is_none() {
@@ -833,6 +921,22 @@ async fn append_all(
             _ => {}
         }
     }
+}
+
+/// Waits until the intents of every UID up to `top` are committed (see [`intended`]), counting
+/// the wait as the appender's own while commands are outstanding.
+async fn gate(
+    committed: &mut watch::Receiver<u32>,
+    top: u32,
+    in_flight: &VecDeque<InFlight>,
+    blocked: &mut std::time::Duration,
+) -> bool {
+    let start = Instant::now();
+    let ok = intended(committed, top).await;
+    if !in_flight.is_empty() {
+        *blocked += start.elapsed();
+    }
+    ok
 }
 
 /// Waits for the reply to `one` (a synchronizing-literal APPEND) and completes it.
@@ -942,5 +1046,37 @@ impl Completions<'_> {
             return Ok(());
         }
         Err(err)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn joined(parts: &[Bytes]) -> Vec<u8> {
+        parts.concat()
+    }
+
+    #[test]
+    fn the_end_held_back_spans_parts_and_leaves_the_rest_in_order() {
+        let whole = b"a1 APPEND INBOX () {5+}\r\nhello\r\n";
+        // The end split across a large body's buffer and the command text after it.
+        let mut parts = vec![
+            Bytes::from_static(b"a1 APPEND INBOX () {5+}\r\n"),
+            Bytes::from_static(b"hello"),
+            Bytes::from_static(b"\r\n"),
+        ];
+        let held = hold_back(&mut parts, HELD_BACK);
+        assert_eq!(joined(&held), b"o\r\n");
+        assert_eq!(joined(&parts), &whole[..whole.len() - HELD_BACK]);
+        // All in one buffer.
+        let mut parts = vec![Bytes::from_static(whole)];
+        let held = hold_back(&mut parts, HELD_BACK);
+        assert_eq!(joined(&held), b"o\r\n");
+        assert_eq!([joined(&parts), joined(&held)].concat(), whole);
+        // Fewer bytes than asked for: all of them.
+        let mut parts = vec![Bytes::from_static(b"\r\n")];
+        assert_eq!(joined(&hold_back(&mut parts, HELD_BACK)), b"\r\n");
+        assert!(parts.is_empty());
     }
 }
