@@ -567,12 +567,18 @@ fn main() {
         .position(|a| a == "--only")
         .and_then(|i| args.get(i + 1).cloned());
     let (small_n, large_n) = if quick { (400, 2) } else { (2500, 12) };
-    let rounds_n: usize = args
+    let rounds_arg: Option<usize> = args
         .iter()
         .position(|a| a == "--rounds")
         .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(if quick { 1 } else { 3 });
+        .and_then(|v| v.parse().ok());
+    // A large round takes seconds and swings most on this kind of VM: more of them.
+    let rounds_of = |large: bool| match (rounds_arg, quick, large) {
+        (Some(n), _, _) => n,
+        (None, true, _) => 1,
+        (None, false, false) => 3,
+        (None, false, true) => 7,
+    };
     mailferry::net::tls::install_provider();
     // RUST_LOG=mailferry=debug shows what the engine waits for.
     tracing_subscriber::fmt()
@@ -672,18 +678,19 @@ fn main() {
         .build()
         .unwrap();
     // Each round copies into empty targets with a fresh state store, so rounds are alike.
-    let fresh_engine = |round: usize| {
+    let engine_on = |db: &str| {
         let store = rt
             .block_on(store::open(&format!(
                 "sqlite://{}",
-                dir.path().join(format!("state-{round}.db")).display()
+                dir.path().join(db).display()
             )))
             .unwrap();
         Arc::new(Engine::from_config(&config(&b, dir.path()), store).unwrap())
     };
 
     let mut results: Vec<CorpusResults> = Vec::new();
-    let mut engine = None;
+    // The state of the small corpus's last round, which the no-change pass starts from.
+    let mut small_state = None;
     for (label, users, t, corpora) in [
         ("small (~5 KB)", &small, &ts, &small_c),
         ("large (1-8 MB)", &large, &tl, &large_c),
@@ -696,6 +703,7 @@ fn main() {
         let pairs = |to: &[String]| -> Vec<(String, String)> {
             users.iter().cloned().zip(to.iter().cloned()).collect()
         };
+        let rounds_n = rounds_of(label.starts_with("large"));
         let mut rounds = Vec::new();
         for round in 0..rounds_n {
             eprintln!(
@@ -708,7 +716,8 @@ fn main() {
                     let _ = std::fs::remove_dir_all(b.new.home(u));
                 }
             }
-            let e = fresh_engine(round);
+            let db = format!("state-{}-{round}.db", &label[..5]);
+            let e = engine_on(&db);
             let ceil = measured(&b, || ceiling(&b.new, &t.append, corpora, 1));
             let multi = measured(&b, || ceiling(&b.new, &t.multi, corpora, 64));
             let fetch = measured(&b, || fetch_ceiling(&b.legacy, users, corpora));
@@ -750,7 +759,9 @@ fn main() {
                 mf_cpu: cpu,
                 dsync: dsync.map(|d| (d, dsync_u)),
             });
-            engine = Some(e);
+            if label.starts_with("small") {
+                small_state = Some(db);
+            }
         }
         results.push(CorpusResults {
             label,
@@ -760,20 +771,19 @@ fn main() {
         });
     }
 
-    // The no-change pass needs the small corpus synced first (by the last round's engine).
-    let nochange = engine
-        .filter(|_| only.is_none() || only.as_deref() == Some("small"))
-        .map(|engine| {
-            eprintln!("initial pass for the 16 other users...");
-            sync_all(&rt, &engine, &idle);
-            let all20: Vec<String> = small.iter().chain(&idle).cloned().collect();
-            sync_all(&rt, &engine, &all20)
-        });
+    // The no-change pass needs the small corpus synced first (by its last round's engine).
+    let nochange = small_state.map(|db| {
+        let engine = engine_on(&db);
+        eprintln!("initial pass for the 16 other users...");
+        sync_all(&rt, &engine, &idle);
+        let all20: Vec<String> = small.iter().chain(&idle).cloned().collect();
+        sync_all(&rt, &engine, &all20)
+    });
 
     println!();
     println!(
         "mailferry sync benchmark: legacy Dovecot maildir -> new Dovecot sdbox, 4 users in \
-         parallel, rounds: {rounds_n} (medians); {}",
+         parallel, medians of each corpus's rounds; {}",
         match &pin {
             Some(p) => format!(
                 "pinned: legacy and the copier on CPU {}, new on CPU {} (new as its own host)",
