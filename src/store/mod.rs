@@ -87,7 +87,7 @@ pub trait StateStore: Send + Sync + 'static {
     /// The UID map of a folder, in legacy UID order.
     fn uid_map<'a>(&'a self, email: &'a str, source_name: &'a str) -> StoreFuture<'a, Vec<UidRow>>;
 
-    /// Records messages about to be appended (target UID unknown), before the APPEND is sent.
+    /// Records messages about to be appended (target UID unknown), before new can hold them whole.
     fn add_pending<'a>(
         &'a self,
         email: &'a str,

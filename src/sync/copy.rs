@@ -283,9 +283,9 @@ fn chunks(todo: &[(u32, u64)]) -> Vec<Vec<(u32, u64)>> {
 /// Records each chunk's messages as pending (no hash yet), in order, and raises `committed`
 /// past each chunk once its commit is done: whatever reaches new is known to the store first,
 /// so a crash at any point is resolved by matching pending rows against the target. The fetcher
-/// does not wait for these commits (a `BODY.PEEK` FETCH changes nothing on legacy); the
-/// appender does. Under new's own write load an fsync can take 100 ms, which then overlaps the
-/// transfer instead of delaying a folder's first FETCH.
+/// does not wait for these commits (a `BODY.PEEK` FETCH changes nothing on legacy), nor does
+/// the appender but for the last bytes of each command (`HELD_BACK`). Under new's own write
+/// load an fsync can take 100 ms, which then overlaps the transfer instead of delaying it.
 async fn intend_all(
     engine: &Engine,
     mut fresh: Option<FolderState>,

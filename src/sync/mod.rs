@@ -4,8 +4,8 @@
 //! skips folders whose STATUS did not change since the last pass, and for the others: recovers
 //! unacknowledged APPENDs, re-matches after a UIDVALIDITY change, propagates expunges and flag
 //! changes, then copies new messages in UID order. All state lives in the state store, written
-//! before each APPEND batch (pending) and after its acknowledgement (UID map), so a pass killed
-//! anywhere is resumed by the next one without duplicates.
+//! before new can hold an APPEND batch whole (pending) and after its acknowledgement (UID map),
+//! so a pass killed anywhere is resumed by the next one without duplicates.
 
 pub mod bodies;
 pub mod client;
