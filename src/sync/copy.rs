@@ -567,15 +567,15 @@ async fn skip_body(src: &mut Client) -> Result<(), SyncError> {
 const HELD_BACK: usize = 3;
 
 /// Writes `m`'s body (taking the rest as it arrives from legacy) and the line end after it,
-/// the last [`HELD_BACK`] bytes once `m`'s intent is committed. False if legacy stopped before
-/// all of it arrived (the fetcher reports why) or the intent will never be committed (the
-/// intent stage reports why): the literal is then left open on `tgt`, whose session can only
-/// be dropped, which makes new discard it.
+/// the last [`HELD_BACK`] bytes once `m`'s intent is committed; returns how long that took.
+/// None if legacy stopped before all of it arrived (the fetcher reports why) or the intent
+/// will never be committed (the intent stage reports why): the literal is then left open on
+/// `tgt`, whose session can only be dropped, which makes new discard it.
 async fn send_body(
     tgt: &mut Client,
     m: &mut Msg,
     committed: &mut watch::Receiver<u32>,
-) -> Result<bool, SyncError> {
+) -> Result<Option<std::time::Duration>, SyncError> {
     tgt.set_literal_open(true);
     let mut end = Tail::new(m.size);
     for p in &m.parts {
@@ -593,53 +593,65 @@ async fn send_body(
                     m.tail = Some(tail);
                     break;
                 }
-                None => return Ok(false),
+                None => return Ok(None),
             }
         }
     }
+    let end = end.end(tgt)?;
+    let waiting = Instant::now();
     if !intended(committed, m.uid).await {
-        return Ok(false);
+        return Ok(None);
     }
-    tgt.write_literal(&end.held).await?;
+    let waited = waiting.elapsed();
+    tgt.write_literal(&end).await?;
     tgt.set_literal_open(false);
-    Ok(true)
+    Ok(Some(waited))
 }
 
 /// The end of one literal and its command's CRLF, kept from the pieces written before it.
 struct Tail {
     /// Body bytes not written yet.
     left: u64,
-    held: Vec<u8>,
+    /// The held-back end, once the body's last byte has come.
+    held: Option<Vec<u8>>,
 }
 
 impl Tail {
     fn new(size: u64) -> Tail {
-        // An empty body holds no byte back: the CRLF alone keeps the command open.
-        let held = if size == 0 {
-            b"\r\n".to_vec()
-        } else {
-            Vec::with_capacity(HELD_BACK)
-        };
-        Tail { left: size, held }
+        Tail {
+            left: size,
+            // An empty body holds no byte back: the CRLF alone keeps the command open.
+            held: (size == 0).then(|| b"\r\n".to_vec()),
+        }
     }
 
     /// Writes `piece` of the body but what belongs to the held-back end.
     async fn write(&mut self, tgt: &mut Client, piece: &[u8]) -> Result<(), SyncError> {
-        self.left = self.left.saturating_sub(piece.len() as u64);
-        let keep = if self.left == 0 {
-            piece.len().min(HELD_BACK - 2)
-        } else {
-            0
-        };
+        if piece.is_empty() {
+            return Ok(());
+        }
+        let n = piece.len() as u64;
+        if n > self.left {
+            return Err(tgt.protocol("message body longer than its announced size"));
+        }
+        self.left -= n;
+        // The last byte of the body stays back with the CRLF after it.
+        let keep = if self.left == 0 { HELD_BACK - 2 } else { 0 };
         let (now, later) = piece.split_at(piece.len() - keep);
         if !now.is_empty() {
             tgt.write_literal(now).await?;
         }
         if self.left == 0 {
-            self.held.extend_from_slice(later);
-            self.held.extend_from_slice(b"\r\n");
+            self.held = Some([later, b"\r\n"].concat());
         }
         Ok(())
+    }
+
+    /// The held-back end; an error if the body fell short of its announced size (the literal
+    /// stays open, so the session is dropped).
+    fn end(self, tgt: &Client) -> Result<Vec<u8>, SyncError> {
+        self.held
+            .ok_or_else(|| tgt.protocol("message body shorter than its announced size"))
     }
 }
 
@@ -794,13 +806,14 @@ async fn append_all(
                             _ => {}
                         }
                     }
-                    if !send_body(tgt, &mut m, &mut committed).await? {
+                    let Some(waited) = send_body(tgt, &mut m, &mut committed).await? else {
                         return Ok(done.needs_recovery);
-                    }
+                    };
+                    // The wait for the intent is ours, not the server's.
                     let one = InFlight {
                         tag,
                         msgs: vec![m],
-                        sent,
+                        sent: sent + waited,
                     };
                     complete(&pace, tgt, state, one, &mut done).await?;
                 }
@@ -814,7 +827,7 @@ async fn append_all(
                 m.encode(&mut head, true);
                 tgt.write(&head).await?;
                 let streaming = Instant::now();
-                if !send_body(tgt, &mut m, &mut committed).await? {
+                if send_body(tgt, &mut m, &mut committed).await?.is_none() {
                     return Ok(done.needs_recovery);
                 }
                 if !in_flight.is_empty() {
@@ -852,21 +865,26 @@ async fn append_all(
                 }
             }
             let mut parts = out.finish();
+            let held = if one_command {
+                hold_back(&mut parts, HELD_BACK)
+            } else {
+                Vec::new()
+            };
+            // A session that fails before the last byte is out is dropped, not logged out.
+            tgt.set_literal_open(true);
+            let mut sent = Instant::now();
+            tgt.write_parts(&parts).await?;
             if one_command {
-                let held = hold_back(&mut parts, HELD_BACK);
-                tgt.set_literal_open(true);
-                tgt.write_parts(&parts).await?;
-                if !gate(&mut committed, top, &in_flight, &mut blocked).await {
+                let Some(waited) = gate(&mut committed, top, &in_flight, &mut blocked).await else {
                     return Ok(done.needs_recovery);
-                }
+                };
                 for h in &held {
                     tgt.write_literal(h).await?;
                 }
-                tgt.set_literal_open(false);
-            } else {
-                tgt.write_parts(&parts).await?;
+                // The wait for the intent is ours, not the server's.
+                sent += waited;
             }
-            let sent = Instant::now();
+            tgt.set_literal_open(false);
             for (tag, msgs) in commands {
                 in_flight.push_back(InFlight { tag, msgs, sent });
             }
@@ -924,19 +942,21 @@ async fn append_all(
 }
 
 /// Waits until the intents of every UID up to `top` are committed (see [`intended`]), counting
-/// the wait as the appender's own while commands are outstanding.
+/// the wait as the appender's own while commands are outstanding; returns how long it took,
+/// None if they never will be.
 async fn gate(
     committed: &mut watch::Receiver<u32>,
     top: u32,
     in_flight: &VecDeque<InFlight>,
     blocked: &mut std::time::Duration,
-) -> bool {
+) -> Option<std::time::Duration> {
     let start = Instant::now();
     let ok = intended(committed, top).await;
+    let waited = start.elapsed();
     if !in_flight.is_empty() {
-        *blocked += start.elapsed();
+        *blocked += waited;
     }
-    ok
+    ok.then_some(waited)
 }
 
 /// Waits for the reply to `one` (a synchronizing-literal APPEND) and completes it.
