@@ -691,11 +691,11 @@ fn main() {
     let mut results: Vec<CorpusResults> = Vec::new();
     // The state of the small corpus's last round, which the no-change pass starts from.
     let mut small_state = None;
-    for (label, users, t, corpora) in [
-        ("small (~5 KB)", &small, &ts, &small_c),
-        ("large (1-8 MB)", &large, &tl, &large_c),
+    for (key, label, users, t, corpora) in [
+        ("small", "small (~5 KB)", &small, &ts, &small_c),
+        ("large", "large (1-8 MB)", &large, &tl, &large_c),
     ] {
-        if only.as_deref().is_some_and(|o| !label.starts_with(o)) {
+        if only.as_deref().is_some_and(|o| !key.starts_with(o)) {
             continue;
         }
         let n: usize = corpora.iter().map(|c| c.messages.len()).sum();
@@ -703,7 +703,7 @@ fn main() {
         let pairs = |to: &[String]| -> Vec<(String, String)> {
             users.iter().cloned().zip(to.iter().cloned()).collect()
         };
-        let rounds_n = rounds_of(label.starts_with("large"));
+        let rounds_n = rounds_of(key == "large");
         let mut rounds = Vec::new();
         for round in 0..rounds_n {
             eprintln!(
@@ -716,7 +716,7 @@ fn main() {
                     let _ = std::fs::remove_dir_all(b.new.home(u));
                 }
             }
-            let db = format!("state-{}-{round}.db", &label[..5]);
+            let db = format!("state-{key}-{round}.db");
             let e = engine_on(&db);
             let ceil = measured(&b, || ceiling(&b.new, &t.append, corpora, 1));
             let multi = measured(&b, || ceiling(&b.new, &t.multi, corpora, 64));
@@ -759,7 +759,7 @@ fn main() {
                 mf_cpu: cpu,
                 dsync: dsync.map(|d| (d, dsync_u)),
             });
-            if label.starts_with("small") {
+            if key == "small" {
                 small_state = Some(db);
             }
         }

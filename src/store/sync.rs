@@ -249,8 +249,8 @@ impl SqlStore {
 
     /// Records messages about to be appended (target UID unknown), before new can hold them
     /// whole (the end of their APPEND waits for this): after a crash these rows say what to
-    /// look for in the target. On SQLite, writers that
-    /// queue meanwhile share one commit (see `intents`).
+    /// look for in the target. On SQLite, writers that queue meanwhile share one commit (see
+    /// `intents`).
     pub async fn add_pending(
         &self,
         email: &str,

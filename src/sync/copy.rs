@@ -328,6 +328,12 @@ async fn intended(committed: &mut watch::Receiver<u32>, uid: u32) -> bool {
     committed.wait_for(|&c| c >= uid).await.is_ok()
 }
 
+/// As [`intended`], returning how long the wait took (the appender's own time, not new's).
+async fn waited_for(committed: &mut watch::Receiver<u32>, uid: u32) -> Option<std::time::Duration> {
+    let start = Instant::now();
+    intended(committed, uid).await.then(|| start.elapsed())
+}
+
 /// What the confirmer writes.
 enum Confirm {
     /// Legacy → new UID pairs of acknowledged APPENDs (new UID 0: not copyable, skipped).
@@ -598,11 +604,9 @@ async fn send_body(
         }
     }
     let end = end.end(tgt)?;
-    let waiting = Instant::now();
-    if !intended(committed, m.uid).await {
+    let Some(waited) = waited_for(committed, m.uid).await else {
         return Ok(None);
-    }
-    let waited = waiting.elapsed();
+    };
     tgt.write_literal(&end).await?;
     tgt.set_literal_open(false);
     Ok(Some(waited))
@@ -875,9 +879,12 @@ async fn append_all(
             let mut sent = Instant::now();
             tgt.write_parts(&parts).await?;
             if one_command {
-                let Some(waited) = gate(&mut committed, top, &in_flight, &mut blocked).await else {
+                let Some(waited) = waited_for(&mut committed, top).await else {
                     return Ok(done.needs_recovery);
                 };
+                if !in_flight.is_empty() {
+                    blocked += waited;
+                }
                 for h in &held {
                     tgt.write_literal(h).await?;
                 }
@@ -939,24 +946,6 @@ async fn append_all(
             _ => {}
         }
     }
-}
-
-/// Waits until the intents of every UID up to `top` are committed (see [`intended`]), counting
-/// the wait as the appender's own while commands are outstanding; returns how long it took,
-/// None if they never will be.
-async fn gate(
-    committed: &mut watch::Receiver<u32>,
-    top: u32,
-    in_flight: &VecDeque<InFlight>,
-    blocked: &mut std::time::Duration,
-) -> Option<std::time::Duration> {
-    let start = Instant::now();
-    let ok = intended(committed, top).await;
-    let waited = start.elapsed();
-    if !in_flight.is_empty() {
-        *blocked += waited;
-    }
-    ok.then_some(waited)
 }
 
 /// Waits for the reply to `one` (a synchronizing-literal APPEND) and completes it.
