@@ -442,21 +442,22 @@ impl Engine {
             }
         }
 
-        // STATUS, pipelined, to find the folders that changed: legacy's of every folder, new's
-        // of those with a state to check. A folder new to the pass is looked at on new when it
-        // is visited (SELECT), or after the copies if it is empty on legacy: a fresh user's
-        // first STATUS costs new an index per folder, which need not delay the first copy.
-        let src_names: Vec<String> = mapped.iter().map(|(f, _)| f.raw.clone()).collect();
-        let known: Vec<usize> = (0..mapped.len())
-            .filter(|&i| states.contains_key(&mapped[i].0.raw))
-            .collect();
-        let known_names: Vec<String> = known.iter().map(|&i| mapped[i].1.clone()).collect();
-        let (src_status, known_status) =
-            tokio::try_join!(src.status_many(&src_names), tgt.status_many(&known_names))?;
-        let mut tgt_status: Vec<Option<MailboxStatus>> = vec![None; mapped.len()];
-        for (&i, st) in known.iter().zip(known_status) {
-            tgt_status[i] = st;
+        // Subscriptions follow legacy for every mapped folder. A server may subscribe what it
+        // creates, so its list is read again after a CREATE.
+        if report.created > 0 {
+            tgt_list = tgt.list().await?;
         }
+        // STATUS, pipelined, to find the folders that changed, on both sides at once; new's
+        // subscriptions are set meanwhile. On new, folders new to the pass are asked for too:
+        // their first STATUS (an index each for a fresh user) overlaps legacy's instead of
+        // being a round of its own at the end, when new would have nothing else to do.
+        let src_names: Vec<String> = mapped.iter().map(|(f, _)| f.raw.clone()).collect();
+        let tgt_names: Vec<String> = mapped.iter().map(|(_, t)| t.clone()).collect();
+        let (src_status, tgt_status) = tokio::try_join!(src.status_many(&src_names), async {
+            let st = tgt.status_many(&tgt_names).await?;
+            report.subscriptions += follow_subscriptions(tgt, &mapped, &tgt_list).await?;
+            Ok(st)
+        })?;
         let condstore = src.has("CONDSTORE");
         // Folders to visit, with the messages each may have to copy; folders new to the pass
         // and empty on legacy, whose state STATUS may give in full.
@@ -505,15 +506,10 @@ impl Engine {
         // Most special-use and archive folders of a fresh user are empty on both sides: their
         // state is written from STATUS, without SELECT round trips, in one transaction (one
         // at a time, before the copies, they queued at the store behind other users' commits).
-        let names: Vec<String> = empty_on_legacy
-            .iter()
-            .map(|&i| mapped[i].1.clone())
-            .collect();
-        let on_new = tgt.status_many(&names).await?;
         let mut empty: Vec<FolderState> = Vec::new();
-        for (&i, ts) in empty_on_legacy.iter().zip(on_new) {
+        for &i in &empty_on_legacy {
             let (folder, tname) = &mapped[i];
-            let (Some(ss), Some(ts)) = (src_status[i], ts) else {
+            let (Some(ss), Some(ts)) = (src_status[i], tgt_status[i]) else {
                 vanished(email, folder);
                 continue;
             };
@@ -539,21 +535,6 @@ impl Engine {
         }
         self.store.put_sync_folders(&empty).await?;
 
-        // Subscriptions follow legacy for every mapped folder.
-        let tgt_list = tgt.list().await?;
-        for (folder, tname) in &mapped {
-            let on_target = tgt_list.iter().any(|e| &e.name == tname && e.subscribed);
-            if folder.subscribed != on_target {
-                let verb = if folder.subscribed {
-                    "SUBSCRIBE"
-                } else {
-                    "UNSUBSCRIBE"
-                };
-                tgt.command(verb, &format!("{verb} {}", proto::quote(tname)))
-                    .await?;
-                report.subscriptions += 1;
-            }
-        }
         Ok(report)
     }
 
@@ -603,6 +584,30 @@ impl Engine {
 /// A folder listed at the start of the pass that STATUS no longer finds on one side.
 fn vanished(email: &str, folder: &Folder) {
     debug!(user = %email, folder = %folder.raw, "folder vanished during the pass");
+}
+
+/// Subscribes or unsubscribes on new each mapped folder whose subscription differs from legacy's
+/// (`tgt_list` is new's current list); returns how many were changed.
+async fn follow_subscriptions(
+    tgt: &mut Client,
+    mapped: &[(&Folder, String)],
+    tgt_list: &[ListEntry],
+) -> Result<usize, SyncError> {
+    let mut changed = 0;
+    for (folder, tname) in mapped {
+        let on_target = tgt_list.iter().any(|e| &e.name == tname && e.subscribed);
+        if folder.subscribed != on_target {
+            let verb = if folder.subscribed {
+                "SUBSCRIBE"
+            } else {
+                "UNSUBSCRIBE"
+            };
+            tgt.command(verb, &format!("{verb} {}", proto::quote(tname)))
+                .await?;
+            changed += 1;
+        }
+    }
+    Ok(changed)
 }
 
 /// Whether nothing changed on either side since the state was recorded.
