@@ -126,10 +126,23 @@ fn usage_now(b: &Backends) -> (Usage, (u64, u64)) {
     )
 }
 
+/// Fills and frees `bytes` of memory, just before a phase is measured. This VM hands memory
+/// that stayed free for a while back to its host (virtio-balloon free page reporting), and
+/// touching such a page again is slow: the first phases of a round wrote into what the round's
+/// cleanup had just freed, the later ones into pages handed back meanwhile, and new's system
+/// time in them was up to twice the ceiling's. Freed right before each phase, the pages are on
+/// the kernel's free lists for whichever phase writes next, alike for all.
+fn warm_memory(bytes: usize) {
+    let pages = vec![1u8; bytes];
+    std::hint::black_box(&pages);
+}
+
 /// Runs `f` and returns its result with the CPU each party used meanwhile. Dirty pages of
-/// earlier phases are written out first, so one phase's writeback does not load the next.
-fn measured<T>(b: &Backends, f: impl FnOnce() -> T) -> (T, Usage) {
+/// earlier phases are written out first, so one phase's writeback does not load the next, and
+/// `warm` bytes of memory are made warm for it ([`warm_memory`]).
+fn measured<T>(b: &Backends, warm: usize, f: impl FnOnce() -> T) -> (T, Usage) {
     let _ = Command::new("sync").status();
+    warm_memory(warm);
     let (u0, (b0, t0)) = usage_now(b);
     let r = f();
     let (u1, (b1, t1)) = usage_now(b);
@@ -704,6 +717,8 @@ fn main() {
             users.iter().cloned().zip(to.iter().cloned()).collect()
         };
         let rounds_n = rounds_of(key == "large");
+        // What a phase writes into new's page cache, and then some for the buffers.
+        let warm = 3 * bytes as usize + (256 << 20);
         let mut rounds = Vec::new();
         for round in 0..rounds_n {
             eprintln!(
@@ -718,23 +733,23 @@ fn main() {
             }
             let db = format!("state-{key}-{round}.db");
             let e = engine_on(&db);
-            let ceil = measured(&b, || ceiling(&b.new, &t.append, corpora, 1));
-            let multi = measured(&b, || ceiling(&b.new, &t.multi, corpora, 64));
-            let fetch = measured(&b, || fetch_ceiling(&b.legacy, users, corpora));
-            let relay = measured(&b, || bare_relay(&b, &pairs(&t.relay), corpora));
+            let ceil = measured(&b, warm, || ceiling(&b.new, &t.append, corpora, 1));
+            let multi = measured(&b, warm, || ceiling(&b.new, &t.multi, corpora, 64));
+            let fetch = measured(&b, warm, || fetch_ceiling(&b.legacy, users, corpora));
+            let relay = measured(&b, warm, || bare_relay(&b, &pairs(&t.relay), corpora));
             // Round 1 warms this VM's memory (first touch is slow here); profile the others.
             let profile = round > 0 || rounds_n == 1;
             if profile {
                 perf_control("enable");
             }
-            let ((secs, cpu, appended), mf_u) = measured(&b, || sync_all(&rt, &e, users));
+            let ((secs, cpu, appended), mf_u) = measured(&b, warm, || sync_all(&rt, &e, users));
             if profile {
                 perf_control("disable");
             }
             if appended as usize != n {
                 eprintln!("warning: mailferry appended {appended} of {n}");
             }
-            let (dsync, dsync_u) = measured(&b, || {
+            let (dsync, dsync_u) = measured(&b, warm, || {
                 doveadm_backup(&b, &pairs(&t.dsync), corpora, pin.as_ref())
             });
             let mf_rate = Rate::new(n, bytes, secs);
