@@ -779,14 +779,6 @@ async fn append_all(
                 break;
             }
             let top = batch.iter().map(|m| m.uid).max().unwrap_or(0);
-            // Nothing reaches new whole before `intend_all` has recorded it as pending: a
-            // command's held-back end waits for that (`HELD_BACK`). Pipelined APPENDs of one
-            // message each would each be whole, so such a batch waits before it goes out.
-            let one_command = !literal_plus || batch.len() == 1 || (multi && !single);
-            if !one_command && !intended(&mut committed, top).await {
-                // Dropping the channel stops the fetcher; `copy_new` reports the store's error.
-                return Ok(done.needs_recovery);
-            }
             let bytes: u64 = batch.iter().map(|m| m.size).sum();
             pace.wait_pause().await;
             engine.throttle.acquire(bytes).await;
@@ -868,28 +860,36 @@ async fn append_all(
                     commands.push((tag, vec![m]));
                 }
             }
+            // Nothing reaches new whole before `intend_all` has recorded it as pending: one
+            // command keeps its end back until then (`HELD_BACK`); pipelined APPENDs of one
+            // message each would each be whole, so all of them wait.
             let mut parts = out.finish();
-            let held = if one_command {
-                hold_back(&mut parts, HELD_BACK)
+            let pipelined = commands.len() > 1;
+            let held = if pipelined {
+                std::mem::take(&mut parts)
             } else {
-                Vec::new()
+                hold_back(&mut parts, HELD_BACK)
             };
             // A session that fails before the last byte is out is dropped, not logged out.
-            tgt.set_literal_open(true);
+            tgt.set_literal_open(!parts.is_empty());
             let mut sent = Instant::now();
             tgt.write_parts(&parts).await?;
-            if one_command {
-                let Some(waited) = waited_for(&mut committed, top).await else {
-                    return Ok(done.needs_recovery);
-                };
-                if !in_flight.is_empty() {
-                    blocked += waited;
-                }
+            let Some(waited) = waited_for(&mut committed, top).await else {
+                // Dropping the channel stops the fetcher; `copy_new` reports the store's error.
+                return Ok(done.needs_recovery);
+            };
+            if !in_flight.is_empty() {
+                blocked += waited;
+            }
+            // The wait for the intent is ours, not the server's.
+            sent += waited;
+            if pipelined {
+                tgt.set_literal_open(true);
+                tgt.write_parts(&held).await?;
+            } else {
                 for h in &held {
                     tgt.write_literal(h).await?;
                 }
-                // The wait for the intent is ours, not the server's.
-                sent += waited;
             }
             tgt.set_literal_open(false);
             for (tag, msgs) in commands {
