@@ -393,7 +393,7 @@ fn each_literal(
             return;
         }
         let announced = line.strip_suffix(b"\n").unwrap_or(&line);
-        if let Some((n, _)) = mailferry::imap::framer::literal_at_end(announced) {
+        if let Some((n, _)) = mailferry::wire::framer::literal_at_end(announced) {
             literal(&line, n, r);
         }
     }

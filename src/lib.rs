@@ -5,6 +5,7 @@
 #![warn(missing_docs)]
 
 pub mod admin;
+pub mod backend;
 pub mod config;
 pub mod control;
 pub mod imap;
@@ -17,3 +18,4 @@ pub mod server;
 pub mod shutdown;
 pub mod store;
 pub mod sync;
+pub mod wire;

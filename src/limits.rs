@@ -40,6 +40,10 @@ pub struct Limits {
     pub shutdown_grace_secs: u64,
     /// Read buffer per direction of an active spliced session.
     pub splice_buffer: usize,
+    /// After a client half-closes its side, time the backend gets to finish its responses.
+    pub half_close_secs: u64,
+    /// Time a backend gets to answer the LOGOUT of a session the proxy or sync engine ends.
+    pub logout_secs: u64,
 }
 
 impl Default for Limits {
@@ -61,6 +65,8 @@ impl Default for Limits {
             postauth_idle_secs: 31 * 60,
             shutdown_grace_secs: 10,
             splice_buffer: 64 * 1024,
+            half_close_secs: 10,
+            logout_secs: 2,
         }
     }
 }
@@ -89,6 +95,15 @@ impl Limits {
     /// Shutdown grace period.
     pub fn shutdown_grace(&self) -> Duration {
         Duration::from_secs(self.shutdown_grace_secs)
+    }
+
+    /// Half-close grace of a spliced session.
+    pub fn half_close(&self) -> Duration {
+        Duration::from_secs(self.half_close_secs)
+    }
+    /// LOGOUT reply timeout.
+    pub fn logout(&self) -> Duration {
+        Duration::from_secs(self.logout_secs)
     }
 
     /// Reasons these limits are unusable (empty when fine).

@@ -183,10 +183,10 @@ async fn run(cli: Cli) -> Result<ExitCode> {
 
 /// Exit code for a sync error: 2 when a backend or the config could not be used, else 1.
 fn sync_exit(e: &mailferry::sync::SyncError) -> ExitCode {
-    use mailferry::sync::SyncError as E;
-    match e {
-        E::Login(_) | E::Io { .. } | E::Timeout { .. } | E::Config(_) => ExitCode::from(2),
-        _ => ExitCode::from(1),
+    if e.is_connection_error() {
+        ExitCode::from(2)
+    } else {
+        ExitCode::from(1)
     }
 }
 

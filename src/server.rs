@@ -8,12 +8,12 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tracing::{error, info};
 
+use crate::backend::target::{BackendTarget, TargetError};
 use crate::config::{BackendAuth, Config, DirectoryKind};
 use crate::control::sessions::SessionRegistry;
 use crate::control::Control;
 use crate::imap::authdelay::AuthDelay;
-use crate::imap::backend::BackendTarget;
-use crate::imap::session::{self, ImapContext, ProxyBackend};
+use crate::imap::session::{self, ImapContext};
 use crate::net::listener::accept_loop;
 use crate::net::tls::{self, ReloadableServer};
 use crate::route::embedded::EmbeddedDirectory;
@@ -37,6 +37,9 @@ pub enum ServeError {
     /// TLS material is unusable.
     #[error(transparent)]
     Tls(#[from] tls::TlsError),
+    /// A backend's TLS client configuration or master password is unusable.
+    #[error(transparent)]
+    Backend(#[from] TargetError),
     /// The state store could not be opened.
     #[error(transparent)]
     Store(#[from] crate::store::StoreError),
@@ -87,27 +90,15 @@ pub async fn open_directory(
     Ok((Arc::new(store), cache))
 }
 
-fn proxy_backend(cfg: &Config, route: Route) -> Result<ProxyBackend, ServeError> {
-    let b = cfg.backends.get(route);
-    let ca = b.ca_file.as_ref().map(|p| cfg.resolve(p));
-    let tls = tls::client_config(ca.as_deref())?;
-    let master = match (&b.master_user, &b.master_password_file) {
-        (Some(user), Some(file)) => Some((user.clone(), read_file("master password", cfg, file)?)),
-        _ if b.auth == BackendAuth::Master => {
-            return Err(ServeError::Unsupported(format!(
-                "backends.{route}: master auth without master credentials"
-            )))
-        }
-        _ => None,
-    };
-    Ok(ProxyBackend {
-        target: BackendTarget {
-            route,
-            cfg: b.clone(),
-            tls,
-        },
-        master,
-    })
+/// A backend as the proxy uses it: `auth = "master"` needs the master user.
+fn proxy_backend(cfg: &Config, route: Route) -> Result<BackendTarget, ServeError> {
+    let target = BackendTarget::from_config(cfg, route)?;
+    if target.cfg.auth == BackendAuth::Master && target.master.is_none() {
+        return Err(ServeError::Unsupported(format!(
+            "backends.{route}: master auth without master credentials"
+        )));
+    }
+    Ok(target)
 }
 
 async fn bind(addr: std::net::SocketAddr) -> Result<TcpListener, ServeError> {

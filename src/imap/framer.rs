@@ -3,26 +3,7 @@
 //!
 //! Pure: bytes in, positions out. The splice feeds every byte it forwards.
 
-/// Parses a literal announcement `{n}` or `{n+}` ending `line` (which excludes CR LF).
-/// Returns the length and whether the literal is non-synchronizing.
-pub fn literal_at_end(line: &[u8]) -> Option<(u64, bool)> {
-    let line = line.strip_suffix(b"\r").unwrap_or(line);
-    let body = line.strip_suffix(b"}")?;
-    let (body, non_sync) = match body.strip_suffix(b"+") {
-        Some(b) => (b, true),
-        None => (body, false),
-    };
-    let open = body.iter().rposition(|&b| b == b'{')?;
-    let digits = &body[open + 1..];
-    if digits.is_empty() || digits.len() > 19 || !digits.iter().all(u8::is_ascii_digit) {
-        return None;
-    }
-    let mut n: u64 = 0;
-    for d in digits {
-        n = n * 10 + u64::from(d - b'0');
-    }
-    Some((n, non_sync))
-}
+use crate::wire::framer::literal_at_end;
 
 /// Longest tail of a line kept to recognise `{n+}` across reads: `{` + 19 digits + `+}\r`.
 const TAIL: usize = 24;
@@ -179,15 +160,6 @@ mod tests {
             out.push(base);
         }
         out
-    }
-
-    #[test]
-    fn literal_announcements() {
-        assert_eq!(literal_at_end(b"* 1 FETCH (BODY[] {12}"), Some((12, false)));
-        assert_eq!(literal_at_end(b"a APPEND x {3+}\r"), Some((3, true)));
-        assert_eq!(literal_at_end(b"* OK {x}"), None);
-        assert_eq!(literal_at_end(b"* OK {}"), None);
-        assert_eq!(literal_at_end(b"* OK {99999999999999999999}"), None);
     }
 
     #[test]

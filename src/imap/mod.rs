@@ -1,8 +1,6 @@
 //! The IMAP proxy: pre-auth conversation, backend login, then a framing-aware splice.
 
 pub mod authdelay;
-pub mod backend;
-pub mod conn;
 pub mod framer;
 pub mod preauth;
 pub mod session;

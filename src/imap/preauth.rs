@@ -13,8 +13,8 @@ use imap_codec::imap_types::command::{Command, CommandBody};
 use imap_codec::imap_types::core::{IString, NString};
 use imap_codec::{AuthenticateDataCodec, CommandCodec};
 
-use super::framer::literal_at_end;
 use crate::secret::Secret;
+use crate::wire::framer::literal_at_end;
 
 /// The limits pre-auth parsing enforces (a view of `Limits`).
 #[derive(Debug, Clone)]

@@ -11,26 +11,19 @@ use tokio::time::timeout;
 use tracing::{info, info_span, warn, Instrument};
 
 use super::authdelay::AuthDelay;
-use super::backend::{self, BackendError, BackendTarget, ClientInfo, LoggedIn, PlainLogin};
-use super::conn::Conn;
 use super::preauth::{Event, LoginRequest, PreAuth};
 use super::splice::{self, SpliceParams};
+use crate::backend::conn::Conn;
+use crate::backend::error::BackendError;
+use crate::backend::login::{self, filter_capabilities, ClientInfo, LoggedIn, PlainLogin};
+use crate::backend::target::BackendTarget;
 use crate::config::{BackendAuth, ProxyConfig};
 use crate::control::sessions::{Registration, SessionRegistry};
 use crate::limits::Limits;
 use crate::net::tls::ReloadableServer;
 use crate::net::Stream;
 use crate::route::{Route, RouteCache};
-use crate::secret::Secret;
 use crate::shutdown::Shutdown;
-
-/// A backend as the IMAP proxy uses it: address, TLS, and master credentials if any.
-pub struct ProxyBackend {
-    /// Connection target.
-    pub target: BackendTarget,
-    /// Master user and password for `auth = "master"`.
-    pub master: Option<(String, Secret<String>)>,
-}
 
 /// Everything sessions share; built once by `serve`.
 pub struct ImapContext {
@@ -47,9 +40,9 @@ pub struct ImapContext {
     /// `[directory] reject_unknown`.
     pub reject_unknown: bool,
     /// The legacy backend.
-    pub legacy: ProxyBackend,
+    pub legacy: BackendTarget,
     /// The new backend.
-    pub new: ProxyBackend,
+    pub new: BackendTarget,
     /// Live sessions, for kicks.
     pub sessions: Arc<SessionRegistry>,
     /// Failed-login delays.
@@ -77,7 +70,7 @@ fn own_password(req: &LoginRequest) -> Option<&[u8]> {
 }
 
 impl ImapContext {
-    fn backend(&self, route: Route) -> &ProxyBackend {
+    fn backend(&self, route: Route) -> &BackendTarget {
         match route {
             Route::Legacy => &self.legacy,
             Route::New => &self.new,
@@ -211,30 +204,13 @@ impl PreAuthPhase {
                     }
                     Event::Login(req) => match Box::pin(self.login(ctx, &req)).await {
                         Ok((routed, backend)) => {
-                            if let Some(on_login) = &ctx.on_login {
-                                on_login(&routed.user, own_password(&req));
-                            }
-                            let authed = BackendAuthed {
-                                client: self.conn,
-                                leftover: self.preauth.into_leftover(),
-                                backend: backend.conn,
-                                route: routed.route,
-                                reply: format!(
-                                    "{} OK [CAPABILITY {}] {}\r\n",
-                                    req.tag,
-                                    backend::filter_capabilities(
-                                        &backend.capabilities,
-                                        &ctx.proxy.strip_capabilities
-                                    ),
-                                    backend.text
-                                ),
-                                registration: ctx.sessions.register(&routed.user),
-                                user: routed.user,
-                            };
-                            return Some(authed);
+                            return Some(routed.into_authed(ctx, self, &req, backend))
                         }
-                        Err((reply, close)) => {
-                            if self.conn.write_all(reply.as_bytes()).await.is_err() || close {
+                        Err(refusal) => {
+                            let reply = refusal.reply(&req.tag);
+                            if self.conn.write_all(reply.as_bytes()).await.is_err()
+                                || refusal.closes()
+                            {
                                 return None;
                             }
                             self.preauth.login_failed();
@@ -266,37 +242,31 @@ impl PreAuthPhase {
         }
     }
 
-    /// Routes and logs in; on failure returns the reply for the client and whether to close.
+    /// Routes and logs in; on failure says why, for the client's reply.
     async fn login(
         &mut self,
         ctx: &ImapContext,
         req: &LoginRequest,
-    ) -> Result<(Routed, LoggedIn), (String, bool)> {
+    ) -> Result<(Routed, LoggedIn), Refusal> {
         tracing::Span::current().record("user", req.user.as_str());
-        let routed = Routed::lookup(ctx, req).await.map_err(|r| (r, false))?;
+        let routed = Routed::lookup(ctx, req).await?;
         match Box::pin(routed.authenticate(ctx, req, &self.info)).await {
             Ok(backend) => {
                 ctx.auth_delay.succeeded(self.info.peer.ip());
                 metrics::counter!("mailferry_logins_total", "result" => "ok", "backend" => routed.route.as_str()).increment(1);
                 Ok((routed, backend))
             }
-            Err(LoginFailure::Auth) => {
+            Err(BackendError::AuthFailed { .. }) => {
                 self.failures += 1;
                 metrics::counter!("mailferry_logins_total", "result" => "failed", "backend" => routed.route.as_str()).increment(1);
                 let delay = ctx.auth_delay.failed(self.info.peer.ip());
                 info!(backend = %routed.route, delay_ms = delay.as_millis() as u64, "authentication failed");
                 tokio::time::sleep(delay).await;
-                let mut reply = format!(
-                    "{} NO [AUTHENTICATIONFAILED] Authentication failed.\r\n",
-                    req.tag
-                );
-                let close = self.failures >= ctx.limits.max_auth_failures;
-                if close {
-                    reply.push_str("* BYE Too many invalid authentication attempts.\r\n");
-                }
-                Err((reply, close))
+                Err(Refusal::AuthFailed {
+                    close: self.failures >= ctx.limits.max_auth_failures,
+                })
             }
-            Err(LoginFailure::Reply(text)) => Err((format!("{} {text}\r\n", req.tag), false)),
+            Err(e) => Err(Refusal::backend(e)),
         }
     }
 }
@@ -318,11 +288,61 @@ async fn start_tls(ctx: &ImapContext, conn: Conn) -> Option<Conn> {
     }
 }
 
-enum LoginFailure {
-    /// Wrong credentials.
-    Auth,
-    /// Anything else: the text after the tag for the client (already logged).
-    Reply(String),
+/// Why a login did not produce a session; `reply` renders it for the client.
+enum Refusal {
+    /// Wrong credentials; after too many the session closes.
+    AuthFailed {
+        /// Whether this was the last failure the session allows.
+        close: bool,
+    },
+    /// The directory does not know the user and `reject_unknown` is set: answered as a
+    /// wrong password, so that logins cannot probe which users exist.
+    UnknownUser,
+    /// The directory could not answer.
+    DirectoryUnavailable,
+    /// The backend could not be reached or broke the protocol (logged).
+    BackendUnavailable,
+    /// The backend refused the login with its own status (logged), e.g. `NO [UNAVAILABLE] ...`.
+    BackendSaid(String),
+}
+
+impl Refusal {
+    /// The refusal of a backend login that did not fail on the credentials; logs it.
+    fn backend(e: BackendError) -> Refusal {
+        if let BackendError::Refused { backend, text, .. } = e {
+            warn!(%backend, reply = %text, "backend refused login");
+            return Refusal::BackendSaid(text);
+        }
+        warn!(error = %e, "backend unavailable");
+        metrics::counter!("mailferry_backend_errors_total", "backend" => e.backend().as_str())
+            .increment(1);
+        Refusal::BackendUnavailable
+    }
+
+    /// The client's reply: the tagged response, and a BYE when the session closes.
+    fn reply(&self, tag: &str) -> String {
+        match self {
+            Refusal::AuthFailed { close: true } => format!(
+                "{tag} NO [AUTHENTICATIONFAILED] Authentication failed.\r\n\
+                 * BYE Too many invalid authentication attempts.\r\n"
+            ),
+            Refusal::AuthFailed { close: false } | Refusal::UnknownUser => {
+                format!("{tag} NO [AUTHENTICATIONFAILED] Authentication failed.\r\n")
+            }
+            Refusal::DirectoryUnavailable => {
+                format!("{tag} NO [UNAVAILABLE] Directory temporarily unavailable.\r\n")
+            }
+            Refusal::BackendUnavailable => {
+                format!("{tag} NO [UNAVAILABLE] Backend temporarily unavailable.\r\n")
+            }
+            Refusal::BackendSaid(text) => format!("{tag} {text}\r\n"),
+        }
+    }
+
+    /// Whether the session ends after the reply.
+    fn closes(&self) -> bool {
+        matches!(self, Refusal::AuthFailed { close: true })
+    }
 }
 
 /// A login whose backend is known.
@@ -332,12 +352,9 @@ struct Routed {
 }
 
 impl Routed {
-    async fn lookup(ctx: &ImapContext, req: &LoginRequest) -> Result<Routed, String> {
+    async fn lookup(ctx: &ImapContext, req: &LoginRequest) -> Result<Routed, Refusal> {
         match ctx.routes.lookup(&req.user).await {
-            Ok(l) if !l.known && ctx.reject_unknown => Err(format!(
-                "{} NO [AUTHENTICATIONFAILED] Authentication failed.\r\n",
-                req.tag
-            )),
+            Ok(l) if !l.known && ctx.reject_unknown => Err(Refusal::UnknownUser),
             Ok(l) => Ok(Routed {
                 user: req.user.clone(),
                 route: l.route,
@@ -345,20 +362,19 @@ impl Routed {
             Err(e) => {
                 warn!(error = %e, "route lookup failed");
                 metrics::counter!("mailferry_logins_total", "result" => "unavailable", "backend" => "none").increment(1);
-                Err(format!(
-                    "{} NO [UNAVAILABLE] Directory temporarily unavailable.\r\n",
-                    req.tag
-                ))
+                Err(Refusal::DirectoryUnavailable)
             }
         }
     }
 
+    /// Logs in to the routed backend: with the client's credentials, or (`auth = "master"`)
+    /// as the master user after the client's password was checked on `password_backend`.
     async fn authenticate(
         &self,
         ctx: &ImapContext,
         req: &LoginRequest,
         info: &ClientInfo,
-    ) -> Result<LoggedIn, LoginFailure> {
+    ) -> Result<LoggedIn, BackendError> {
         let backend = ctx.backend(self.route);
         let c = &req.credentials;
         let client = PlainLogin {
@@ -366,61 +382,49 @@ impl Routed {
             authcid: c.authcid.as_bytes(),
             password: c.password.expose(),
         };
-        let result = match (&backend.target.cfg.auth, &backend.master) {
-            (BackendAuth::Master, Some((master, password))) => {
-                // The routed backend trusts us as master; the user's own password is checked
-                // where passwords live (`proxy.password_backend`).
-                let checker = ctx.backend(ctx.proxy.password_backend);
-                match backend::login(&checker.target, &ctx.limits, Some(info), client).await {
-                    Ok(check) => logout(check).await,
-                    Err(e) => return Err(failure(e)),
-                }
-                backend::login(
-                    &backend.target,
-                    &ctx.limits,
-                    Some(info),
-                    PlainLogin {
-                        authzid: Some(&self.user),
-                        authcid: master.as_bytes(),
-                        password: password.expose().as_bytes(),
-                    },
-                )
-                .await
-            }
-            _ => backend::login(&backend.target, &ctx.limits, Some(info), client).await,
+        let (BackendAuth::Master, Some(master)) = (&backend.cfg.auth, &backend.master) else {
+            return login::login(backend, &ctx.limits, Some(info), client).await;
         };
-        result.map_err(failure)
+        // The routed backend trusts us as master; the user's own password is checked where
+        // passwords live (`proxy.password_backend`).
+        let checker = ctx.backend(ctx.proxy.password_backend);
+        let check = login::login(checker, &ctx.limits, Some(info), client).await?;
+        logout(check, &ctx.limits).await;
+        let as_master = PlainLogin {
+            authzid: Some(&self.user),
+            authcid: master.user.as_bytes(),
+            password: master.password.expose().as_bytes(),
+        };
+        login::login(backend, &ctx.limits, Some(info), as_master).await
+    }
+
+    /// The session's next phase, once the backend has logged the user in.
+    fn into_authed(
+        self,
+        ctx: &ImapContext,
+        pre: PreAuthPhase,
+        req: &LoginRequest,
+        backend: LoggedIn,
+    ) -> BackendAuthed {
+        if let Some(on_login) = &ctx.on_login {
+            on_login(&self.user, own_password(req));
+        }
+        let caps = filter_capabilities(&backend.capabilities, &ctx.proxy.strip_capabilities);
+        BackendAuthed {
+            client: pre.conn,
+            leftover: pre.preauth.into_leftover(),
+            backend: backend.conn,
+            route: self.route,
+            reply: format!("{} OK [CAPABILITY {caps}] {}\r\n", req.tag, backend.text),
+            registration: ctx.sessions.register(&self.user),
+            user: self.user,
+        }
     }
 }
 
-async fn logout(mut done: LoggedIn) {
-    let _ = timeout(
-        std::time::Duration::from_secs(2),
-        done.conn.write_all(b"m9 LOGOUT\r\n"),
-    )
-    .await;
-}
-
-fn failure(e: BackendError) -> LoginFailure {
-    match e {
-        BackendError::AuthFailed { .. } => LoginFailure::Auth,
-        BackendError::Refused { backend, text } => {
-            warn!(%backend, reply = %text, "backend refused login");
-            LoginFailure::Reply(text)
-        }
-        other => {
-            let backend = match &other {
-                BackendError::Connect { backend, .. }
-                | BackendError::Timeout { backend, .. }
-                | BackendError::Io { backend, .. }
-                | BackendError::Protocol { backend, .. } => backend.as_str(),
-                _ => "unknown",
-            };
-            warn!(error = %other, "backend unavailable");
-            metrics::counter!("mailferry_backend_errors_total", "backend" => backend).increment(1);
-            LoginFailure::Reply("NO [UNAVAILABLE] Backend temporarily unavailable.".into())
-        }
-    }
+/// Ends a login made only to check a password.
+async fn logout(mut done: LoggedIn, limits: &Limits) {
+    let _ = timeout(limits.logout(), done.conn.write_all(b"m9 LOGOUT\r\n")).await;
 }
 
 /// Logged in on both sides; only this phase can splice.
@@ -455,16 +459,17 @@ impl BackendAuthed {
                 shutdown: ctx.shutdown.force_token(),
                 idle: ctx.limits.postauth_idle(),
                 buffer: ctx.limits.splice_buffer,
+                half_close: ctx.limits.half_close(),
             },
         )
         .await;
         gauge.decrement(1.0);
-        if outcome.ending == splice::Ending::Kicked {
+        if matches!(outcome.ending, splice::Ending::Kicked) {
             metrics::counter!("mailferry_kicks_total").increment(1);
         }
         let detail = match &outcome.ending {
-            splice::Ending::Error(e) => e.as_str(),
-            _ => "",
+            splice::Ending::Error(e) => e.to_string(),
+            _ => String::new(),
         };
         info!(
             user = %self.user,
@@ -483,6 +488,7 @@ impl BackendAuthed {
 mod tests {
     use super::*;
     use crate::imap::preauth::{AuthForm, Credentials};
+    use crate::secret::Secret;
 
     fn req(user: &str, authzid: Option<&str>, authcid: &str) -> LoginRequest {
         LoginRequest {

@@ -13,8 +13,62 @@ use super::framer::ResponseFramer;
 use crate::control::sessions::Kick;
 use crate::net::Stream;
 
+/// Which side of a spliced session a socket error came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    /// The mail client.
+    Client,
+    /// The backend.
+    Backend,
+}
+
+/// What was being done when a socket error came.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Op {
+    /// Reading.
+    Read,
+    /// Writing.
+    Write,
+}
+
+impl Side {
+    fn name(self) -> &'static str {
+        match self {
+            Side::Client => "client",
+            Side::Backend => "backend",
+        }
+    }
+}
+
+impl Op {
+    fn name(self) -> &'static str {
+        match self {
+            Op::Read => "read",
+            Op::Write => "write",
+        }
+    }
+}
+
+/// A socket error that ended a splice.
+#[derive(Debug, thiserror::Error)]
+#[error("{} {}: {source}", .side.name(), .op.name())]
+pub struct SpliceError {
+    /// Which side failed.
+    pub side: Side,
+    /// Reading or writing.
+    pub op: Op,
+    /// The error.
+    pub source: std::io::Error,
+}
+
+impl SpliceError {
+    fn on(side: Side, op: Op) -> impl FnOnce(std::io::Error) -> SpliceError {
+        move |source| SpliceError { side, op, source }
+    }
+}
+
 /// Why a splice ended.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug)]
 pub enum Ending {
     /// The client closed (normally after LOGOUT).
     ClientClosed,
@@ -26,8 +80,8 @@ pub enum Ending {
     Shutdown,
     /// No traffic either way for the post-auth idle limit; a BYE was sent.
     Idle,
-    /// A socket error (which side, and what).
-    Error(String),
+    /// A socket error.
+    Error(SpliceError),
 }
 
 impl Ending {
@@ -45,7 +99,7 @@ impl Ending {
 }
 
 /// Totals of a finished splice.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Outcome {
     /// Why it ended.
     pub ending: Ending,
@@ -65,6 +119,8 @@ pub struct SpliceParams<'a> {
     pub idle: Duration,
     /// Read buffer size per direction.
     pub buffer: usize,
+    /// After the client half-closed, how long the backend may still answer.
+    pub half_close: Duration,
 }
 
 /// Time of the last byte in either direction, shared by both copy loops.
@@ -166,7 +222,7 @@ pub async fn splice(
     if !client_left.is_empty() {
         if let Err(e) = bw.write_all(&client_left).await {
             return Outcome {
-                ending: Ending::Error(format!("backend write: {e}")),
+                ending: Ending::Error(SpliceError::on(Side::Backend, Op::Write)(e)),
                 up: 0,
                 down: 0,
             };
@@ -177,7 +233,7 @@ pub async fn splice(
         down.store(backend_left.len() as u64, Relaxed);
         if let Err(e) = cw.write_all(&backend_left).await {
             return Outcome {
-                ending: Ending::Error(format!("client write: {e}")),
+                ending: Ending::Error(SpliceError::on(Side::Client, Op::Write)(e)),
                 up: up.load(Relaxed),
                 down: 0,
             };
@@ -196,7 +252,7 @@ pub async fn splice(
             r = &mut downstream => r,
             r = &mut upstream => match r {
                 // Client half-closed (passed on to the backend): let the backend finish.
-                Ok(()) => match tokio::time::timeout(Duration::from_secs(10), &mut downstream).await {
+                Ok(()) => match tokio::time::timeout(p.half_close, &mut downstream).await {
                     Ok(Ending::BackendClosed) | Err(_) => Ending::ClientClosed,
                     Ok(other) => other,
                 },
@@ -218,14 +274,17 @@ async fn copy_up<R, W>(
     size: usize,
     last: &Activity,
     total: &AtomicU64,
-) -> Result<(), String>
+) -> Result<(), SpliceError>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
     let mut buf = Reader::<SMALL_UP>::new(size);
     loop {
-        let n = buf.read(r).await.map_err(|e| format!("client read: {e}"))?;
+        let n = buf
+            .read(r)
+            .await
+            .map_err(SpliceError::on(Side::Client, Op::Read))?;
         if n == 0 {
             let _ = w.shutdown().await;
             return Ok(());
@@ -234,7 +293,7 @@ where
         total.fetch_add(n as u64, Relaxed);
         w.write_all(buf.filled(n))
             .await
-            .map_err(|e| format!("backend write: {e}"))?;
+            .map_err(SpliceError::on(Side::Backend, Op::Write))?;
     }
 }
 
@@ -281,7 +340,7 @@ where
         let n = match read {
             Ok(0) => return Ending::BackendClosed,
             Ok(n) => n,
-            Err(e) => return Ending::Error(format!("backend read: {e}")),
+            Err(e) => return Ending::Error(SpliceError::on(Side::Backend, Op::Read)(e)),
         };
         last.touch();
         let chunk = buf.filled(n);
@@ -293,7 +352,7 @@ where
         };
         total.fetch_add(upto as u64, Relaxed);
         if let Err(e) = w.write_all(&chunk[..upto]).await {
-            return Ending::Error(format!("client write: {e}"));
+            return Ending::Error(SpliceError::on(Side::Client, Op::Write)(e));
         }
     }
 }

@@ -1,4 +1,4 @@
-//! The sync engine's IMAP client: logs in through `imap::backend::login` (TLS none / STARTTLS /
+//! The sync engine's IMAP client: logs in through `backend::login` (TLS none / STARTTLS /
 //! implicit with certificate checks, STARTTLS-stripping and injection refused, SASL PLAIN with
 //! authzid = user), then drives pipelined commands over the same connection.
 //!
@@ -10,17 +10,19 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
-use tokio::time::timeout;
 
 use super::bodies::BodyPool;
-use super::proto::{self, Framer, Response, Status, StatusText, Value};
+use super::proto::{self, Response, Status, StatusText, Value};
 use super::SyncError;
-use crate::config::{read_secret, Config};
-use crate::imap::backend::{self, BackendTarget, PlainLogin};
-use crate::imap::conn::Conn;
+use crate::backend::conn::Conn;
+use crate::backend::error::{within, BackendError};
+use crate::backend::login::{self, PlainLogin};
+use crate::backend::target::BackendTarget;
+use crate::config::Config;
 use crate::limits::Limits;
 use crate::route::Route;
 use crate::secret::Secret;
+use crate::wire::framer::Framer;
 
 /// Largest message the sync engine copies (literal cap); bigger ones are reported, not copied.
 pub const MAX_MESSAGE: u64 = 100 * 1024 * 1024;
@@ -30,10 +32,8 @@ const MAX_LINE: usize = 16 * 1024 * 1024;
 /// How to reach and authenticate to one backend as any user.
 #[derive(Clone)]
 pub struct Endpoint {
-    /// Address, TLS mode and TLS client configuration.
+    /// Address, TLS mode, TLS client configuration and master user.
     pub target: BackendTarget,
-    /// Master user name and password: the engine logs in as the user through them.
-    pub master: Option<(String, Secret<String>)>,
     /// Connect and reply timeouts.
     pub limits: Limits,
     /// Longest silence while a reply is awaited after login (`[sync] reply_timeout_secs`).
@@ -41,32 +41,13 @@ pub struct Endpoint {
 }
 
 impl Endpoint {
-    /// Builds the endpoint of `route` from the config; the sync engine needs the backend's
-    /// `master_user` and `master_password_file` (users' own passwords are never stored).
+    /// Builds the endpoint of `route` from the config; the sync engine logs in through the
+    /// backend's master user where one is configured (users' own passwords are never stored).
     pub fn from_config(cfg: &Config, route: Route) -> Result<Endpoint, SyncError> {
-        let b = cfg.backends.get(route);
-        let ca = b.ca_file.as_ref().map(|p| cfg.resolve(p));
-        let tls = crate::net::tls::client_config(ca.as_deref())
-            .map_err(|e| SyncError::Config(format!("backends.{route}: {e}")))?;
-        let master = match (&b.master_user, &b.master_password_file) {
-            (Some(user), Some(file)) => {
-                let pw = read_secret(&cfg.resolve(file)).map_err(|e| {
-                    SyncError::Config(format!(
-                        "backends.{route}.master_password_file {}: {e}",
-                        file.display()
-                    ))
-                })?;
-                Some((user.clone(), pw))
-            }
-            _ => None,
-        };
+        let target =
+            BackendTarget::from_config(cfg, route).map_err(|e| SyncError::Config(e.to_string()))?;
         Ok(Endpoint {
-            target: BackendTarget {
-                route,
-                cfg: b.clone(),
-                tls,
-            },
-            master,
+            target,
             limits: cfg.limits.clone(),
             // A big APPEND batch or FETCH of a large message can take a while to be answered,
             // but any silence longer than this is a dead or overloaded backend.
@@ -80,6 +61,11 @@ impl Endpoint {
     /// Which backend this is.
     pub fn route(&self) -> Route {
         self.target.route
+    }
+
+    /// Whether the engine logs in through a master user here.
+    pub fn has_master(&self) -> bool {
+        self.target.master.is_some()
     }
 }
 
@@ -188,34 +174,6 @@ fn trace_command(route: Route, dir: &str, bytes: &[u8]) {
     );
 }
 
-/// Runs one socket operation of `route`'s connection within `limit`.
-async fn within<T>(
-    route: Route,
-    limit: Duration,
-    phase: &'static str,
-    op: impl std::future::Future<Output = std::io::Result<T>>,
-) -> Result<T, SyncError> {
-    match timeout(limit, op).await {
-        Err(_) => Err(SyncError::Timeout {
-            backend: route,
-            phase,
-        }),
-        Ok(Err(source)) => Err(SyncError::Io {
-            backend: route,
-            source,
-        }),
-        Ok(Ok(v)) => Ok(v),
-    }
-}
-
-/// End of stream where a server owed more.
-fn eof(route: Route) -> SyncError {
-    SyncError::Io {
-        backend: route,
-        source: std::io::ErrorKind::UnexpectedEof.into(),
-    }
-}
-
 /// The UID, FLAGS and other items of a FETCH response's head, which ends with `BODY[] {n}`
 /// and a line end; `None` unless it holds UID and FLAGS and the literal is `BODY[]`'s.
 fn head_fetch(head: &[u8]) -> Option<Fetched> {
@@ -239,11 +197,11 @@ impl Client {
         user: &str,
         own: Option<&Secret<Vec<u8>>>,
     ) -> Result<Client, SyncError> {
-        let creds = match (&ep.master, own) {
-            (Some((master, password)), _) => PlainLogin {
+        let creds = match (&ep.target.master, own) {
+            (Some(master), _) => PlainLogin {
                 authzid: Some(user),
-                authcid: master.as_bytes(),
-                password: password.expose().as_bytes(),
+                authcid: master.user.as_bytes(),
+                password: master.password.expose().as_bytes(),
             },
             (None, Some(password)) => PlainLogin {
                 authzid: None,
@@ -256,7 +214,7 @@ impl Client {
                 })
             }
         };
-        let logged = backend::login(&ep.target, &ep.limits, None, creds)
+        let logged = login::login(&ep.target, &ep.limits, None, creds)
             .await
             .map_err(login_error)?;
         Ok(Client {
@@ -292,20 +250,20 @@ impl Client {
     }
 
     /// Writes bytes (one or more commands) and flushes.
-    pub async fn write(&mut self, bytes: &[u8]) -> Result<(), SyncError> {
+    pub async fn write(&mut self, bytes: &[u8]) -> Result<(), BackendError> {
         trace_command(self.route, ">", bytes);
         self.write_literal(bytes).await
     }
 
     /// Writes message data (the literal after a continuation), which is never traced.
-    pub async fn write_literal(&mut self, bytes: &[u8]) -> Result<(), SyncError> {
+    pub async fn write_literal(&mut self, bytes: &[u8]) -> Result<(), BackendError> {
         let write = self.conn.write_all(bytes);
-        within(self.route, self.reply_timeout, "write", write).await
+        within(self.route, "write", self.reply_timeout, write).await
     }
 
     /// Writes `parts` back to back and flushes: large message bodies go out from their own
     /// buffers instead of being copied into one.
-    pub async fn write_parts(&mut self, parts: &[Bytes]) -> Result<(), SyncError> {
+    pub async fn write_parts(&mut self, parts: &[Bytes]) -> Result<(), BackendError> {
         if let Some(first) = parts.first() {
             trace_command(self.route, ">", first);
         }
@@ -316,7 +274,7 @@ impl Client {
             }
             Ok::<(), std::io::Error>(())
         };
-        within(self.route, self.reply_timeout, "write", all).await
+        within(self.route, "write", self.reply_timeout, all).await
     }
 
     /// Marks a literal announced to the server as open (until closed): if the session ends
@@ -337,7 +295,7 @@ impl Client {
 
     /// Reads the next complete response. Cancel-safe (the appender races it against its
     /// queue): whatever was read before a cancellation stays buffered for the next call.
-    pub async fn read(&mut self) -> Result<Response, SyncError> {
+    pub async fn read(&mut self) -> Result<Response, BackendError> {
         loop {
             if let Some(r) = self.take_frame()? {
                 return Ok(r);
@@ -350,7 +308,7 @@ impl Client {
     /// `stream_from` bytes, not all arrived yet, comes back as soon as the items before it are
     /// here: the caller then takes the body with [`read_body`](Self::read_body) as it arrives
     /// (and must, before anything else is read). Not cancel-safe once a body is announced.
-    pub async fn read_fetch(&mut self, stream_from: u64) -> Result<Incoming, SyncError> {
+    pub async fn read_fetch(&mut self, stream_from: u64) -> Result<Incoming, BackendError> {
         loop {
             if let Some(r) = self.take_frame()? {
                 return Ok(Incoming::Response(r));
@@ -365,7 +323,7 @@ impl Client {
     /// Reads more of the body announced by [`read_fetch`](Self::read_fetch) into `into`
     /// (which must have room for it all); once it is all there, reads the rest of its
     /// response and says so.
-    pub async fn read_body(&mut self, into: &mut BytesMut) -> Result<BodyRead, SyncError> {
+    pub async fn read_body(&mut self, into: &mut BytesMut) -> Result<BodyRead, BackendError> {
         let Some(left) = self.body_left else {
             return Err(self.protocol("no message body is being read"));
         };
@@ -373,8 +331,8 @@ impl Client {
             let buf = self.conn.buffer();
             let n = if buf.is_empty() {
                 let read = self.conn.read_into(into, left as usize);
-                match within(self.route, self.reply_timeout, "reply", read).await? {
-                    0 => return Err(eof(self.route)),
+                match within(self.route, "reply", self.reply_timeout, read).await? {
+                    0 => return Err(BackendError::eof(self.route, "reply")),
                     n => n,
                 }
             } else {
@@ -405,7 +363,7 @@ impl Client {
     }
 
     /// Takes the first complete response off the buffer, if there is one.
-    fn take_frame(&mut self) -> Result<Option<Response>, SyncError> {
+    fn take_frame(&mut self) -> Result<Option<Response>, BackendError> {
         if self.body_left.is_some() {
             return Err(self.protocol("a message body is still being read"));
         }
@@ -451,7 +409,7 @@ impl Client {
     }
 
     /// Reads more from the server into the buffer.
-    async fn fill(&mut self) -> Result<(), SyncError> {
+    async fn fill(&mut self) -> Result<(), BackendError> {
         // Large reads while a literal streams in. The rest of a known literal is reserved
         // at once: growing an 8 MB buffer 256 KiB at a time copies it over and over.
         let want = 256 * 1024;
@@ -468,8 +426,8 @@ impl Client {
         }
         buf.reserve(want.max(missing));
         let read = self.conn.read_some(want);
-        if within(self.route, self.reply_timeout, "reply", read).await? == 0 {
-            return Err(eof(self.route));
+        if within(self.route, "reply", self.reply_timeout, read).await? == 0 {
+            return Err(BackendError::eof(self.route, "reply"));
         }
         Ok(())
     }
@@ -481,7 +439,7 @@ impl Client {
         &mut self,
         verb: &'static str,
         cmd: &str,
-    ) -> Result<Vec<Response>, SyncError> {
+    ) -> Result<Vec<Response>, BackendError> {
         let tag = self.tag();
         self.write(format!("{tag} {cmd}\r\n").as_bytes()).await?;
         self.collect(verb, &tag).await.map(|(u, _)| u)
@@ -492,7 +450,7 @@ impl Client {
         &mut self,
         verb: &'static str,
         tag: &str,
-    ) -> Result<(Vec<Response>, StatusText), SyncError> {
+    ) -> Result<(Vec<Response>, StatusText), BackendError> {
         let mut untagged = Vec::new();
         loop {
             match self.next_of(verb, tag).await? {
@@ -504,7 +462,7 @@ impl Client {
 
     /// The next response of the command `tag`: an untagged one, or its tagged OK. Errors on
     /// NO/BAD and on BYE. Lets a large FETCH be handled one message at a time.
-    pub async fn next_of(&mut self, verb: &'static str, tag: &str) -> Result<Next, SyncError> {
+    pub async fn next_of(&mut self, verb: &'static str, tag: &str) -> Result<Next, BackendError> {
         match self.read().await? {
             Response::Tagged {
                 tag: t,
@@ -517,33 +475,29 @@ impl Client {
             Response::Condition {
                 status: Status::Bye,
                 info,
-            } => Err(SyncError::Refused {
-                backend: self.route,
-                command: verb,
-                code: info.code_name(),
-                text: format!("BYE {}", info.text),
-            }),
+            } => Err(self.refused(verb, Status::Bye, &info)),
             other => Ok(Next::Untagged(other)),
         }
     }
 
-    /// The error for a NO/BAD completion of `verb`.
-    pub fn refused(&self, verb: &'static str, status: Status, info: &StatusText) -> SyncError {
-        SyncError::Refused {
+    /// The error for a NO/BAD completion of `verb`, or a BYE while it ran.
+    pub fn refused(&self, verb: &'static str, status: Status, info: &StatusText) -> BackendError {
+        let word = match status {
+            Status::Bad => "BAD",
+            Status::Bye => "BYE",
+            _ => "NO",
+        };
+        BackendError::Refused {
             backend: self.route,
             command: verb,
             code: info.code_name(),
-            text: format!(
-                "{} {}",
-                if status == Status::Bad { "BAD" } else { "NO" },
-                info.text
-            ),
+            text: format!("{word} {}", info.text),
         }
     }
 
     /// A protocol violation of this backend.
-    pub fn protocol(&self, detail: impl Into<String>) -> SyncError {
-        SyncError::Protocol {
+    pub fn protocol(&self, detail: impl Into<String>) -> BackendError {
+        BackendError::Protocol {
             backend: self.route,
             detail: detail.into(),
         }
@@ -568,7 +522,7 @@ impl Client {
     }
 
     /// All mailboxes with their attributes and subscription state.
-    pub async fn list(&mut self) -> Result<Vec<ListEntry>, SyncError> {
+    pub async fn list(&mut self) -> Result<Vec<ListEntry>, BackendError> {
         let extended = self.has("LIST-EXTENDED");
         let cmd = if extended {
             if self.has("SPECIAL-USE") {
@@ -620,7 +574,7 @@ impl Client {
     pub async fn status_many(
         &mut self,
         names: &[String],
-    ) -> Result<Vec<Option<MailboxStatus>>, SyncError> {
+    ) -> Result<Vec<Option<MailboxStatus>>, BackendError> {
         let items = if self.has("CONDSTORE") {
             "(MESSAGES UIDNEXT UIDVALIDITY HIGHESTMODSEQ)"
         } else {
@@ -668,7 +622,7 @@ impl Client {
     }
 
     /// SELECT (or EXAMINE when `read_only`), enabling CONDSTORE where offered.
-    pub async fn select(&mut self, name: &str, read_only: bool) -> Result<Selected, SyncError> {
+    pub async fn select(&mut self, name: &str, read_only: bool) -> Result<Selected, BackendError> {
         let verb = if read_only { "EXAMINE" } else { "SELECT" };
         let condstore = if self.has("CONDSTORE") {
             " (CONDSTORE)"
@@ -695,7 +649,7 @@ impl Client {
     }
 
     /// `UID SEARCH` for all UIDs in `range` (e.g. `1:500`); ESEARCH is not needed.
-    pub async fn uid_search(&mut self, range: &str) -> Result<Vec<u32>, SyncError> {
+    pub async fn uid_search(&mut self, range: &str) -> Result<Vec<u32>, BackendError> {
         let mut out = Vec::new();
         for r in self
             .command("UID SEARCH", &format!("UID SEARCH UID {range}"))
@@ -720,41 +674,18 @@ impl Client {
 /// A login refusal that says the backend is overloaded (Dovecot answers
 /// `NO [LIMIT] Maximum number of connections from user+IP exceeded` to the login when
 /// `mail_max_userip_connections` is reached; others `NO [UNAVAILABLE]`, or `* BYE [...]` as the
-/// greeting) becomes a `Refused` with that code, so the backend's pace backs off before the
-/// retry. Other login errors are kept as they are.
-fn login_error(e: backend::BackendError) -> SyncError {
+/// greeting) counts as the backend's failure, not the login's, so the backend's pace backs off
+/// before the retry. Other login errors stay login errors.
+fn login_error(e: BackendError) -> SyncError {
     match &e {
-        backend::BackendError::Refused { backend, text } => match overload_code(text) {
-            Some(code) => SyncError::Refused {
-                backend: *backend,
-                command: "LOGIN",
-                code: code.to_owned(),
-                text: text.clone(),
-            },
-            None => SyncError::Login(e),
-        },
+        BackendError::Refused { code, .. } if is_overload(code) => SyncError::Backend(e),
         _ => SyncError::Login(e),
     }
 }
 
-/// `LIMIT`, `INUSE` or `UNAVAILABLE` when a `NO`/`BYE` text (tag stripped) carries that code.
-fn overload_code(text: &str) -> Option<&'static str> {
-    let upper = text
-        .trim_start()
-        .trim_start_matches('*')
-        .trim_start()
-        .to_ascii_uppercase();
-    let rest = upper
-        .strip_prefix("NO")
-        .or_else(|| upper.strip_prefix("BYE"))?;
-    let code = rest
-        .trim_start()
-        .strip_prefix('[')?
-        .split([']', ' '])
-        .next()?;
-    ["LIMIT", "INUSE", "UNAVAILABLE"]
-        .into_iter()
-        .find(|c| code == *c)
+/// Response codes by which a backend says it is overloaded.
+pub fn is_overload(code: &str) -> bool {
+    matches!(code, "LIMIT" | "INUSE" | "UNAVAILABLE")
 }
 
 /// A 32-bit protocol number, 0 (unknown) when absent or out of range.
@@ -913,11 +844,13 @@ impl Fetched {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::imap::backend::BackendError;
+    use crate::backend::error::refusal_code;
 
     fn refused(text: &str) -> SyncError {
         login_error(BackendError::Refused {
             backend: Route::New,
+            command: "LOGIN",
+            code: refusal_code(text),
             text: text.into(),
         })
     }

@@ -252,7 +252,9 @@ pub(crate) async fn copy_new(
     f?;
     if tgt.literal_open() {
         // The appender stops mid-message only when the fetcher failed, which says why.
-        return Err(tgt.protocol("the copy stopped in the middle of a message"));
+        return Err(tgt
+            .protocol("the copy stopped in the middle of a message")
+            .into());
     }
     Ok(needs_recovery)
 }
@@ -431,10 +433,10 @@ async fn fetch_all(
             Incoming::Response(resp) => match &resp {
                 Response::Tagged { tag, status, info } => {
                     if tag.as_ref() != front.as_bytes() {
-                        return Err(src.protocol("tagged response out of order"));
+                        return Err(src.protocol("tagged response out of order").into());
                     }
                     if *status != Status::Ok {
-                        return Err(src.refused("UID FETCH", *status, info));
+                        return Err(src.refused("UID FETCH", *status, info).into());
                     }
                     let now = Instant::now();
                     let service = now
@@ -457,7 +459,7 @@ async fn fetch_all(
                     status: Status::Bye,
                     info,
                 } => {
-                    return Err(src.refused("UID FETCH", Status::No, info));
+                    return Err(src.refused("UID FETCH", Status::No, info).into());
                 }
                 _ => match Fetched::parse(&resp) {
                     Some(f) => (f, None),
@@ -636,7 +638,9 @@ impl Tail {
         }
         let n = piece.len() as u64;
         if n > self.left {
-            return Err(tgt.protocol("message body longer than its announced size"));
+            return Err(tgt
+                .protocol("message body longer than its announced size")
+                .into());
         }
         self.left -= n;
         // The last byte of the body stays back with the CRLF after it.
@@ -654,8 +658,10 @@ impl Tail {
     /// The held-back end; an error if the body fell short of its announced size (the literal
     /// stays open, so the session is dropped).
     fn end(self, tgt: &Client) -> Result<Vec<u8>, SyncError> {
-        self.held
-            .ok_or_else(|| tgt.protocol("message body shorter than its announced size"))
+        self.held.ok_or_else(|| {
+            tgt.protocol("message body shorter than its announced size")
+                .into()
+        })
     }
 }
 
@@ -797,7 +803,7 @@ async fn append_all(
                         match tgt.read().await? {
                             Response::Continue => break,
                             Response::Tagged { status, info, .. } => {
-                                return Err(tgt.refused("APPEND", status, &info))
+                                return Err(tgt.refused("APPEND", status, &info).into())
                             }
                             _ => {}
                         }
@@ -922,10 +928,10 @@ async fn append_all(
         match resp {
             Response::Tagged { tag, status, info } => {
                 let Some(front) = in_flight.pop_front() else {
-                    return Err(tgt.protocol("unexpected tagged response"));
+                    return Err(tgt.protocol("unexpected tagged response").into());
                 };
                 if tag.as_ref() != front.tag.as_bytes() {
-                    return Err(tgt.protocol("tagged response out of order"));
+                    return Err(tgt.protocol("tagged response out of order").into());
                 }
                 let now = Instant::now();
                 if status == Status::Ok {
@@ -941,7 +947,7 @@ async fn append_all(
                 status: Status::Bye,
                 info,
             } => {
-                return Err(tgt.refused("APPEND", Status::No, &info));
+                return Err(tgt.refused("APPEND", Status::No, &info).into());
             }
             _ => {}
         }
@@ -967,7 +973,7 @@ async fn complete(
             Response::Condition {
                 status: Status::Bye,
                 info,
-            } => return Err(tgt.refused("APPEND", Status::No, &info)),
+            } => return Err(tgt.refused("APPEND", Status::No, &info).into()),
             _ => {}
         }
     }
@@ -1054,7 +1060,7 @@ impl Completions<'_> {
             self.confirm(Confirm::Pairs(none));
             return Ok(());
         }
-        Err(err)
+        Err(err.into())
     }
 }
 

@@ -27,8 +27,8 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use tracing::{debug, info, warn, Instrument};
 
+use crate::backend::error::BackendError;
 use crate::config::Config;
-use crate::imap::backend::BackendError;
 use crate::route::Route;
 use crate::store::sync::FolderState;
 use crate::store::{StateStore, StoreError};
@@ -42,43 +42,10 @@ use throttle::Throttle;
 pub enum SyncError {
     /// Connecting or logging in failed.
     #[error(transparent)]
-    Login(#[from] BackendError),
-    /// Reading or writing failed.
-    #[error("backend {backend}: {source}")]
-    Io {
-        /// Which backend.
-        backend: Route,
-        /// Why.
-        source: std::io::Error,
-    },
-    /// A reply took too long.
-    #[error("backend {backend}: timeout waiting for {phase}")]
-    Timeout {
-        /// Which backend.
-        backend: Route,
-        /// What was awaited.
-        phase: &'static str,
-    },
-    /// The backend broke the protocol.
-    #[error("backend {backend}: protocol error: {detail}")]
-    Protocol {
-        /// Which backend.
-        backend: Route,
-        /// What was wrong.
-        detail: String,
-    },
-    /// The backend answered NO or BAD (or BYE).
-    #[error("backend {backend}: {command} refused: {text}")]
-    Refused {
-        /// Which backend.
-        backend: Route,
-        /// The command verb.
-        command: &'static str,
-        /// Response code name, upper-cased (`LIMIT`, `INUSE`...), empty if none.
-        code: String,
-        /// Status and text.
-        text: String,
-    },
+    Login(BackendError),
+    /// A backend failed after login (or refused the login as overloaded).
+    #[error(transparent)]
+    Backend(#[from] BackendError),
     /// The state store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -102,9 +69,11 @@ impl SyncError {
     /// `[INUSE]`, `[UNAVAILABLE]`, or a reply timeout): the pace of that backend backs off.
     pub fn overload(&self) -> Option<(Route, &str)> {
         match self {
-            SyncError::Timeout { backend, .. } => Some((*backend, "TIMEOUT")),
-            SyncError::Refused { backend, code, .. }
-                if matches!(code.as_str(), "LIMIT" | "INUSE" | "UNAVAILABLE") =>
+            SyncError::Backend(BackendError::Timeout { backend, .. }) => {
+                Some((*backend, "TIMEOUT"))
+            }
+            SyncError::Backend(BackendError::Refused { backend, code, .. })
+                if client::is_overload(code) =>
             {
                 Some((*backend, code.as_str()))
             }
@@ -112,16 +81,29 @@ impl SyncError {
         }
     }
 
+    /// Whether a backend or the configuration could not be used at all (the CLI's exit 2),
+    /// rather than the pass failing on the way.
+    pub fn is_connection_error(&self) -> bool {
+        matches!(
+            self,
+            SyncError::Login(_)
+                | SyncError::Config(_)
+                | SyncError::Backend(BackendError::Io { .. } | BackendError::Timeout { .. })
+        )
+    }
+
     /// Whether retrying later may succeed (overload, lock contention, network trouble).
     pub fn retryable(&self) -> bool {
         match self {
-            SyncError::Io { .. } | SyncError::Timeout { .. } => true,
-            SyncError::Refused { code, .. } => {
-                matches!(
-                    code.as_str(),
-                    "LIMIT" | "INUSE" | "UNAVAILABLE" | "SERVERBUG"
-                )
-            }
+            SyncError::Backend(e) => match e {
+                BackendError::Connect { .. }
+                | BackendError::Io { .. }
+                | BackendError::Timeout { .. } => true,
+                BackendError::Refused { code, .. } => {
+                    client::is_overload(code) || code == "SERVERBUG"
+                }
+                BackendError::Protocol { .. } | BackendError::AuthFailed { .. } => false,
+            },
             SyncError::Login(e) => matches!(
                 e,
                 BackendError::Connect { .. }
@@ -130,9 +112,7 @@ impl SyncError {
                     | BackendError::Refused { .. }
             ),
             SyncError::Store(_) => true,
-            SyncError::Protocol { .. } | SyncError::Config(_) | SyncError::NoCredentials { .. } => {
-                false
-            }
+            SyncError::Config(_) | SyncError::NoCredentials { .. } => false,
         }
     }
 }
@@ -290,7 +270,7 @@ impl Engine {
         let _l = self.legacy_pace.acquire().await;
         let _n = self.new_pace.acquire().await;
         // Users' own passwords only where a backend has no master user.
-        let own = (self.legacy.master.is_none() || self.new.master.is_none())
+        let own = (!self.legacy.has_master() || !self.new.has_master())
             .then(|| self.captured.get(email))
             .flatten();
         let logins = tokio::try_join!(
@@ -436,8 +416,8 @@ impl Engine {
                 match r {
                     Ok(_) => report.created += 1,
                     // A parent created implicitly by an earlier CREATE, or a race: fine.
-                    Err(SyncError::Refused { ref code, .. }) if code == "ALREADYEXISTS" => {}
-                    Err(e) => return Err(e),
+                    Err(BackendError::Refused { ref code, .. }) if code == "ALREADYEXISTS" => {}
+                    Err(e) => return Err(e.into()),
                 }
             }
         }
@@ -453,11 +433,14 @@ impl Engine {
         // being a round of its own at the end, when new would have nothing else to do.
         let src_names: Vec<String> = mapped.iter().map(|(f, _)| f.raw.clone()).collect();
         let tgt_names: Vec<String> = mapped.iter().map(|(_, t)| t.clone()).collect();
-        let (src_status, tgt_status) = tokio::try_join!(src.status_many(&src_names), async {
-            let st = tgt.status_many(&tgt_names).await?;
-            report.subscriptions += follow_subscriptions(tgt, &mapped, &tgt_list).await?;
-            Ok(st)
-        })?;
+        let (src_status, tgt_status) = tokio::try_join!(
+            async { Ok::<_, SyncError>(src.status_many(&src_names).await?) },
+            async {
+                let st = tgt.status_many(&tgt_names).await?;
+                report.subscriptions += follow_subscriptions(tgt, &mapped, &tgt_list).await?;
+                Ok(st)
+            }
+        )?;
         let condstore = src.has("CONDSTORE");
         // Folders to visit, with the messages each may have to copy; folders new to the pass
         // and empty on legacy, whose state STATUS may give in full.
@@ -567,12 +550,12 @@ impl Engine {
             // The target folder does not exist although CREATE did not fail (a `\Noselect`
             // name the server keeps, or one deleted meanwhile): the other folders go on, and
             // the next pass tries again.
-            Err(SyncError::Refused {
+            Err(SyncError::Backend(BackendError::Refused {
                 backend: Route::New,
                 command: "SELECT",
                 ref code,
                 ref text,
-            }) if matches!(code.as_str(), "NONEXISTENT" | "TRYCREATE") => {
+            })) if matches!(code.as_str(), "NONEXISTENT" | "TRYCREATE") => {
                 warn!(user = %email, folder = %folder.raw, target = %tname, error = %text, "target folder missing, not copied this pass");
                 Ok(())
             }

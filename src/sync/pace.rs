@@ -552,20 +552,23 @@ mod tests {
 
     #[test]
     fn overload_errors_name_their_backend() {
+        use crate::backend::error::BackendError;
         use crate::sync::SyncError;
-        let refused = |code: &str| SyncError::Refused {
-            backend: Route::New,
-            command: "APPEND",
-            code: code.into(),
-            text: "NO".into(),
+        let refused = |code: &str| {
+            SyncError::Backend(BackendError::Refused {
+                backend: Route::New,
+                command: "APPEND",
+                code: code.into(),
+                text: "NO".into(),
+            })
         };
         assert_eq!(refused("LIMIT").overload(), Some((Route::New, "LIMIT")));
         assert_eq!(refused("INUSE").overload(), Some((Route::New, "INUSE")));
         assert_eq!(refused("OVERQUOTA").overload(), None);
-        let timeout = SyncError::Timeout {
+        let timeout = SyncError::Backend(BackendError::Timeout {
             backend: Route::Legacy,
             phase: "FETCH",
-        };
+        });
         assert_eq!(timeout.overload(), Some((Route::Legacy, "TIMEOUT")));
     }
 

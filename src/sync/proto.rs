@@ -1,98 +1,23 @@
-//! Server→client IMAP responses for the sync client: framing (lines plus `{n}` literals) and a
-//! small tokenizer into a generic value tree. Pure: bytes in, responses out; no I/O.
+//! Server→client IMAP responses for the sync client: a small tokenizer into a generic value
+//! tree, over frames found by `wire::framer`. Pure: bytes in, responses out; no I/O.
 //!
 //! Why not imap-codec's `ResponseCodec` here: it cannot parse a MULTIAPPEND `APPENDUID` UID set,
 //! `ESEARCH` or LIST-EXTENDED data, all of which the sync engine uses. A generic tree is enough
 //! because the sync client only ever reads a handful of response kinds.
 
-use crate::imap::framer::literal_at_end;
 use bytes::Bytes;
 
-/// A protocol violation by the server.
+use crate::wire::framer::FrameError;
+
+/// A response the sync client cannot read: unframeable within its bounds, or malformed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ProtoError {
-    /// A literal larger than the configured cap.
-    #[error("literal of {0} bytes exceeds the limit")]
-    LiteralTooLarge(u64),
-    /// A line without literal longer than the configured cap.
-    #[error("response line too long")]
-    LineTooLong,
+    /// Too long a line or literal.
+    #[error(transparent)]
+    Frame(#[from] FrameError),
     /// Bytes that are not an IMAP response.
     #[error("malformed response: {0}")]
     Malformed(String),
-}
-
-/// Finds complete responses in a growing buffer without rescanning literals already skipped.
-#[derive(Debug, Default)]
-pub struct Framer {
-    /// Offset from which to look for the next line end.
-    scan: usize,
-    /// Offset where the current line (after the last literal) starts.
-    line_start: usize,
-    /// Where the frame's first literal starts and its length.
-    first_literal: Option<(usize, u64)>,
-}
-
-impl Framer {
-    /// Bytes still missing from a literal being skipped, when `buf_len` bytes are buffered:
-    /// lets the reader reserve a large literal once instead of growing (and copying) in steps.
-    pub fn literal_missing(&self, buf_len: usize) -> usize {
-        self.scan.saturating_sub(buf_len)
-    }
-
-    /// The literal being waited for, as (offset of its first byte, length), when it is the
-    /// frame's first: the line before it is the whole response so far, which lets a reader
-    /// take the rest of a large literal as it comes instead of holding it whole.
-    pub fn open_literal(&self, buf_len: usize) -> Option<(usize, u64)> {
-        // Still skipping it: the scan stops at its end until it has arrived.
-        self.first_literal
-            .filter(|&(start, n)| self.scan == start + n as usize && self.scan > buf_len)
-    }
-
-    /// Length of the first complete response in `buf` (including its final CRLF), if there is one.
-    /// `max_literal` bounds each literal, `max_line` each line between literals.
-    pub fn frame(
-        &mut self,
-        buf: &[u8],
-        max_literal: u64,
-        max_line: usize,
-    ) -> Result<Option<usize>, ProtoError> {
-        loop {
-            if self.scan > buf.len() {
-                // The literal being skipped has not fully arrived yet.
-                return Ok(None);
-            }
-            let Some(i) = memchr::memchr(b'\n', &buf[self.scan..]) else {
-                if buf.len() - self.line_start > max_line {
-                    return Err(ProtoError::LineTooLong);
-                }
-                self.scan = buf.len();
-                return Ok(None);
-            };
-            let end = self.scan + i;
-            if end - self.line_start > max_line {
-                return Err(ProtoError::LineTooLong);
-            }
-            // `literal_at_end` strips the one `\r` itself (stripping here too took `{4}\r\r\n`
-            // for a literal, which the parser then rejected).
-            let line = &buf[self.line_start..end];
-            match literal_at_end(line).map(|(n, _)| n) {
-                Some(n) => {
-                    if n > max_literal {
-                        return Err(ProtoError::LiteralTooLarge(n));
-                    }
-                    let next = end + 1 + n as usize;
-                    self.first_literal.get_or_insert((end + 1, n));
-                    self.scan = next;
-                    self.line_start = next;
-                }
-                None => {
-                    *self = Framer::default();
-                    return Ok(Some(end + 1));
-                }
-            }
-        }
-    }
 }
 
 /// One token of a response: IMAP's data model without the distinctions the sync engine never needs.
@@ -458,7 +383,7 @@ impl Cursor {
     }
 }
 
-/// Parses one complete response as framed by [`Framer`].
+/// Parses one complete response as framed by [`crate::wire::framer::Framer`].
 pub fn parse(frame: Bytes) -> Result<Response, ProtoError> {
     let mut c = Cursor {
         buf: frame,
@@ -576,6 +501,7 @@ pub fn quote(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::wire::framer::Framer;
 
     fn one(s: &[u8]) -> Response {
         let mut f = Framer::default();
@@ -666,15 +592,6 @@ mod tests {
             .unwrap()
             .join()
             .unwrap();
-    }
-
-    #[test]
-    fn literal_cap_is_enforced() {
-        let mut f = Framer::default();
-        assert_eq!(
-            f.frame(b"* 1 FETCH (BODY[] {999999}\r\n", 1000, 1000),
-            Err(ProtoError::LiteralTooLarge(999999))
-        );
     }
 
     #[test]

@@ -1,4 +1,5 @@
-//! One IMAP connection: the socket and the bytes read from it but not yet used.
+//! One IMAP connection, to a client or a backend: the socket and the bytes read from it but
+//! not yet used.
 
 use std::io;
 
