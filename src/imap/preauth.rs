@@ -89,29 +89,51 @@ pub enum Event {
     Close(Vec<u8>),
 }
 
+/// Where the conversation stands.
 #[derive(Debug)]
-enum Pending {
-    /// Reading a command: `msg` holds complete lines/literals so far.
-    Command {
-        msg: Vec<u8>,
-        literal: Option<usize>,
-    },
+enum State {
+    /// Reading a command.
+    Command(Partial),
     /// `AUTHENTICATE PLAIN` sent `+`; the next line is the base64 response.
     AuthData { tag: String },
+    /// A StartTls, Login or Close was handed to the driver: no events until it reports back
+    /// (`tls_started`, `login_failed`), as what comes next depends on how that went.
+    Waiting,
+}
+
+impl State {
+    fn new_command() -> Self {
+        State::Command(Partial::default())
+    }
+}
+
+/// A command being framed.
+#[derive(Debug, Default)]
+struct Partial {
+    /// Complete lines and literals so far.
+    msg: Vec<u8>,
+    /// Octets of the literal still to come, once its announcing line is in.
+    literal: Option<usize>,
+}
+
+/// What framing yields.
+enum Framed {
+    /// A complete command, literals included.
+    Command(Vec<u8>),
+    /// Something to send first: the go-ahead for a literal, or a close on a limit.
+    Event(Event),
 }
 
 /// Pre-auth protocol state of one client connection.
 #[derive(Debug)]
 pub struct PreAuth {
     input: BytesMut,
-    pending: Pending,
+    state: State,
     tls: bool,
     starttls_offered: bool,
     allow_plaintext: bool,
     master_separator: String,
     limits: PreAuthLimits,
-    /// Set after Login/StartTls/Close until the driver reports back; no events meanwhile.
-    paused: bool,
 }
 
 const CMD_BAD: &str = "Error in IMAP command";
@@ -126,16 +148,12 @@ impl PreAuth {
     ) -> Self {
         PreAuth {
             input: BytesMut::new(),
-            pending: Pending::Command {
-                msg: Vec::new(),
-                literal: None,
-            },
+            state: State::new_command(),
             tls,
             starttls_offered: !tls,
             allow_plaintext,
             master_separator: master_separator.to_owned(),
             limits,
-            paused: false,
         }
     }
 
@@ -179,12 +197,20 @@ impl PreAuth {
     /// After `StartTls`: the handshake succeeded.
     pub fn tls_started(&mut self) {
         self.tls = true;
-        self.paused = false;
+        self.resume();
     }
 
     /// After `Login`: the login did not happen; the session goes on.
     pub fn login_failed(&mut self) {
-        self.paused = false;
+        self.resume();
+    }
+
+    /// Events flow again after `Waiting`; the command that paused them was complete, so
+    /// reading starts afresh. In any other state there is nothing to resume.
+    fn resume(&mut self) {
+        if matches!(self.state, State::Waiting) {
+            self.state = State::new_command();
+        }
     }
 
     /// After a successful `Login`: bytes the client pipelined after its login command.
@@ -194,99 +220,35 @@ impl PreAuth {
 
     /// The next event, or `None` when more input is needed.
     pub fn next_event(&mut self) -> Option<Event> {
-        if self.paused {
-            return None;
-        }
-        let event = match &mut self.pending {
-            Pending::AuthData { .. } => self.auth_data()?,
-            Pending::Command { .. } => self.command()?,
+        let event = match &mut self.state {
+            State::Waiting => return None,
+            State::AuthData { tag } => match take_line(&mut self.input, &self.limits)? {
+                Ok(line) => {
+                    let tag = std::mem::take(tag);
+                    self.state = State::new_command();
+                    self.auth_response(&tag, &line)
+                }
+                Err(close) => close,
+            },
+            State::Command(partial) => match partial.frame(&mut self.input, &self.limits)? {
+                Framed::Command(msg) => self.dispatch(&msg),
+                Framed::Event(event) => event,
+            },
         };
         if matches!(
             event,
             Event::StartTls(_) | Event::Login(_) | Event::Close(_)
         ) {
-            self.paused = true;
+            self.state = State::Waiting;
         }
         Some(event)
     }
 
-    /// Takes one line (with its LF) from input, enforcing the line limit.
-    fn take_line(&mut self) -> Result<Option<BytesMut>, Box<Event>> {
-        match memchr::memchr(b'\n', &self.input) {
-            Some(i) if i < self.limits.line => Ok(Some(self.input.split_to(i + 1))),
-            None if self.input.len() <= self.limits.line => Ok(None),
-            _ => Err(Box::new(Event::Close(
-                b"* BAD [TOOBIG] Line too long\r\n".to_vec(),
-            ))),
-        }
-    }
-
-    fn command(&mut self) -> Option<Event> {
-        loop {
-            let Pending::Command { msg, literal } = &mut self.pending else {
-                return None;
-            };
-            if let Some(n) = *literal {
-                if self.input.len() < n {
-                    return None;
-                }
-                msg.extend_from_slice(&self.input[..n]);
-                self.input.advance(n);
-                *literal = None;
-                continue;
-            }
-            let line = match self.take_line() {
-                Ok(Some(line)) => line,
-                Ok(None) => return None,
-                Err(e) => return Some(*e),
-            };
-            let Pending::Command { msg, literal } = &mut self.pending else {
-                return None;
-            };
-            if msg.len() + line.len() > self.limits.line + 2 * self.limits.literal {
-                return Some(Event::Close(
-                    b"* BAD [TOOBIG] Command too long\r\n".to_vec(),
-                ));
-            }
-            msg.extend_from_slice(&line);
-            let content = line.strip_suffix(b"\n").unwrap_or(&line);
-            if let Some((n, non_sync)) = literal_at_end(content) {
-                if n > self.limits.literal as u64 {
-                    let tag = tag_of(msg);
-                    return Some(Event::Close(
-                        format!("{tag} BAD [TOOBIG] Literal too large\r\n").into_bytes(),
-                    ));
-                }
-                *literal = Some(n as usize);
-                if !non_sync {
-                    return Some(Event::Reply(b"+ Ready for literal data\r\n".to_vec()));
-                }
-                continue;
-            }
-            let msg = std::mem::take(msg);
-            return Some(self.dispatch(&msg));
-        }
-    }
-
-    fn auth_data(&mut self) -> Option<Event> {
-        let line = match self.take_line() {
-            Ok(Some(line)) => line,
-            Ok(None) => return None,
-            Err(e) => return Some(*e),
-        };
-        let Pending::AuthData { tag } = std::mem::replace(
-            &mut self.pending,
-            Pending::Command {
-                msg: Vec::new(),
-                literal: None,
-            },
-        ) else {
-            return None;
-        };
-        match AuthenticateDataCodec::default().decode(&line) {
-            Ok((_, AuthenticateData::Continue(data))) => Some(self.plain(&tag, data.declassify())),
-            Ok((_, AuthenticateData::Cancel)) => Some(reply(&tag, "BAD", "Authentication aborted")),
-            Err(_) => Some(reply(&tag, "BAD", "Invalid base64 data")),
+    fn auth_response(&mut self, tag: &str, line: &[u8]) -> Event {
+        match AuthenticateDataCodec::default().decode(line) {
+            Ok((_, AuthenticateData::Continue(data))) => self.plain(tag, data.declassify()),
+            Ok((_, AuthenticateData::Cancel)) => reply(tag, "BAD", "Authentication aborted"),
+            Err(_) => reply(tag, "BAD", "Invalid base64 data"),
         }
     }
 
@@ -352,7 +314,7 @@ impl PreAuth {
                 match initial_response {
                     Some(ir) => self.plain(&tag, ir.declassify()),
                     None => {
-                        self.pending = Pending::AuthData { tag };
+                        self.state = State::AuthData { tag };
                         Event::Reply(b"+ \r\n".to_vec())
                     }
                 }
@@ -414,6 +376,63 @@ impl PreAuth {
         Event::Reply(
             format!("* ID (\"name\" \"mailferry\")\r\n{tag} OK ID completed.\r\n").into_bytes(),
         )
+    }
+}
+
+impl Partial {
+    /// Adds lines and literals from `input` until the command is complete; `None` when more
+    /// input is needed.
+    fn frame(&mut self, input: &mut BytesMut, limits: &PreAuthLimits) -> Option<Framed> {
+        loop {
+            if let Some(n) = self.literal {
+                if input.len() < n {
+                    return None;
+                }
+                self.msg.extend_from_slice(&input[..n]);
+                input.advance(n);
+                self.literal = None;
+                continue;
+            }
+            let line = match take_line(input, limits)? {
+                Ok(line) => line,
+                Err(close) => return Some(Framed::Event(close)),
+            };
+            if self.msg.len() + line.len() > limits.line + 2 * limits.literal {
+                return Some(Framed::Event(Event::Close(
+                    b"* BAD [TOOBIG] Command too long\r\n".to_vec(),
+                )));
+            }
+            self.msg.extend_from_slice(&line);
+            let content = line.strip_suffix(b"\n").unwrap_or(&line);
+            if let Some((n, non_sync)) = literal_at_end(content) {
+                if n > limits.literal as u64 {
+                    let tag = tag_of(&self.msg);
+                    return Some(Framed::Event(Event::Close(
+                        format!("{tag} BAD [TOOBIG] Literal too large\r\n").into_bytes(),
+                    )));
+                }
+                self.literal = Some(n as usize);
+                if !non_sync {
+                    return Some(Framed::Event(Event::Reply(
+                        b"+ Ready for literal data\r\n".to_vec(),
+                    )));
+                }
+                continue;
+            }
+            return Some(Framed::Command(std::mem::take(&mut self.msg)));
+        }
+    }
+}
+
+/// Takes one line (with its LF) from `input`: `None` until it is complete, `Err` with the
+/// closing event when it exceeds the line limit.
+fn take_line(input: &mut BytesMut, limits: &PreAuthLimits) -> Option<Result<BytesMut, Event>> {
+    match memchr::memchr(b'\n', input) {
+        Some(i) if i < limits.line => Some(Ok(input.split_to(i + 1))),
+        None if input.len() <= limits.line => None,
+        _ => Some(Err(Event::Close(
+            b"* BAD [TOOBIG] Line too long\r\n".to_vec(),
+        ))),
     }
 }
 

@@ -2,6 +2,9 @@
 //! commands, keeps the transaction (sender, accepted recipients) and receives DATA; the
 //! driver (`session.rs`) owns the socket, decides each recipient and delivers messages.
 //!
+//! The session is one `State`: reading commands (before LHLO, ready, or in a transaction),
+//! skipping an over-long line, or receiving DATA for a transaction with recipients.
+//!
 //! Pipelining (RFC 2920) needs nothing special here: `poll` takes one command at a time from
 //! the buffer and leaves the rest for the next call, so replies come out in command order.
 
@@ -250,6 +253,53 @@ struct Transaction<R> {
     rcpts: Vec<(String, R)>,
 }
 
+/// Where a session stands between commands (RFC 5321 §4.1.4: LHLO, then MAIL, then RCPT).
+#[derive(Debug)]
+enum Envelope<R> {
+    /// Before LHLO: MAIL is refused.
+    Greeted,
+    /// After LHLO, RSET or a finished message: ready for MAIL.
+    Ready,
+    /// After MAIL: collecting recipients.
+    Mail(Transaction<R>),
+}
+
+/// The session's state machine. DATA owns the transaction it completes, so a message never
+/// lacks a sender; skipping an over-long line keeps the envelope it interrupted.
+#[derive(Debug)]
+enum State<R> {
+    /// Reading command lines.
+    Commands(Envelope<R>),
+    /// Skipping the rest of an over-long line, so it is not read as commands.
+    Discarding(Envelope<R>),
+    /// After DATA's 354: receiving the message of `tx`, which has at least one recipient.
+    Data {
+        tx: Transaction<R>,
+        receiver: DataReceiver,
+    },
+}
+
+impl<R> State<R> {
+    /// The open transaction, whichever state holds it.
+    fn transaction(&self) -> Option<&Transaction<R>> {
+        match self {
+            State::Commands(Envelope::Mail(tx))
+            | State::Discarding(Envelope::Mail(tx))
+            | State::Data { tx, .. } => Some(tx),
+            _ => None,
+        }
+    }
+
+    fn transaction_mut(&mut self) -> Option<&mut Transaction<R>> {
+        match self {
+            State::Commands(Envelope::Mail(tx))
+            | State::Discarding(Envelope::Mail(tx))
+            | State::Data { tx, .. } => Some(tx),
+            _ => None,
+        }
+    }
+}
+
 /// A complete message with its envelope, ready for delivery.
 #[derive(Debug)]
 pub struct Message<R> {
@@ -282,25 +332,21 @@ pub enum Event<R> {
 #[derive(Debug)]
 pub struct Server<R> {
     limits: ServerLimits,
-    lhlo: bool,
-    tx: Option<Transaction<R>>,
-    data: Option<DataReceiver>,
-    /// Skipping the rest of an over-long line, so it is not read as commands.
-    discarding: bool,
+    state: State<R>,
     errors: u32,
     /// Replies owed before anything else (one per recipient of a refused message).
     pending: VecDeque<Reply>,
 }
+
+/// What a step of the state machine yields: the next state and the driver's event.
+type Step<R> = (State<R>, Event<R>);
 
 impl<R> Server<R> {
     /// A session before the greeting.
     pub fn new(limits: ServerLimits) -> Self {
         Server {
             limits,
-            lhlo: false,
-            tx: None,
-            data: None,
-            discarding: false,
+            state: State::Commands(Envelope::Greeted),
             errors: 0,
             pending: VecDeque::new(),
         }
@@ -316,23 +362,25 @@ impl<R> Server<R> {
 
     /// Whether a transaction (MAIL given) is open.
     pub fn in_transaction(&self) -> bool {
-        self.tx.is_some()
+        self.state.transaction().is_some()
     }
 
     /// Whether message data is being received.
     pub fn in_data(&self) -> bool {
-        self.data.is_some()
+        matches!(self.state, State::Data { .. })
     }
 
     /// The open transaction's sender and accepted recipients (for starting backend
     /// transactions while the message is still arriving).
     pub fn envelope(&self) -> Option<(&MailFrom, &[(String, R)])> {
-        self.tx.as_ref().map(|tx| (&tx.mail, tx.rcpts.as_slice()))
+        let tx = self.state.transaction()?;
+        Some((&tx.mail, tx.rcpts.as_slice()))
     }
 
-    /// Records an accepted recipient; returns the reply for it.
+    /// Records an accepted recipient; returns the reply for it. Meant right after
+    /// `Event::Rcpt`; a driver calling it without a transaction gets a 503.
     pub fn accept_rcpt(&mut self, address: String, data: R) -> Reply {
-        match self.tx.as_mut() {
+        match self.state.transaction_mut() {
             Some(tx) => {
                 let reply = Reply::new(250, format!("2.1.5 <{address}> Recipient OK"));
                 tx.rcpts.push((address, data));
@@ -347,66 +395,77 @@ impl<R> Server<R> {
         if let Some(r) = self.pending.pop_front() {
             return Event::Reply(r);
         }
-        if let Some(data) = self.data.as_mut() {
-            let (n, done) = data.feed(input);
-            input.advance(n);
-            if !done {
-                return Event::NeedMore;
-            }
-            let received = match self.data.take() {
-                Some(d) => d.finish(),
-                None => return Event::NeedMore,
-            };
-            let Some(tx) = self.tx.take() else {
-                return Event::Reply(Reply::new(503, "5.5.1 No transaction"));
-            };
-            if received.oversize {
-                self.pending.extend(
-                    tx.rcpts
-                        .iter()
-                        .map(|_| Reply::new(552, "5.3.4 Message too big")),
-                );
-                return match self.pending.pop_front() {
-                    Some(r) => Event::Reply(r),
-                    None => Event::NeedMore,
-                };
-            }
-            return Event::Deliver(Message {
-                mail: tx.mail,
-                rcpts: tx.rcpts,
-                body: received.body,
-                normalised: received.normalised,
-            });
-        }
-        if self.discarding {
-            match memchr::memchr(b'\n', input) {
+        // Each step takes the state by value and returns the next one, so a transaction moves
+        // from state to state instead of being looked up again. The placeholder never stays.
+        let state = std::mem::replace(&mut self.state, State::Commands(Envelope::Greeted));
+        let (next, event) = match state {
+            State::Data { tx, receiver } => self.receive(tx, receiver, input),
+            State::Discarding(envelope) => match memchr::memchr(b'\n', input) {
                 None => {
                     input.clear();
-                    return Event::NeedMore;
+                    (State::Discarding(envelope), Event::NeedMore)
                 }
                 Some(k) => {
                     input.advance(k + 1);
-                    self.discarding = false;
+                    self.read_command(envelope, input)
                 }
-            }
+            },
+            State::Commands(envelope) => self.read_command(envelope, input),
+        };
+        self.state = next;
+        event
+    }
+
+    /// Feeds message data; at its end the transaction is over, delivered or refused.
+    fn receive(
+        &mut self,
+        tx: Transaction<R>,
+        mut receiver: DataReceiver,
+        input: &mut BytesMut,
+    ) -> Step<R> {
+        let (n, done) = receiver.feed(input);
+        input.advance(n);
+        if !done {
+            return (State::Data { tx, receiver }, Event::NeedMore);
         }
+        let received = receiver.finish();
+        let next = State::Commands(Envelope::Ready);
+        if received.oversize {
+            // One 552 per recipient: this one now, the others queued (DATA needs recipients).
+            let too_big = || Reply::new(552, "5.3.4 Message too big");
+            self.pending
+                .extend(tx.rcpts.iter().skip(1).map(|_| too_big()));
+            return (next, Event::Reply(too_big()));
+        }
+        let message = Message {
+            mail: tx.mail,
+            rcpts: tx.rcpts,
+            body: received.body,
+            normalised: received.normalised,
+        };
+        (next, Event::Deliver(message))
+    }
+
+    /// Takes one command line from the input, refusing (and skipping) over-long ones.
+    fn read_command(&mut self, envelope: Envelope<R>, input: &mut BytesMut) -> Step<R> {
         match memchr::memchr(b'\n', input) {
             None if input.len() >= self.limits.max_line => {
                 input.clear();
-                self.discarding = true;
-                self.error(Reply::new(500, "5.5.2 Line too long"))
+                let event = self.error(Reply::new(500, "5.5.2 Line too long"));
+                (State::Discarding(envelope), event)
             }
-            None => Event::NeedMore,
+            None => (State::Commands(envelope), Event::NeedMore),
             Some(k) if k + 1 > self.limits.max_line => {
                 input.advance(k + 1);
-                self.error(Reply::new(500, "5.5.2 Line too long"))
+                let event = self.error(Reply::new(500, "5.5.2 Line too long"));
+                (State::Commands(envelope), event)
             }
             Some(k) => {
                 let raw = input.split_to(k + 1);
                 let line = &raw[..k];
                 // Commands may end in a bare LF (lenient MTAs); only DATA's end is strict.
                 let line = line.strip_suffix(b"\r").unwrap_or(line);
-                self.command(line)
+                self.command(envelope, line)
             }
         }
     }
@@ -425,76 +484,104 @@ impl<R> Server<R> {
         Event::Reply(reply)
     }
 
-    fn command(&mut self, line: &[u8]) -> Event<R> {
-        let cmd = match parse_command(line) {
-            Ok(cmd) => cmd,
-            Err(reply) => return self.error(reply),
-        };
-        match cmd {
-            Command::Lhlo(_) => {
-                self.lhlo = true;
-                self.tx = None;
-                Event::Reply(Reply {
-                    code: 250,
-                    lines: vec![
-                        self.limits.hostname.clone(),
-                        "PIPELINING".into(),
-                        "ENHANCEDSTATUSCODES".into(),
-                        "8BITMIME".into(),
-                        format!("SIZE {}", self.limits.max_message_size),
-                    ],
-                })
+    fn command(&mut self, envelope: Envelope<R>, line: &[u8]) -> Step<R> {
+        let event = match parse_command(line) {
+            Err(reply) => self.error(reply),
+            // LHLO starts over: any transaction is dropped.
+            Ok(Command::Lhlo(_)) => return (State::Commands(Envelope::Ready), self.lhlo_reply()),
+            Ok(Command::SmtpGreeting) => {
+                self.error(Reply::new(500, "5.5.1 This is LMTP: use LHLO"))
             }
-            Command::SmtpGreeting => self.error(Reply::new(500, "5.5.1 This is LMTP: use LHLO")),
-            Command::Mail(mail) => {
-                if !self.lhlo {
-                    return self.error(Reply::new(503, "5.5.1 Send LHLO first"));
-                }
-                if self.tx.is_some() {
-                    return self.error(Reply::new(503, "5.5.1 Sender already specified"));
-                }
-                if mail.size.is_some_and(|s| s > self.limits.max_message_size) {
-                    return self.error(Reply::new(552, "5.3.4 Message size exceeds fixed limit"));
-                }
-                self.tx = Some(Transaction {
-                    mail,
-                    rcpts: Vec::new(),
-                });
-                Event::Reply(Reply::new(250, "2.1.0 Sender OK"))
+            Ok(Command::Mail(mail)) => return self.mail(envelope, mail),
+            Ok(Command::Rcpt(address)) => self.rcpt(&envelope, address),
+            Ok(Command::Data) => return self.data(envelope),
+            Ok(Command::Rset) => {
+                // RSET ends a transaction; it is no substitute for LHLO.
+                let envelope = match envelope {
+                    Envelope::Mail(_) => Envelope::Ready,
+                    other => other,
+                };
+                return (
+                    State::Commands(envelope),
+                    Event::Reply(Reply::new(250, "2.0.0 OK")),
+                );
             }
-            Command::Rcpt(address) => match &self.tx {
-                None => self.error(Reply::new(503, "5.5.1 Need MAIL command first")),
-                Some(tx) if tx.rcpts.len() >= self.limits.max_recipients => {
-                    Event::Reply(Reply::new(452, "4.5.3 Too many recipients"))
-                }
-                Some(_) => Event::Rcpt(address),
-            },
-            Command::Data => match &self.tx {
-                None => self.error(Reply::new(503, "5.5.1 Need MAIL command first")),
-                // RFC 2033 §4.2: DATA without a successful RCPT must fail with 503. Not
-                // counted as an error: with PIPELINING it is what follows deferred recipients.
-                Some(tx) if tx.rcpts.is_empty() => {
-                    Event::Reply(Reply::new(503, "5.5.1 No valid recipients"))
-                }
-                Some(_) => {
-                    self.data = Some(DataReceiver::new(self.limits.max_message_size));
-                    Event::Reply(Reply::new(354, "Start mail input; end with <CRLF>.<CRLF>"))
-                }
-            },
-            Command::Rset => {
-                self.tx = None;
-                Event::Reply(Reply::new(250, "2.0.0 OK"))
-            }
-            Command::Noop => Event::Reply(Reply::new(250, "2.0.0 OK")),
-            Command::Quit => Event::Close(Reply::new(
+            Ok(Command::Noop) => Event::Reply(Reply::new(250, "2.0.0 OK")),
+            Ok(Command::Quit) => Event::Close(Reply::new(
                 221,
                 format!("2.0.0 {} closing connection", self.limits.hostname),
             )),
-            Command::Vrfy => Event::Reply(Reply::new(
+            Ok(Command::Vrfy) => Event::Reply(Reply::new(
                 252,
                 "2.5.2 Cannot VRFY user, but will accept message",
             )),
-            Command::NotImplemented => self.error(Reply::new(502, "5.5.1 Command not implemented")),
+            Ok(Command::NotImplemented) => {
+                self.error(Reply::new(502, "5.5.1 Command not implemented"))
+            }
+        };
+        (State::Commands(envelope), event)
+    }
+
+    fn lhlo_reply(&self) -> Event<R> {
+        Event::Reply(Reply {
+            code: 250,
+            lines: vec![
+                self.limits.hostname.clone(),
+                "PIPELINING".into(),
+                "ENHANCEDSTATUSCODES".into(),
+                "8BITMIME".into(),
+                format!("SIZE {}", self.limits.max_message_size),
+            ],
+        })
+    }
+
+    fn mail(&mut self, envelope: Envelope<R>, mail: MailFrom) -> Step<R> {
+        let refusal = match &envelope {
+            Envelope::Greeted => Reply::new(503, "5.5.1 Send LHLO first"),
+            Envelope::Mail(_) => Reply::new(503, "5.5.1 Sender already specified"),
+            Envelope::Ready if mail.size.is_some_and(|s| s > self.limits.max_message_size) => {
+                Reply::new(552, "5.3.4 Message size exceeds fixed limit")
+            }
+            Envelope::Ready => {
+                let tx = Transaction {
+                    mail,
+                    rcpts: Vec::new(),
+                };
+                let ok = Event::Reply(Reply::new(250, "2.1.0 Sender OK"));
+                return (State::Commands(Envelope::Mail(tx)), ok);
+            }
+        };
+        let event = self.error(refusal);
+        (State::Commands(envelope), event)
+    }
+
+    fn rcpt(&mut self, envelope: &Envelope<R>, address: String) -> Event<R> {
+        match envelope {
+            Envelope::Mail(tx) if tx.rcpts.len() >= self.limits.max_recipients => {
+                Event::Reply(Reply::new(452, "4.5.3 Too many recipients"))
+            }
+            Envelope::Mail(_) => Event::Rcpt(address),
+            _ => self.error(Reply::new(503, "5.5.1 Need MAIL command first")),
+        }
+    }
+
+    fn data(&mut self, envelope: Envelope<R>) -> Step<R> {
+        match envelope {
+            // RFC 2033 §4.2: DATA without a successful RCPT must fail with 503. Not counted
+            // as an error: with PIPELINING it is what follows deferred recipients.
+            Envelope::Mail(tx) if tx.rcpts.is_empty() => (
+                State::Commands(Envelope::Mail(tx)),
+                Event::Reply(Reply::new(503, "5.5.1 No valid recipients")),
+            ),
+            Envelope::Mail(tx) => {
+                let receiver = DataReceiver::new(self.limits.max_message_size);
+                let go = Reply::new(354, "Start mail input; end with <CRLF>.<CRLF>");
+                (State::Data { tx, receiver }, Event::Reply(go))
+            }
+            other => {
+                let event = self.error(Reply::new(503, "5.5.1 Need MAIL command first"));
+                (State::Commands(other), event)
+            }
         }
     }
 }
