@@ -18,10 +18,10 @@ use std::sync::{Mutex, OnceLock};
 
 use bytes::{Bytes, BytesMut};
 use libfuzzer_sys::fuzz_target;
-use mailferry::imap::framer::literal_at_end;
+use mailferry::wire::framer::{literal_at_end, FrameError, Framer};
 use mailferry::sync::client::{Caps, Fetched};
 use mailferry::sync::proto::{
-    format_uid_set, parse, parse_uid_set, Framer, ProtoError, Response, Status, StatusText, Value,
+    format_uid_set, parse, parse_uid_set, ProtoError, Response, Status, StatusText, Value,
 };
 
 /// One frame: its bytes and what `parse` made of them.
@@ -31,7 +31,7 @@ type Frame = (Bytes, Result<Response, ProtoError>);
 struct Outcome {
     frames: Vec<Frame>,
     /// The framing error that stopped the reader, if any.
-    error: Option<ProtoError>,
+    error: Option<FrameError>,
     /// Bytes left unframed at the end (only compared when there was no error).
     rest: Bytes,
 }
@@ -98,7 +98,7 @@ fn reference(data: &[u8], max_literal: u64, max_line: usize) -> Outcome {
         let mut line_start = start;
         loop {
             let Some(i) = data[line_start..].iter().position(|&b| b == b'\n') else {
-                let error = (data.len() - line_start > max_line).then_some(ProtoError::LineTooLong);
+                let error = (data.len() - line_start > max_line).then_some(FrameError::LineTooLong);
                 let rest = Bytes::copy_from_slice(&data[start..]);
                 return Outcome {
                     frames,
@@ -113,10 +113,10 @@ fn reference(data: &[u8], max_literal: u64, max_line: usize) -> Outcome {
                 rest: Bytes::new(),
             };
             if end - line_start > max_line {
-                return fail(ProtoError::LineTooLong);
+                return fail(FrameError::LineTooLong);
             }
             match literal_at_end(&data[line_start..end]) {
-                Some((n, _)) if n > max_literal => return fail(ProtoError::LiteralTooLarge(n)),
+                Some((n, _)) if n > max_literal => return fail(FrameError::LiteralTooLarge(n)),
                 Some((n, _)) if (n as usize) > data.len() - end - 1 => {
                     return Outcome {
                         frames,

@@ -5,7 +5,6 @@
 //! pipelined after its LOGIN stay available for the splice (`into_leftover`); complete
 //! commands are decoded with imap-codec.
 
-use base64::Engine;
 use bytes::{Buf, BytesMut};
 use imap_codec::decode::Decoder;
 use imap_codec::imap_types::auth::{AuthMechanism, AuthenticateData};
@@ -15,6 +14,7 @@ use imap_codec::{AuthenticateDataCodec, CommandCodec};
 
 use crate::secret::Secret;
 use crate::wire::framer::literal_at_end;
+use crate::wire::sasl::plain_fields;
 
 /// The limits pre-auth parsing enforces (a view of `Limits`).
 #[derive(Debug, Clone)]
@@ -328,10 +328,7 @@ impl PreAuth {
     }
 
     fn plain(&mut self, tag: &str, data: &[u8]) -> Event {
-        let mut parts = data.split(|&b| b == 0);
-        let (Some(authzid), Some(authcid), Some(password), None) =
-            (parts.next(), parts.next(), parts.next(), parts.next())
-        else {
+        let Some((authzid, authcid, password)) = plain_fields(data) else {
             return reply(tag, "NO", "[AUTHENTICATIONFAILED] Invalid PLAIN response.");
         };
         let authzid = (!authzid.is_empty()).then(|| String::from_utf8_lossy(authzid).into_owned());
@@ -463,20 +460,10 @@ fn tag_of(msg: &[u8]) -> String {
     }
 }
 
-/// Encodes a PLAIN response `authzid NUL authcid NUL password` as base64.
-pub fn plain_response(authzid: Option<&str>, authcid: &[u8], password: &[u8]) -> String {
-    let mut raw = Vec::with_capacity(authcid.len() * 2 + password.len() + 2);
-    raw.extend_from_slice(authzid.unwrap_or("").as_bytes());
-    raw.push(0);
-    raw.extend_from_slice(authcid);
-    raw.push(0);
-    raw.extend_from_slice(password);
-    base64::engine::general_purpose::STANDARD.encode(raw)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::wire::sasl::plain_response;
 
     fn session(tls: bool) -> PreAuth {
         PreAuth::new(
