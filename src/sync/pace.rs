@@ -10,10 +10,11 @@
 //! was a moment ago. The smoothed latency is an EWMA so one slow batch does not trigger a
 //! backoff, while a sustained rise does within a few batches.
 //!
-//! Latency below an absolute *floor* never counts as slow. Without it, a copy that keeps a fast
-//! backend busy raises the round trip from its idle 1 ms to 10 ms through its own queueing,
-//! reads that as "3× slower" and throttles itself to one connection while the backend is fine
-//! (measured: the benchmark's copy fell from 1,600 to 52 messages/s).
+//! Latency below an absolute *floor* never counts as slow: a copy that keeps a fast backend
+//! busy raises the round trip through its own queueing, which is not the backend slowing down
+//! (docs/sync.md, Pacing).
+//!
+//! [`ServiceClock`] turns the replies of pipelined commands into service-time samples.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -401,6 +402,40 @@ impl Limiter {
         }
         // A grown limit lets a waiting pass in.
         self.released.notify_waiters();
+    }
+}
+
+/// Service time of pipelined commands, one after another: from when a command was sent or the
+/// one before it finished (whichever is later), minus the time the sending side itself held
+/// the pipeline up (backpressure, the store, the throttle): that waiting is not the backend's.
+pub(crate) struct ServiceClock {
+    prev_done: Instant,
+    blocked: Duration,
+}
+
+impl ServiceClock {
+    /// A clock for a pipeline starting now.
+    pub(crate) fn new() -> ServiceClock {
+        ServiceClock {
+            prev_done: Instant::now(),
+            blocked: Duration::ZERO,
+        }
+    }
+
+    /// The sending side held the pipeline up for `d` while a command was outstanding.
+    pub(crate) fn block(&mut self, d: Duration) {
+        self.blocked += d;
+    }
+
+    /// The front command, sent at `sent`, has just been answered: its service time. The next
+    /// command's starts now.
+    pub(crate) fn done(&mut self, sent: Instant) -> Duration {
+        let now = Instant::now();
+        let service = now
+            .saturating_duration_since(sent.max(self.prev_done))
+            .saturating_sub(self.blocked);
+        (self.prev_done, self.blocked) = (now, Duration::ZERO);
+        service
     }
 }
 
