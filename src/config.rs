@@ -3,7 +3,8 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
-use serde::Deserialize;
+use serde::de::{self, MapAccess, Visitor};
+use serde::{Deserialize, Deserializer};
 
 use crate::route::Route;
 
@@ -69,7 +70,8 @@ pub struct Config {
     pub base_dir: PathBuf,
 }
 
-/// `[listen]`: each listener is optional; an absent key disables it.
+/// `[listen]`: each listener is optional; an absent key disables it. So the defaults below
+/// apply only when the whole section is absent (no container-level `serde(default)`).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Listen {
@@ -94,7 +96,8 @@ impl Default for Listen {
     }
 }
 
-/// `[tls]`: the proxy's own certificate.
+/// `[tls]`: the proxy's own certificate. A present section names `cert` and `key`; the
+/// defaults below apply only when the whole section is absent.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Tls {
@@ -117,7 +120,7 @@ impl Default for Tls {
     }
 }
 
-/// `[admin]`.
+/// `[admin]`: a present section names `token_file`; the default applies when it is absent.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Admin {
@@ -213,53 +216,25 @@ fn split_host(addr: &str) -> &str {
     host.trim_start_matches('[').trim_end_matches(']')
 }
 
-/// Which directory implementation holds routes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum DirectoryKind {
-    /// Table in the state database.
-    #[default]
-    Embedded,
-    /// An attribute in LDAP.
-    Ldap,
-}
-
-/// `[directory]`.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+/// `[directory]`: the keys every kind understands, and the kind with its own keys.
+///
+/// Deserialized by hand (below): the common keys, `kind` and the kind's own keys share one flat
+/// table, and serde's derives cannot check such a table whole. `#[serde(tag = "kind")]` needs
+/// the tag (no default kind) and buffers the table, so TOML errors lose their line; with
+/// `#[serde(flatten)]` beside the common keys, `deny_unknown_fields` rejects `kind` itself, and
+/// without it any misspelt key passes (serde 1.0.229, toml 1.2). The visitor reads every key
+/// typed where it stands, so an unknown key or a bad value is reported at its line, as in every
+/// other section.
+#[derive(Debug, Clone, PartialEq)]
 pub struct DirectoryConfig {
-    /// Implementation.
-    #[serde(default)]
+    /// Implementation, with its own settings.
     pub kind: DirectoryKind,
     /// Route of a user the directory does not know.
-    #[serde(default)]
     pub default_route: Route,
     /// Reject unknown users instead of routing them to `default_route`.
-    #[serde(default)]
     pub reject_unknown: bool,
     /// Seconds a looked-up route stays cached.
-    #[serde(default = "default_cache_ttl")]
     pub cache_ttl_secs: u64,
-    /// LDAP URL (kind = ldap).
-    pub url: Option<String>,
-    /// LDAP bind DN.
-    pub bind_dn: Option<String>,
-    /// File holding the LDAP bind password.
-    pub bind_password_file: Option<PathBuf>,
-    /// LDAP search base.
-    pub base_dn: Option<String>,
-    /// LDAP filter; `{user}` is replaced by the escaped address.
-    pub filter: Option<String>,
-    /// LDAP attribute holding the route.
-    pub route_attribute: Option<String>,
-    /// Attribute value meaning legacy.
-    pub legacy_value: Option<String>,
-    /// Attribute value meaning new.
-    pub new_value: Option<String>,
-}
-
-fn default_cache_ttl() -> u64 {
-    30
 }
 
 impl Default for DirectoryConfig {
@@ -268,20 +243,201 @@ impl Default for DirectoryConfig {
             kind: DirectoryKind::Embedded,
             default_route: Route::Legacy,
             reject_unknown: false,
-            cache_ttl_secs: default_cache_ttl(),
-            url: None,
-            bind_dn: None,
-            bind_password_file: None,
-            base_dn: None,
-            filter: None,
-            route_attribute: None,
-            legacy_value: None,
-            new_value: None,
+            cache_ttl_secs: 30,
         }
     }
 }
 
-/// `[state]`.
+/// Which directory implementation holds routes (`kind`), with that implementation's keys.
+#[derive(Debug, Clone, PartialEq)]
+pub enum DirectoryKind {
+    /// `kind = "embedded"`, the default: a table in the state database.
+    Embedded,
+    /// `kind = "ldap"`: an attribute in LDAP. Not implemented yet: `serve` and `check-config`
+    /// refuse it.
+    Ldap(Box<LdapConfig>),
+}
+
+/// The keys `kind = "ldap"` adds to `[directory]` (DESIGN.md §7). A `None` is left for the LDAP
+/// directory to default or require; `validate()` requires `url`, `base_dn` and `route_attribute`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LdapConfig {
+    /// `ldap://` or `ldaps://` URL.
+    pub url: Option<String>,
+    /// STARTTLS on an `ldap://` URL; false only on a trusted loopback.
+    pub starttls: bool,
+    /// Extra CA certificates (PEM) trusted for the LDAP server.
+    pub ca_file: Option<PathBuf>,
+    /// Bind DN.
+    pub bind_dn: Option<String>,
+    /// File holding the bind password.
+    pub bind_password_file: Option<PathBuf>,
+    /// Search base.
+    pub base_dn: Option<String>,
+    /// Search filter; `{user}` is replaced by the escaped address.
+    pub filter: Option<String>,
+    /// Attribute holding the entry's canonical address.
+    pub canonical_attribute: Option<String>,
+    /// Attributes holding the entry's other addresses.
+    pub alias_attributes: Vec<String>,
+    /// Attribute holding the route.
+    pub route_attribute: Option<String>,
+    /// Attribute value meaning legacy.
+    pub legacy_value: Option<String>,
+    /// Attribute value meaning new.
+    pub new_value: Option<String>,
+    /// How changes made outside mailferry are noticed.
+    pub change_notification: ChangeNotification,
+    /// Seconds between polls, when polling.
+    pub poll_secs: u64,
+}
+
+impl Default for LdapConfig {
+    fn default() -> Self {
+        LdapConfig {
+            url: None,
+            starttls: true,
+            ca_file: None,
+            bind_dn: None,
+            bind_password_file: None,
+            base_dn: None,
+            filter: None,
+            canonical_attribute: None,
+            alias_attributes: Vec::new(),
+            route_attribute: None,
+            legacy_value: None,
+            new_value: None,
+            change_notification: ChangeNotification::Auto,
+            poll_secs: 2,
+        }
+    }
+}
+
+/// `[directory] change_notification` (kind = "ldap").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ChangeNotification {
+    /// syncrepl where the server offers it, else polling.
+    Auto,
+    /// RFC 4533 content synchronization only.
+    Syncrepl,
+    /// A search every `poll_secs`.
+    Poll,
+}
+
+/// `kind` as written.
+#[derive(Clone, Copy, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum KindName {
+    Embedded,
+    Ldap,
+}
+
+/// Every key of `[directory]`; any other is refused at its line.
+#[derive(Deserialize)]
+#[serde(field_identifier, rename_all = "snake_case")]
+enum DirectoryKey {
+    Kind,
+    DefaultRoute,
+    RejectUnknown,
+    CacheTtlSecs,
+    Url,
+    Starttls,
+    CaFile,
+    BindDn,
+    BindPasswordFile,
+    BaseDn,
+    Filter,
+    CanonicalAttribute,
+    AliasAttributes,
+    RouteAttribute,
+    LegacyValue,
+    NewValue,
+    ChangeNotification,
+    PollSecs,
+}
+
+impl<'de> Deserialize<'de> for DirectoryConfig {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_map(DirectoryVisitor)
+    }
+}
+
+struct DirectoryVisitor;
+
+impl<'de> Visitor<'de> for DirectoryVisitor {
+    type Value = DirectoryConfig;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a [directory] table")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<DirectoryConfig, A::Error> {
+        use DirectoryKey as K;
+        let mut t = DirectoryTable {
+            map,
+            first_ldap: None,
+        };
+        let mut cfg = DirectoryConfig::default();
+        let mut kind = KindName::Embedded;
+        let mut ldap = LdapConfig::default();
+        while let Some(key) = t.map.next_key()? {
+            match key {
+                K::Kind => kind = t.value()?,
+                K::DefaultRoute => cfg.default_route = t.value()?,
+                K::RejectUnknown => cfg.reject_unknown = t.value()?,
+                K::CacheTtlSecs => cfg.cache_ttl_secs = t.value()?,
+                K::Url => ldap.url = t.ldap("url")?,
+                K::Starttls => ldap.starttls = t.ldap("starttls")?,
+                K::CaFile => ldap.ca_file = t.ldap("ca_file")?,
+                K::BindDn => ldap.bind_dn = t.ldap("bind_dn")?,
+                K::BindPasswordFile => ldap.bind_password_file = t.ldap("bind_password_file")?,
+                K::BaseDn => ldap.base_dn = t.ldap("base_dn")?,
+                K::Filter => ldap.filter = t.ldap("filter")?,
+                K::CanonicalAttribute => {
+                    ldap.canonical_attribute = t.ldap("canonical_attribute")?
+                }
+                K::AliasAttributes => ldap.alias_attributes = t.ldap("alias_attributes")?,
+                K::RouteAttribute => ldap.route_attribute = t.ldap("route_attribute")?,
+                K::LegacyValue => ldap.legacy_value = t.ldap("legacy_value")?,
+                K::NewValue => ldap.new_value = t.ldap("new_value")?,
+                K::ChangeNotification => {
+                    ldap.change_notification = t.ldap("change_notification")?
+                }
+                K::PollSecs => ldap.poll_secs = t.ldap("poll_secs")?,
+            }
+        }
+        cfg.kind = match (kind, t.first_ldap) {
+            (KindName::Ldap, _) => DirectoryKind::Ldap(Box::new(ldap)),
+            (KindName::Embedded, None) => DirectoryKind::Embedded,
+            (KindName::Embedded, Some(key)) => {
+                return Err(de::Error::custom(format!(
+                    "directory.{key} is a key of kind = \"ldap\", not of kind = \"embedded\""
+                )))
+            }
+        };
+        Ok(cfg)
+    }
+}
+
+/// The `[directory]` table being read, and the first LDAP key met (named if the kind is not LDAP).
+struct DirectoryTable<A> {
+    map: A,
+    first_ldap: Option<&'static str>,
+}
+
+impl<'de, A: MapAccess<'de>> DirectoryTable<A> {
+    fn value<T: Deserialize<'de>>(&mut self) -> Result<T, A::Error> {
+        self.map.next_value()
+    }
+
+    fn ldap<T: Deserialize<'de>>(&mut self, key: &'static str) -> Result<T, A::Error> {
+        self.first_ldap.get_or_insert(key);
+        self.map.next_value()
+    }
+}
+
+/// `[state]`: a present section names `url`; the default applies when it is absent.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StateConfig {
@@ -299,50 +455,54 @@ impl Default for StateConfig {
 
 /// `[sync]`.
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct SyncConfig {
     /// Users synced at once.
-    #[serde(default = "default_concurrency")]
     pub concurrency: usize,
     /// Connections per backend.
-    #[serde(default = "default_per_backend")]
     pub per_backend: usize,
     /// Copy budget; 0 = unlimited.
-    #[serde(default)]
     pub bytes_per_second: u64,
     /// Seconds between incremental passes of a `syncing` user.
-    #[serde(default = "default_sync_interval")]
     pub interval_secs: u64,
     /// Regexes on the decoded, `/`-separated legacy folder path; matching folders are not synced.
-    #[serde(default)]
     pub exclude: Vec<String>,
     /// Rename rules applied in order (first match wins), like imapsync's `--regextrans2`.
-    #[serde(default)]
     pub rename: Vec<RenameRule>,
     /// Round trip per 256 KiB at or below which a backend never counts as slowing down (the
     /// adaptive backoff only acts above it and above 3× the backend's own recent best).
-    #[serde(default = "default_latency_floor_ms")]
     pub latency_floor_ms: u64,
     /// Keep users' own passwords from proxy logins in memory to sync backends that have no
     /// master user (DESIGN.md §5: "credentials captured at login only if configured").
-    #[serde(default)]
     pub capture_credentials: bool,
     /// How long a captured password is used after the login that brought it.
-    #[serde(default = "default_credentials_ttl")]
     pub credentials_ttl_secs: u64,
     /// Longest silence of a backend while the engine awaits a reply, before the pass fails with
     /// a timeout (and backs off, then retries). Unset: `[limits] backend_reply_secs`, at least 60.
-    #[serde(default)]
     pub reply_timeout_secs: Option<u64>,
 }
 
-fn default_credentials_ttl() -> u64 {
-    // A day: passes run every few minutes, and a user who uses mail logs in daily.
-    86_400
-}
+/// Default of `[sync] latency_floor_ms`, also the pacer's floor until a config sets one: a local
+/// IMAP server writes 256 KiB in a few to tens of milliseconds even when busy; a quarter of a
+/// second per unit means users notice too.
+pub const DEFAULT_LATENCY_FLOOR_MS: u64 = 250;
 
-fn default_latency_floor_ms() -> u64 {
-    crate::sync::pace::DEFAULT_FLOOR_MS
+impl Default for SyncConfig {
+    fn default() -> Self {
+        SyncConfig {
+            concurrency: 20,
+            per_backend: 10,
+            bytes_per_second: 0,
+            interval_secs: 300,
+            exclude: Vec::new(),
+            rename: Vec::new(),
+            latency_floor_ms: DEFAULT_LATENCY_FLOOR_MS,
+            capture_credentials: false,
+            // A day: passes run every few minutes, and a user who uses mail logs in daily.
+            credentials_ttl_secs: 86_400,
+            reply_timeout_secs: None,
+        }
+    }
 }
 
 /// One `[[sync.rename]]` rule: `from` is a regex on the decoded `/`-separated path, `to` its
@@ -356,94 +516,47 @@ pub struct RenameRule {
     pub to: String,
 }
 
-fn default_sync_interval() -> u64 {
-    300
-}
-
-fn default_concurrency() -> usize {
-    20
-}
-fn default_per_backend() -> usize {
-    10
-}
-
-impl Default for SyncConfig {
-    fn default() -> Self {
-        SyncConfig {
-            concurrency: default_concurrency(),
-            per_backend: default_per_backend(),
-            bytes_per_second: 0,
-            interval_secs: default_sync_interval(),
-            exclude: Vec::new(),
-            rename: Vec::new(),
-            latency_floor_ms: default_latency_floor_ms(),
-            capture_credentials: false,
-            credentials_ttl_secs: default_credentials_ttl(),
-            reply_timeout_secs: None,
-        }
-    }
-}
-
 /// `[proxy]`: IMAP proxy behaviour (an extension of the DESIGN.md contract).
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct ProxyConfig {
     /// Separator of `user*master` logins, as Dovecot's `auth_master_user_separator`.
-    #[serde(default = "default_master_separator")]
     pub master_user_separator: String,
     /// Backend that verifies a user's password when the routed backend uses `auth = "master"`.
-    #[serde(default)]
     pub password_backend: Route,
     /// Capabilities removed from the backend's post-login CAPABILITY (the splice cannot honour them).
-    #[serde(default = "default_strip_caps")]
     pub strip_capabilities: Vec<String>,
-}
-
-fn default_master_separator() -> String {
-    "*".into()
-}
-fn default_strip_caps() -> Vec<String> {
-    vec![
-        "COMPRESS=DEFLATE".into(),
-        "STARTTLS".into(),
-        "LOGINDISABLED".into(),
-    ]
 }
 
 impl Default for ProxyConfig {
     fn default() -> Self {
         ProxyConfig {
-            master_user_separator: default_master_separator(),
+            master_user_separator: "*".into(),
             password_backend: Route::Legacy,
-            strip_capabilities: default_strip_caps(),
+            strip_capabilities: vec![
+                "COMPRESS=DEFLATE".into(),
+                "STARTTLS".into(),
+                "LOGINDISABLED".into(),
+            ],
         }
     }
 }
 
-/// `[lmtp]`: LMTP proxy behaviour.
+/// `[lmtp]`: LMTP proxy behaviour. `lmtp::server::ServerLimits` takes its defaults from here.
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct LmtpConfig {
     /// Largest message accepted (SIZE), in bytes.
-    #[serde(default = "default_max_message")]
     pub max_message_size: u64,
     /// Name announced in the greeting and LHLO reply.
-    #[serde(default = "default_hostname")]
     pub hostname: String,
-}
-
-fn default_max_message() -> u64 {
-    50 * 1024 * 1024
-}
-fn default_hostname() -> String {
-    "mailferry".into()
 }
 
 impl Default for LmtpConfig {
     fn default() -> Self {
         LmtpConfig {
-            max_message_size: default_max_message(),
-            hostname: default_hostname(),
+            max_message_size: 50 * 1024 * 1024,
+            hostname: "mailferry".into(),
         }
     }
 }
@@ -498,11 +611,11 @@ impl Config {
                 ));
             }
         }
-        if self.directory.kind == DirectoryKind::Ldap {
+        if let DirectoryKind::Ldap(ldap) = &self.directory.kind {
             for (key, v) in [
-                ("url", &self.directory.url),
-                ("base_dn", &self.directory.base_dn),
-                ("route_attribute", &self.directory.route_attribute),
+                ("url", &ldap.url),
+                ("base_dn", &ldap.base_dn),
+                ("route_attribute", &ldap.route_attribute),
             ] {
                 if v.is_none() {
                     problems.push(format!("directory.kind = \"ldap\" needs directory.{key}"));
@@ -580,5 +693,167 @@ mod tests {
     fn unknown_keys_are_rejected() {
         let text = "[backends.legacy]\nimap=\"a:1\"\ncolour=1\n[backends.new]\nimap=\"b:1\"\n";
         assert!(Config::parse(text, Path::new("t.toml"), Path::new(".")).is_err());
+    }
+
+    /// Parses `extra` after two minimal backends.
+    fn parse(extra: &str) -> Result<Config, ConfigError> {
+        let text =
+            format!("[backends.legacy]\nimap = \"a:1\"\n[backends.new]\nimap = \"b:1\"\n{extra}");
+        Config::parse(&text, Path::new("t.toml"), Path::new("."))
+    }
+
+    #[test]
+    fn a_partial_section_keeps_the_other_defaults() {
+        let cfg = parse(
+            "[sync]\nconcurrency = 3\n[proxy]\nmaster_user_separator = \"%\"\n\
+             [lmtp]\nhostname = \"h\"\n[directory]\nreject_unknown = true\n",
+        )
+        .unwrap();
+        assert_eq!(cfg.sync.concurrency, 3);
+        assert_eq!(cfg.sync.per_backend, 10);
+        assert_eq!(cfg.sync.interval_secs, 300);
+        assert_eq!(cfg.sync.latency_floor_ms, DEFAULT_LATENCY_FLOOR_MS);
+        assert_eq!(cfg.sync.credentials_ttl_secs, 86_400);
+        assert_eq!(cfg.proxy.master_user_separator, "%");
+        assert_eq!(
+            cfg.proxy.strip_capabilities,
+            ProxyConfig::default().strip_capabilities
+        );
+        assert_eq!(cfg.lmtp.hostname, "h");
+        assert_eq!(cfg.lmtp.max_message_size, 50 * 1024 * 1024);
+        assert_eq!(
+            cfg.directory,
+            DirectoryConfig {
+                reject_unknown: true,
+                ..DirectoryConfig::default()
+            }
+        );
+        // A present [listen] enables only the listeners it names.
+        let cfg = parse("[listen]\nimap = \"127.0.0.1:1\"\n").unwrap();
+        assert_eq!(cfg.listen.imap, Some("127.0.0.1:1".parse().unwrap()));
+        assert_eq!(
+            (cfg.listen.imaps, cfg.listen.lmtp, cfg.listen.admin),
+            (None, None, None)
+        );
+    }
+
+    #[test]
+    fn the_directory_is_embedded_unless_told_otherwise() {
+        assert_eq!(parse("").unwrap().directory, DirectoryConfig::default());
+        let cfg = parse("[directory]\ndefault_route = \"new\"\ncache_ttl_secs = 5\n").unwrap();
+        assert_eq!(cfg.directory.kind, DirectoryKind::Embedded);
+        assert_eq!(cfg.directory.default_route, Route::New);
+        assert_eq!(cfg.directory.cache_ttl_secs, 5);
+        let cfg = parse("[directory]\nkind = \"embedded\"\n").unwrap();
+        assert_eq!(cfg.directory, DirectoryConfig::default());
+    }
+
+    #[test]
+    fn an_ldap_directory_parses_into_its_variant() {
+        let cfg = parse(
+            r#"
+            [directory]
+            url = "ldap://127.0.0.1:389"
+            default_route = "new"
+            kind = "ldap"
+            reject_unknown = true
+            starttls = false
+            ca_file = "certs/ldap-ca.pem"
+            bind_dn = "cn=mailferry,dc=example,dc=org"
+            bind_password_file = "config/ldap.secret"
+            base_dn = "ou=people,dc=example,dc=org"
+            filter = "(mail={user})"
+            canonical_attribute = "mail"
+            alias_attributes = ["mailAlternateAddress"]
+            route_attribute = "mailMigrationRoute"
+            legacy_value = "L"
+            new_value = "N"
+            change_notification = "poll"
+            poll_secs = 7
+            "#,
+        )
+        .unwrap();
+        assert_eq!(cfg.directory.default_route, Route::New);
+        assert!(cfg.directory.reject_unknown);
+        assert_eq!(cfg.directory.cache_ttl_secs, 30);
+        let DirectoryKind::Ldap(ldap) = &cfg.directory.kind else {
+            panic!("not ldap: {:?}", cfg.directory.kind)
+        };
+        let want = LdapConfig {
+            url: Some("ldap://127.0.0.1:389".into()),
+            starttls: false,
+            ca_file: Some("certs/ldap-ca.pem".into()),
+            bind_dn: Some("cn=mailferry,dc=example,dc=org".into()),
+            bind_password_file: Some("config/ldap.secret".into()),
+            base_dn: Some("ou=people,dc=example,dc=org".into()),
+            filter: Some("(mail={user})".into()),
+            canonical_attribute: Some("mail".into()),
+            alias_attributes: vec!["mailAlternateAddress".into()],
+            route_attribute: Some("mailMigrationRoute".into()),
+            legacy_value: Some("L".into()),
+            new_value: Some("N".into()),
+            change_notification: ChangeNotification::Poll,
+            poll_secs: 7,
+        };
+        assert_eq!(**ldap, want);
+        // Only the keys the LDAP directory cannot do without are required.
+        let cfg = parse("[directory]\nkind = \"ldap\"\nurl = \"ldap://h\"\nbase_dn = \"o=x\"\nroute_attribute = \"r\"\n")
+            .unwrap();
+        let DirectoryKind::Ldap(ldap) = cfg.directory.kind else {
+            panic!("not ldap")
+        };
+        assert!(ldap.starttls);
+        assert_eq!(ldap.change_notification, ChangeNotification::Auto);
+        assert_eq!(ldap.poll_secs, 2);
+    }
+
+    #[test]
+    fn an_ldap_directory_without_its_required_keys_is_invalid() {
+        let msg = parse("[directory]\nkind = \"ldap\"\n")
+            .unwrap_err()
+            .to_string();
+        for key in ["url", "base_dn", "route_attribute"] {
+            assert!(
+                msg.contains(&format!("directory.kind = \"ldap\" needs directory.{key}")),
+                "{msg}"
+            );
+        }
+    }
+
+    #[test]
+    fn unknown_directory_keys_are_rejected_at_their_line() {
+        for kind in ["embedded", "ldap"] {
+            let err = parse(&format!("[directory]\nkind = \"{kind}\"\ncolour = 1\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("unknown field `colour`"), "{err}");
+            assert!(err.contains("line 7"), "{err}");
+        }
+        let err = parse("[directory]\nkind = \"ldapx\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("unknown variant `ldapx`"), "{err}");
+        let err = parse("[directory]\ncache_ttl_secs = \"x\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("line 6") && err.contains("expected u64"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn ldap_keys_need_kind_ldap() {
+        for text in [
+            "[directory]\nbase_dn = \"o=x\"\n",
+            "[directory]\nkind = \"embedded\"\nbase_dn = \"o=x\"\n",
+            "[directory]\nbase_dn = \"o=x\"\nkind = \"embedded\"\n",
+        ] {
+            let err = parse(text).unwrap_err().to_string();
+            assert!(
+                err.contains("directory.base_dn is a key of kind = \"ldap\""),
+                "{err}"
+            );
+        }
     }
 }

@@ -6,6 +6,7 @@
 
 pub mod admin;
 pub mod backend;
+pub mod check;
 pub mod config;
 pub mod control;
 pub mod imap;

@@ -6,10 +6,14 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
-use hyper::Method;
-use mailferry::admin::client::{self, segment};
+use mailferry::admin::client::{AdminClient, ClientError};
 use mailferry::config::{read_secret, Config};
+use mailferry::control::{RouteChange, StateChange, UserView};
 use mailferry::route::Route;
+use serde::Serialize;
+
+/// Attempts of `sync --once` when a pass fails on a transient error.
+const SYNC_ONCE_ATTEMPTS: u32 = 3;
 
 #[derive(Parser)]
 #[command(
@@ -30,6 +34,9 @@ struct Cli {
     /// Log format.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Human)]
     log_format: LogFormat,
+    /// Machine-readable output (JSON on stdout); accepted before or after the command.
+    #[arg(long, global = true)]
+    json: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -59,9 +66,6 @@ enum Command {
         /// One pass now, without a server (continuous sync runs in `serve`: `user migrate`).
         #[arg(long)]
         once: bool,
-        /// Machine-readable output.
-        #[arg(long)]
-        json: bool,
         /// No progress bar.
         #[arg(long)]
         quiet: bool,
@@ -70,9 +74,6 @@ enum Command {
     Verify {
         /// The user's login.
         email: String,
-        /// Machine-readable output.
-        #[arg(long)]
-        json: bool,
     },
 }
 
@@ -82,9 +83,6 @@ enum UserCommand {
     Show {
         /// The user's login.
         email: String,
-        /// Machine-readable output.
-        #[arg(long)]
-        json: bool,
     },
     /// Force the route now; live sessions are told to reconnect.
     Route {
@@ -93,17 +91,11 @@ enum UserCommand {
         /// Where the user goes.
         #[arg(value_parser = parse_route)]
         route: Route,
-        /// Machine-readable output.
-        #[arg(long)]
-        json: bool,
     },
     /// State `syncing`: the server copies the user's mail in the background, then keeps it current.
     Migrate {
         /// The user's login.
         email: String,
-        /// Machine-readable output.
-        #[arg(long)]
-        json: bool,
     },
 }
 
@@ -147,6 +139,7 @@ fn init_logging(format: LogFormat) {
 }
 
 async fn run(cli: Cli) -> Result<ExitCode> {
+    let json = cli.json;
     match cli.command {
         Command::Serve => {
             let cfg = Config::load(&cli.config)?;
@@ -156,17 +149,21 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             mailferry::server::serve(cfg, metrics).await?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::CheckConfig => check_config(&cli.config).await,
+        Command::CheckConfig => match mailferry::check::check_config(&cli.config).await {
+            Ok(_) => {
+                println!("configuration OK");
+                Ok(ExitCode::SUCCESS)
+            }
+            Err(e) => {
+                println!("{e}");
+                Ok(ExitCode::from(1))
+            }
+        },
         Command::User { action } => {
             let cfg = Config::load(&cli.config)?;
-            user(&cfg, action).await
+            user(&cfg, action, json).await
         }
-        Command::Sync {
-            email,
-            once,
-            json,
-            quiet,
-        } => {
+        Command::Sync { email, once, quiet } => {
             if !once {
                 eprintln!("mailferry: only `sync EMAIL --once` runs without a server; `user migrate EMAIL` starts continuous sync");
                 return Ok(ExitCode::from(2));
@@ -174,7 +171,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             let cfg = Config::load(&cli.config)?;
             sync_once(&cfg, &email, json, quiet).await
         }
-        Command::Verify { email, json } => {
+        Command::Verify { email } => {
             let cfg = Config::load(&cli.config)?;
             verify(&cfg, &email, json).await
         }
@@ -231,7 +228,7 @@ async fn sync_once(cfg: &Config, email: &str, json: bool, quiet: bool) -> Result
             }
         })
     });
-    let result = pass_with_retry(&engine, &email, Some(progress), 3).await;
+    let result = pass_with_retry(&engine, &email, Some(progress), SYNC_ONCE_ATTEMPTS).await;
     if let Some(t) = ticker {
         t.abort();
     }
@@ -315,178 +312,130 @@ async fn verify(cfg: &Config, email: &str, json: bool) -> Result<ExitCode> {
     }
 }
 
-async fn check_config(path: &std::path::Path) -> Result<ExitCode> {
-    let cfg = match Config::load(path) {
-        Ok(cfg) => cfg,
-        Err(e) => {
-            println!("{e}");
-            return Ok(ExitCode::from(1));
-        }
-    };
-    let mut problems = Vec::new();
-    if let Err(e) =
-        mailferry::net::tls::server_config(&cfg.resolve(&cfg.tls.cert), &cfg.resolve(&cfg.tls.key))
-    {
-        problems.push(format!("tls: {e}"));
-    }
-    if let Err(e) = read_secret(&cfg.resolve(&cfg.admin.token_file)) {
-        problems.push(format!(
-            "admin.token_file {}: {e}",
-            cfg.admin.token_file.display()
-        ));
-    }
-    for route in [Route::Legacy, Route::New] {
-        let b = cfg.backends.get(route);
-        if let Some(f) = &b.master_password_file {
-            if let Err(e) = read_secret(&cfg.resolve(f)) {
-                problems.push(format!(
-                    "backends.{route}.master_password_file {}: {e}",
-                    f.display()
-                ));
-            }
-        }
-        if let Some(ca) = &b.ca_file {
-            if let Err(e) = mailferry::net::tls::client_config(Some(&cfg.resolve(ca))) {
-                problems.push(format!("backends.{route}.ca_file: {e}"));
-            }
-        }
-        let addrs = [("imap", Some(&b.imap)), ("lmtp", b.lmtp.as_ref())];
-        for (what, addr) in addrs {
-            let Some(addr) = addr else { continue };
-            let probe = tokio::time::timeout(
-                std::time::Duration::from_secs(3),
-                tokio::net::TcpStream::connect(addr.as_str()),
-            )
-            .await;
-            if !matches!(probe, Ok(Ok(_))) {
-                problems.push(format!("backends.{route}.{what} {addr} is unreachable"));
-            }
-        }
-    }
-    if let Err(e) = mailferry::server::open_directory(&cfg).await {
-        problems.push(format!("state/directory: {e}"));
-    }
-    if problems.is_empty() {
-        println!("configuration OK");
-        Ok(ExitCode::SUCCESS)
-    } else {
-        for p in &problems {
-            println!("- {p}");
-        }
-        Ok(ExitCode::from(1))
-    }
-}
-
-async fn user(cfg: &Config, action: UserCommand) -> Result<ExitCode> {
+async fn user(cfg: &Config, action: UserCommand, json: bool) -> Result<ExitCode> {
     let addr = cfg
         .listen
         .admin
         .context("listen.admin is not set: the CLI talks to the server through it")?;
     let token = read_secret(&cfg.resolve(&cfg.admin.token_file))
         .with_context(|| format!("reading {}", cfg.admin.token_file.display()))?;
-    let (method, path, body, json) = match &action {
-        UserCommand::Show { email, json } => (
-            Method::GET,
-            format!("/api/users/{}", segment(email)),
-            None,
-            *json,
-        ),
-        UserCommand::Route { email, route, json } => (
-            Method::PUT,
-            format!("/api/users/{}/route", segment(email)),
-            Some(serde_json::json!({ "route": route })),
-            *json,
-        ),
-        UserCommand::Migrate { email, json } => (
-            Method::POST,
-            format!("/api/users/{}/migrate", segment(email)),
-            None,
-            *json,
-        ),
+    let admin = AdminClient::new(addr, token);
+    let shown = match action {
+        UserCommand::Show { email } => admin
+            .show_user(&email)
+            .await
+            .map(|v| print_view(&v, json, print_user)),
+        UserCommand::Route { email, route } => admin
+            .set_route(&email, route)
+            .await
+            .map(|c| print_view(&c, json, print_route_change)),
+        UserCommand::Migrate { email } => admin
+            .migrate(&email)
+            .await
+            .map(|c| print_view(&c, json, print_migrated)),
     };
-    let resp = client::call(addr, &token, method, &path, body).await?;
-    if resp.status != 200 {
-        let msg = resp
-            .body
-            .get("error")
-            .and_then(|e| e.as_str())
-            .unwrap_or("request failed");
-        eprintln!("mailferry: server answered {}: {msg}", resp.status);
-        return Ok(ExitCode::from(if resp.status == 401 { 2 } else { 1 }));
+    match shown {
+        Ok(printed) => {
+            printed?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e @ ClientError::Refused { status, .. }) => {
+            eprintln!("mailferry: {e}");
+            Ok(ExitCode::from(if status == 401 { 2 } else { 1 }))
+        }
+        Err(e) => Err(e.into()),
     }
+}
+
+/// Prints what the server answered: as JSON with `--json`, else for a human.
+fn print_view<T: Serialize>(view: &T, json: bool, human: fn(&T)) -> Result<()> {
     if json {
-        println!("{}", resp.body);
-        return Ok(ExitCode::SUCCESS);
+        println!("{}", serde_json::to_string(view)?);
+    } else {
+        human(view);
     }
-    let b = &resp.body;
-    let s = |k: &str| b.get(k).and_then(|v| v.as_str()).unwrap_or("-").to_owned();
-    match action {
-        UserCommand::Show { .. } => {
-            println!("user:       {}", s("email"));
-            let known = b.get("known").and_then(|v| v.as_bool()).unwrap_or(false);
-            println!(
-                "route:      {}{}",
-                s("route"),
-                if known {
-                    ""
-                } else {
-                    " (default: not in directory)"
-                }
-            );
-            println!("state:      {}", s("state"));
-            println!(
-                "sessions:   {}",
-                b.get("sessions").and_then(|v| v.as_u64()).unwrap_or(0)
-            );
-            println!("last error: {}", s("last_error"));
-            if let Some(p) = b.get("sync") {
-                let n = |k: &str| p.get(k).and_then(|v| v.as_u64()).unwrap_or(0);
-                let pct = |a: u64, t: u64| {
-                    if t == 0 {
-                        100.0
-                    } else {
-                        a as f64 * 100.0 / t as f64
-                    }
-                };
-                println!(
-                    "sync:       {}/{} messages ({:.1}%), {:.1}/{:.1} MB, {} folders, {} passes",
-                    n("messages_copied"),
-                    n("messages_total"),
-                    pct(n("messages_copied"), n("messages_total")),
-                    n("bytes_copied") as f64 / 1e6,
-                    n("bytes_total") as f64 / 1e6,
-                    n("folders"),
-                    n("passes")
-                );
-                let last = p.get("last_pass_at").and_then(|v| v.as_i64());
-                let ago = last.map_or("never".to_string(), |t| {
-                    format!(
-                        "{} s ago, {} ms, {} appended",
-                        mailferry::store::now() - t,
-                        n("last_pass_ms"),
-                        n("last_appended")
-                    )
-                });
-                println!("last pass:  {ago}");
-                let err = p.get("last_error").and_then(|v| v.as_str()).unwrap_or("-");
-                println!("sync error: {err}");
-            }
+    Ok(())
+}
+
+fn print_user(v: &UserView) {
+    let or_dash = |s: &Option<String>| s.clone().unwrap_or_else(|| "-".into());
+    println!("user:       {}", v.email);
+    println!(
+        "route:      {}{}",
+        v.route,
+        if v.known {
+            ""
+        } else {
+            " (default: not in directory)"
         }
-        UserCommand::Migrate { .. } => {
-            println!(
-                "{} is now {}: background sync started",
-                s("email"),
-                s("state")
-            );
+    );
+    println!("state:      {}", v.state);
+    println!("sessions:   {}", v.sessions);
+    println!("last error: {}", or_dash(&v.last_error));
+    let p = &v.sync;
+    let pct = |a: u64, t: u64| {
+        if t == 0 {
+            100.0
+        } else {
+            a as f64 * 100.0 / t as f64
         }
-        UserCommand::Route { .. } => {
-            let kicked = b.get("kicked").and_then(|v| v.as_u64()).unwrap_or(0);
-            println!(
-                "{} now routed to {} ({kicked} live session(s) told to reconnect)",
-                s("email"),
-                s("route")
-            );
-        }
+    };
+    println!(
+        "sync:       {}/{} messages ({:.1}%), {:.1}/{:.1} MB, {} folders, {} passes",
+        p.messages_copied,
+        p.messages_total,
+        pct(p.messages_copied, p.messages_total),
+        p.bytes_copied as f64 / 1e6,
+        p.bytes_total as f64 / 1e6,
+        p.folders,
+        p.passes
+    );
+    let ago = p.last_pass_at.map_or("never".to_string(), |t| {
+        format!(
+            "{} s ago, {} ms, {} appended",
+            mailferry::store::now() - t,
+            p.last_pass_ms.unwrap_or(0),
+            p.last_appended.unwrap_or(0)
+        )
+    });
+    println!("last pass:  {ago}");
+    println!("sync error: {}", or_dash(&p.last_error));
+}
+
+fn print_route_change(c: &RouteChange) {
+    println!(
+        "{} now routed to {} ({} live session(s) told to reconnect)",
+        c.email, c.route, c.kicked
+    );
+}
+
+fn print_migrated(c: &StateChange) {
+    println!("{} is now {}: background sync started", c.email, c.state);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_cli_is_well_formed() {
+        Cli::command().debug_assert();
     }
-    Ok(ExitCode::SUCCESS)
+
+    #[test]
+    fn json_is_one_flag_accepted_before_or_after_the_command() {
+        for args in [
+            &["mailferry", "user", "show", "x@y", "--json"][..],
+            &["mailferry", "user", "show", "--json", "x@y"],
+            &["mailferry", "--json", "user", "show", "x@y"],
+            &["mailferry", "verify", "x@y", "--json"],
+            &["mailferry", "sync", "x@y", "--once", "--json"],
+        ] {
+            let cli = Cli::try_parse_from(args).unwrap();
+            assert!(cli.json, "{args:?}");
+        }
+        let cli = Cli::try_parse_from(["mailferry", "user", "show", "x@y"]).unwrap();
+        assert!(!cli.json);
+    }
 }

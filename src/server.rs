@@ -76,7 +76,7 @@ pub async fn open_directory(
     let store = SqlStore::open(&cfg.state.url).await?;
     let directory: Arc<dyn Directory> = match cfg.directory.kind {
         DirectoryKind::Embedded => Arc::new(EmbeddedDirectory::new(store.pool().clone())),
-        DirectoryKind::Ldap => {
+        DirectoryKind::Ldap(_) => {
             return Err(ServeError::Unsupported(
                 "directory.kind = \"ldap\" is not implemented yet".into(),
             ))

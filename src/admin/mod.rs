@@ -12,7 +12,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use metrics_exporter_prometheus::PrometheusHandle;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use crate::control::{Control, ControlError};
@@ -59,12 +59,22 @@ async fn require_token(State(state): State<Arc<AdminState>>, req: Request, next:
     if constant_time_eq(given.as_bytes(), state.token.expose().as_bytes()) {
         next.run(req).await
     } else {
-        (
+        refuse(
             StatusCode::UNAUTHORIZED,
-            Json(json!({"error": "missing or wrong bearer token"})),
+            "missing or wrong bearer token".into(),
         )
-            .into_response()
     }
+}
+
+/// The body of every refusal of `/api/*`; the CLI reads it back.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ApiError {
+    /// What went wrong, for a human.
+    pub error: String,
+}
+
+fn refuse(status: StatusCode, error: String) -> Response {
+    (status, Json(ApiError { error })).into_response()
 }
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
@@ -72,11 +82,7 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 }
 
 fn error(e: ControlError) -> Response {
-    (
-        StatusCode::SERVICE_UNAVAILABLE,
-        Json(json!({"error": e.to_string()})),
-    )
-        .into_response()
+    refuse(StatusCode::SERVICE_UNAVAILABLE, e.to_string())
 }
 
 async fn show_user(State(state): State<Arc<AdminState>>, Path(email): Path<String>) -> Response {
@@ -86,9 +92,11 @@ async fn show_user(State(state): State<Arc<AdminState>>, Path(email): Path<Strin
     }
 }
 
-#[derive(Deserialize)]
-struct RouteBody {
-    route: Route,
+/// Body of `PUT /api/users/{email}/route`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RouteBody {
+    /// Where the user goes.
+    pub route: Route,
 }
 
 async fn set_route(
@@ -115,11 +123,10 @@ async fn set_state(
     Json(body): Json<StateBody>,
 ) -> Response {
     let Ok(new_state) = body.state.parse::<crate::store::UserState>() else {
-        return (
+        return refuse(
             StatusCode::BAD_REQUEST,
-            Json(json!({"error": format!("unknown state {:?}", body.state)})),
-        )
-            .into_response();
+            format!("unknown state {:?}", body.state),
+        );
     };
     match state.control.set_state(&email, new_state).await {
         Ok(change) => Json(change).into_response(),
@@ -131,9 +138,7 @@ async fn set_state(
 async fn migrate(State(state): State<Arc<AdminState>>, Path(email): Path<String>) -> Response {
     match state.control.migrate(&email).await {
         Ok(change) => Json(change).into_response(),
-        Err(ControlError::Conflict(msg)) => {
-            (StatusCode::CONFLICT, Json(json!({"error": msg}))).into_response()
-        }
+        Err(ControlError::Conflict(msg)) => refuse(StatusCode::CONFLICT, msg),
         Err(e) => error(e),
     }
 }

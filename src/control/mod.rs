@@ -5,7 +5,7 @@ pub mod sessions;
 
 use std::sync::Arc;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::route::{DirectoryError, Route, RouteCache};
 use crate::store::sync::SyncProgress;
@@ -27,8 +27,8 @@ pub enum ControlError {
     Conflict(String),
 }
 
-/// What an operator sees of a user.
-#[derive(Debug, Clone, Serialize)]
+/// What an operator sees of a user (the admin API writes it, the CLI reads it).
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct UserView {
     /// Normalized login.
     pub email: String,
@@ -47,7 +47,7 @@ pub struct UserView {
 }
 
 /// The result of a route change.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RouteChange {
     /// Normalized login.
     pub email: String,
@@ -58,7 +58,7 @@ pub struct RouteChange {
 }
 
 /// The result of a state change.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct StateChange {
     /// Normalized login.
     pub email: String,

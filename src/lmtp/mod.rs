@@ -139,11 +139,7 @@ impl LmtpContext {
         deliveries: Arc<Deliveries>,
         shutdown: Shutdown,
     ) -> Self {
-        let server = ServerLimits {
-            hostname: cfg.lmtp.hostname.clone(),
-            max_message_size: cfg.lmtp.max_message_size,
-            ..ServerLimits::default()
-        };
+        let server = ServerLimits::from_config(&cfg.lmtp);
         let pool = |route: Route| {
             cfg.backends.get(route).lmtp.as_ref().map(|addr| {
                 Arc::new(BackendPool::new(

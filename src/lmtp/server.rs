@@ -14,6 +14,7 @@ use bytes::{Buf, BytesMut};
 
 use super::data::DataReceiver;
 use super::reply::Reply;
+use crate::config::LmtpConfig;
 
 /// Bounds and names of the server side.
 #[derive(Debug, Clone)]
@@ -30,11 +31,12 @@ pub struct ServerLimits {
     pub max_errors: u32,
 }
 
-impl Default for ServerLimits {
-    fn default() -> Self {
+impl ServerLimits {
+    /// The configured name and message size, with the fixed bounds below.
+    pub fn from_config(cfg: &LmtpConfig) -> Self {
         ServerLimits {
-            hostname: "mailferry".into(),
-            max_message_size: 50 * 1024 * 1024,
+            hostname: cfg.hostname.clone(),
+            max_message_size: cfg.max_message_size,
             // RFC 5321 §4.5.3.1.4 allows 512 octets plus extension parameters; Postfix's
             // line_length_limit is 2048. Generous, still small.
             max_line: 4096,
@@ -43,6 +45,13 @@ impl Default for ServerLimits {
             // Postfix's smtpd_hard_error_limit.
             max_errors: 20,
         }
+    }
+}
+
+impl Default for ServerLimits {
+    /// `[lmtp]`'s defaults.
+    fn default() -> Self {
+        ServerLimits::from_config(&LmtpConfig::default())
     }
 }
 

@@ -1,7 +1,7 @@
 //! Sync engine state: per-folder progress, the legacy UID → new UID map with content hashes,
 //! and per-user pass results. SQL valid for SQLite and PostgreSQL through sqlx `Any`.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 
 use super::{now, SqlStore, StoreError};
@@ -89,7 +89,7 @@ impl UidRow {
 }
 
 /// Per-user progress, as `user show` reports it.
-#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct SyncProgress {
     /// Folders known.
     pub folders: u64,

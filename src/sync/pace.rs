@@ -70,7 +70,7 @@ impl PaceConfig {
             recover_every: 4,
             pause: Duration::from_millis(250),
             max_pause: Duration::from_secs(8),
-            floor: Duration::from_millis(DEFAULT_FLOOR_MS),
+            floor: Duration::from_millis(crate::config::DEFAULT_LATENCY_FLOOR_MS),
         }
     }
 
@@ -80,10 +80,6 @@ impl PaceConfig {
         self
     }
 }
-
-/// Default latency floor: a local IMAP server writes 256 KiB in a few to tens of
-/// milliseconds even when busy; a quarter of a second per unit means users notice too.
-pub const DEFAULT_FLOOR_MS: u64 = 250;
 
 /// What a sample or an overload signal changed.
 #[derive(Debug, Clone, PartialEq)]
