@@ -157,6 +157,68 @@ pub struct Envelope {
     accepted: Vec<usize>,
 }
 
+/// A command of the envelope, which its reply answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum EnvelopeCmd {
+    Mail,
+    /// The RCPT of the recipient at this index.
+    Rcpt(usize),
+    Data,
+}
+
+impl EnvelopeCmd {
+    /// What a timeout waiting for its reply names.
+    fn reply_name(self) -> &'static str {
+        match self {
+            EnvelopeCmd::Mail => "MAIL reply",
+            EnvelopeCmd::Rcpt(_) => "RCPT reply",
+            EnvelopeCmd::Data => "DATA reply",
+        }
+    }
+}
+
+/// The envelope replies read so far.
+struct EnvelopeReplies {
+    /// Per recipient: its refusal, if refused.
+    outcomes: Vec<Option<RcptOutcome>>,
+    /// Indexes of the accepted recipients, in order.
+    accepted: Vec<usize>,
+    /// Whether any reply was read.
+    answered: bool,
+}
+
+impl EnvelopeReplies {
+    fn new(n: usize) -> Self {
+        EnvelopeReplies {
+            outcomes: vec![None; n],
+            accepted: Vec::with_capacity(n),
+            answered: false,
+        }
+    }
+
+    /// Ended by `e`: the recipients without a reply fail with it.
+    fn fail(self, e: ClientError) -> Transaction {
+        finish(self.outcomes, e, self.answered)
+    }
+
+    /// MAIL refused: every recipient gets that reply.
+    fn sender_refused(self, reply: Reply) -> Transaction {
+        Transaction {
+            outcomes: vec![RcptOutcome::Reply(reply); self.outcomes.len()],
+            error: None,
+            answered: self.answered,
+        }
+    }
+
+    /// DATA refused: the accepted recipients get that reply.
+    fn data_refused(mut self, reply: Reply) -> Transaction {
+        for &k in &self.accepted {
+            self.outcomes[k] = Some(RcptOutcome::Reply(reply.clone()));
+        }
+        complete(self.outcomes, self.answered)
+    }
+}
+
 /// One LMTP connection to a backend, past LHLO.
 #[derive(Debug)]
 pub struct BackendConn {
@@ -280,7 +342,32 @@ impl BackendConn {
         t: &ClientTimeouts,
     ) -> Result<Envelope, Transaction> {
         self.reusable = false;
-        let n = rcpts.len();
+        let cmds = self.envelope_commands(mail, rcpts);
+        let deadline = tokio::time::Instant::now() + t.reply;
+        if self.caps.pipelining {
+            let batch: Vec<&[u8]> = cmds.iter().map(|(_, line)| line.as_slice()).collect();
+            if let Err(e) = self.write(&batch.concat(), deadline).await {
+                return Err(Transaction::all_failed(rcpts.len(), e, false));
+            }
+        }
+        let replies = self
+            .envelope_replies(&cmds, EnvelopeReplies::new(rcpts.len()), deadline)
+            .await?;
+        if replies.accepted.is_empty() {
+            // Without pipelining DATA was not sent: the connection is clean. With it, getting
+            // here means a 354 although no recipient was accepted; the backend now waits for a
+            // message, so the connection is dropped rather than reused.
+            self.reusable = !self.caps.pipelining;
+            return Err(complete(replies.outcomes, replies.answered));
+        }
+        Ok(Envelope {
+            outcomes: replies.outcomes,
+            accepted: replies.accepted,
+        })
+    }
+
+    /// MAIL (with the parameters this backend offers), a RCPT per recipient, and DATA.
+    fn envelope_commands(&self, mail: &MailFrom, rcpts: &[String]) -> Vec<(EnvelopeCmd, Vec<u8>)> {
         let mut mail_cmd = format!("MAIL FROM:<{}>", mail.reverse_path);
         if mail.body == Some(BodyType::EightBitMime) && self.caps.eight_bit_mime {
             mail_cmd.push_str(" BODY=8BITMIME");
@@ -290,84 +377,68 @@ impl BackendConn {
             mail_cmd.push_str(&format!(" SIZE={size}"));
         }
         mail_cmd.push_str("\r\n");
-        let mut cmds: Vec<Vec<u8>> = Vec::with_capacity(n + 2);
-        cmds.push(mail_cmd.into_bytes());
-        for r in rcpts {
-            cmds.push(format!("RCPT TO:<{r}>\r\n").into_bytes());
+        let mut cmds = Vec::with_capacity(rcpts.len() + 2);
+        cmds.push((EnvelopeCmd::Mail, mail_cmd.into_bytes()));
+        for (k, r) in rcpts.iter().enumerate() {
+            cmds.push((
+                EnvelopeCmd::Rcpt(k),
+                format!("RCPT TO:<{r}>\r\n").into_bytes(),
+            ));
         }
-        cmds.push(b"DATA\r\n".to_vec());
+        cmds.push((EnvelopeCmd::Data, b"DATA\r\n".to_vec()));
+        cmds
+    }
 
-        let deadline = tokio::time::Instant::now() + t.reply;
-        let pipelining = self.caps.pipelining;
-        if pipelining {
-            if let Err(e) = self.write(&cmds.concat(), deadline).await {
-                return Err(Transaction::all_failed(n, e, false));
-            }
-        }
-        let mut answered = false;
-        let mut outcomes: Vec<Option<RcptOutcome>> = vec![None; n];
-        let mut accepted = Vec::with_capacity(n);
-        // Replies to MAIL, each RCPT and DATA, in that order.
-        for (i, cmd) in cmds.iter().enumerate() {
-            let is_data = i == n + 1;
-            if !pipelining {
-                if is_data && accepted.is_empty() {
+    /// Reads the replies to `cmds` in order, first writing each command unless they went out
+    /// pipelined, and records them in `replies`. Ends after DATA's 354, or before DATA when
+    /// no recipient was accepted and DATA is not sent yet. `Err` when a reply or a failure
+    /// ended the transaction.
+    async fn envelope_replies(
+        &mut self,
+        cmds: &[(EnvelopeCmd, Vec<u8>)],
+        mut replies: EnvelopeReplies,
+        deadline: tokio::time::Instant,
+    ) -> Result<EnvelopeReplies, Transaction> {
+        for &(cmd, ref line) in cmds {
+            if !self.caps.pipelining {
+                if cmd == EnvelopeCmd::Data && replies.accepted.is_empty() {
                     // Nothing to send the message to: end the transaction without DATA.
                     break;
                 }
-                if let Err(e) = self.write(cmd, deadline).await {
-                    return Err(finish(outcomes, e, answered));
+                if let Err(e) = self.write(line, deadline).await {
+                    return Err(replies.fail(e));
                 }
             }
-            let what = match i {
-                0 => "MAIL reply",
-                _ if is_data => "DATA reply",
-                _ => "RCPT reply",
-            };
-            let reply = match self.read_reply(deadline, what).await {
+            let reply = match self.read_reply(deadline, cmd.reply_name()).await {
                 Ok(r) => r,
-                Err(e) => return Err(finish(outcomes, e, answered)),
+                Err(e) => return Err(replies.fail(e)),
             };
-            answered = true;
-            if i == 0 {
-                if !reply.is_positive() {
+            replies.answered = true;
+            match cmd {
+                EnvelopeCmd::Mail if !reply.is_positive() => {
                     // The backend refused the sender: every recipient gets its answer. The
                     // pipelined RCPT/DATA replies are not read; the connection is dropped.
-                    return Err(Transaction {
-                        outcomes: vec![RcptOutcome::Reply(reply); n],
-                        error: None,
-                        answered,
-                    });
+                    return Err(replies.sender_refused(reply));
                 }
-            } else if !is_data {
-                if reply.code == 354 {
-                    return Err(finish(outcomes, ClientError::Unexpected(reply), answered));
+                EnvelopeCmd::Mail => {}
+                EnvelopeCmd::Rcpt(_) if reply.code == 354 => {
+                    return Err(replies.fail(ClientError::Unexpected(reply)));
                 }
-                if reply.is_positive() {
-                    accepted.push(i - 1);
-                } else {
-                    outcomes[i - 1] = Some(RcptOutcome::Reply(reply));
+                EnvelopeCmd::Rcpt(k) if reply.is_positive() => replies.accepted.push(k),
+                EnvelopeCmd::Rcpt(k) => replies.outcomes[k] = Some(RcptOutcome::Reply(reply)),
+                EnvelopeCmd::Data if reply.code == 354 => {}
+                EnvelopeCmd::Data if !replies.accepted.is_empty() && reply.is_positive() => {
+                    return Err(replies.fail(ClientError::Unexpected(reply)));
                 }
-            } else if reply.code != 354 {
-                if !accepted.is_empty() && reply.is_positive() {
-                    return Err(finish(outcomes, ClientError::Unexpected(reply), answered));
+                EnvelopeCmd::Data => {
+                    // DATA refused (or no recipient was accepted): the accepted ones get the
+                    // refusal. Every reply was read, so the connection is clean.
+                    self.reusable = true;
+                    return Err(replies.data_refused(reply));
                 }
-                // DATA refused (or no recipient was accepted): the accepted ones get the refusal.
-                for &k in &accepted {
-                    outcomes[k] = Some(RcptOutcome::Reply(reply.clone()));
-                }
-                self.reusable = true;
-                return Err(complete(outcomes, answered));
             }
         }
-        if accepted.is_empty() {
-            // Without pipelining DATA was not sent: the connection is clean. With it, getting
-            // here means a 354 although no recipient was accepted; the backend now waits for a
-            // message, so the connection is dropped rather than reused.
-            self.reusable = !pipelining;
-            return Err(complete(outcomes, answered));
-        }
-        Ok(Envelope { outcomes, accepted })
+        Ok(replies)
     }
 
     /// Sends the message after `envelope` and reads one reply per accepted recipient.
@@ -805,6 +876,47 @@ mod tests {
         assert_eq!(pool.idle_count(), 0, "a connection in DATA is never pooled");
         tokio::time::sleep(Duration::from_millis(100)).await;
         assert!(!got_body.load(std::sync::atomic::Ordering::SeqCst));
+    }
+
+    #[tokio::test]
+    async fn without_pipelining_data_waits_for_an_accepted_recipient() {
+        let saw_data = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let seen = saw_data.clone();
+        let addr = fake(move |line, in_data| match (*in_data, line) {
+            (true, ".") => {
+                *in_data = false;
+                Step::Say("250 2.0.0 <a@y> Saved\r\n".into())
+            }
+            (true, _) => Step::Silence,
+            (false, l) if l.starts_with("LHLO") => {
+                Step::Say("250-fake\r\n250-8BITMIME\r\n250 SIZE 1000\r\n".into())
+            }
+            (false, "DATA") => {
+                seen.store(true, std::sync::atomic::Ordering::SeqCst);
+                envelope(line, in_data)
+            }
+            _ => envelope(line, in_data),
+        })
+        .await;
+        let mut conn = BackendConn::connect(&addr, "proxy", &t()).await.unwrap();
+        assert!(!conn.capabilities().pipelining);
+        // Every recipient refused: DATA is never sent and the connection stays clean.
+        let tx = conn
+            .transaction(&mail(), &rcpts(&["b@y"]), b"hi\r\n.\r\n", &t())
+            .await;
+        assert!(tx.error.is_none(), "{tx:?}");
+        assert!(matches!(&tx.outcomes[0], RcptOutcome::Reply(r) if r.code == 550));
+        assert!(!saw_data.load(std::sync::atomic::Ordering::SeqCst));
+        assert!(conn.is_reusable());
+        // The same connection then carries a transaction with one accepted recipient.
+        let tx = conn
+            .transaction(&mail(), &rcpts(&["a@y", "b@y"]), b"hi\r\n.\r\n", &t())
+            .await;
+        assert!(tx.error.is_none(), "{tx:?}");
+        assert!(matches!(&tx.outcomes[0], RcptOutcome::Reply(r) if r.code == 250));
+        assert!(matches!(&tx.outcomes[1], RcptOutcome::Reply(r) if r.code == 550));
+        assert!(saw_data.load(std::sync::atomic::Ordering::SeqCst));
+        assert!(conn.is_reusable());
     }
 
     #[tokio::test]

@@ -85,70 +85,67 @@ impl DataReceiver {
     pub fn feed(&mut self, input: &[u8]) -> (usize, bool) {
         let mut i = 0;
         while i < input.len() {
-            match self.state {
-                State::Mid => match memchr2(b'\r', b'\n', &input[i..]) {
-                    None => {
-                        self.emit(&input[i..]);
-                        i = input.len();
-                    }
-                    Some(k) => {
-                        let b = input[i + k];
-                        self.emit(&input[i..i + k]);
-                        i += k + 1;
-                        if b == b'\r' {
-                            self.state = State::Cr;
-                        } else {
-                            // Bare LF: a line end for the backend, never a place a `.` ends DATA.
-                            self.bare();
-                        }
-                    }
-                },
-                State::LineStart => {
-                    let b = input[i];
-                    i += 1;
-                    self.state = match b {
-                        b'.' => State::Dot,
-                        b'\r' => State::Cr,
-                        b'\n' => {
-                            self.bare();
-                            State::Mid
-                        }
-                        _ => {
-                            self.emit(&[b]);
-                            State::Mid
-                        }
-                    };
-                }
-                State::Dot => {
-                    if input[i] == b'\r' {
-                        i += 1;
-                        self.state = State::DotCr;
-                    } else {
-                        // A stuffed dot: dropped (RFC 5321 §4.5.2); the byte is read as line content.
-                        self.state = State::Mid;
-                    }
-                }
-                State::DotCr => {
-                    if input[i] == b'\n' {
-                        return (i + 1, true);
-                    }
-                    // `.\r` then something else: the dot was stuffing, the CR is bare.
-                    self.bare();
-                    self.state = State::Mid;
-                }
-                State::Cr => {
-                    if input[i] == b'\n' {
-                        i += 1;
-                        self.emit(CRLF);
-                        self.state = State::LineStart;
-                    } else {
-                        self.bare();
-                        self.state = State::Mid;
-                    }
-                }
+            match self.step(&input[i..]) {
+                Some(took) => i += took,
+                None => return (i + 1, true),
             }
         }
         (i, false)
+    }
+
+    /// One move on `rest` (not empty): the bytes consumed, 0 when the first byte is to be
+    /// read again in the new state, or `None` when it is the LF of the end-of-data line.
+    fn step(&mut self, rest: &[u8]) -> Option<usize> {
+        let b = rest[0];
+        let (next, took) = match (self.state, b) {
+            (State::Mid, _) => return Some(self.line_content(rest)),
+            (State::LineStart, b'.') => (State::Dot, 1),
+            (State::LineStart, b'\r') => (State::Cr, 1),
+            (State::LineStart, b'\n') => {
+                self.bare();
+                (State::Mid, 1)
+            }
+            (State::LineStart, _) => {
+                self.emit(&[b]);
+                (State::Mid, 1)
+            }
+            (State::Dot, b'\r') => (State::DotCr, 1),
+            // A stuffed dot: dropped (RFC 5321 §4.5.2); the byte is read as line content.
+            (State::Dot, _) => (State::Mid, 0),
+            (State::DotCr, b'\n') => return None,
+            // `.\r` then something else: the dot was stuffing, the CR is bare.
+            (State::DotCr, _) => {
+                self.bare();
+                (State::Mid, 0)
+            }
+            (State::Cr, b'\n') => {
+                self.emit(CRLF);
+                (State::LineStart, 1)
+            }
+            (State::Cr, _) => {
+                self.bare();
+                (State::Mid, 0)
+            }
+        };
+        self.state = next;
+        Some(took)
+    }
+
+    /// Inside a line: keeps the bytes up to the next CR or LF in one go and returns how many
+    /// bytes it consumed, that CR or LF included.
+    fn line_content(&mut self, rest: &[u8]) -> usize {
+        let Some(k) = memchr2(b'\r', b'\n', rest) else {
+            self.emit(rest);
+            return rest.len();
+        };
+        self.emit(&rest[..k]);
+        if rest[k] == b'\r' {
+            self.state = State::Cr;
+        } else {
+            // Bare LF: a line end for the backend, never a place a `.` ends DATA.
+            self.bare();
+        }
+        k + 1
     }
 
     /// Message bytes held so far (0 once over the limit).

@@ -17,7 +17,7 @@ use tokio::sync::oneshot;
 
 use tracing::{info, warn};
 
-use super::client::{ClientError, RcptOutcome, Transaction};
+use super::client::{BackendPool, ClientError, RcptOutcome, Transaction};
 use super::data::stuff;
 use super::reply::Reply;
 use super::server::{MailFrom, Message};
@@ -58,6 +58,11 @@ impl Plan {
     /// Unique recipients: (routing key, address).
     pub fn unique(&self) -> &[(String, String)] {
         &self.unique
+    }
+
+    /// The addresses of the unique recipients `members`, as first given.
+    fn addresses(&self, members: &[usize]) -> Vec<String> {
+        members.iter().map(|&u| self.unique[u].1.clone()).collect()
     }
 
     /// One reply per RCPT, from one reply per unique recipient.
@@ -133,6 +138,21 @@ struct Early {
     opened: Instant,
 }
 
+impl Early {
+    /// Whether this transaction may carry the message of `route`'s group `members`: young
+    /// enough, on that backend, and for exactly those recipients in that order.
+    fn fits(&self, route: Route, members: &[usize], plan: &Plan) -> bool {
+        self.opened.elapsed() < EARLY_MAX_WAIT
+            && self.route == route
+            && self.keys.len() == members.len()
+            && self
+                .keys
+                .iter()
+                .zip(members)
+                .all(|(k, &u)| *k == plan.unique()[u].0)
+    }
+}
+
 /// Longest an early transaction may wait for its message. The backend sees no byte while the
 /// client uploads, and would time the session out (Dovecot: 5 minutes idle); a transaction
 /// older than this is abandoned and a fresh one run instead.
@@ -162,10 +182,7 @@ pub async fn prepare(ctx: &LmtpContext, mail: &MailFrom, rcpts: &[(String, Strin
         let Some(pool) = ctx.pool(route).cloned() else {
             continue;
         };
-        let addrs: Vec<String> = members
-            .iter()
-            .map(|&u| plan.unique()[u].1.clone())
-            .collect();
+        let addrs = plan.addresses(&members);
         let keys = members
             .iter()
             .map(|&u| plan.unique()[u].0.clone())
@@ -187,15 +204,6 @@ pub async fn prepare(ctx: &LmtpContext, mail: &MailFrom, rcpts: &[(String, Strin
     Prepared { early }
 }
 
-async fn maybe<F: Future>(f: Option<F>) -> Option<F::Output> {
-    match f {
-        Some(f) => Some(f.await),
-        None => None,
-    }
-}
-
-type Run<'a> = Pin<Box<dyn Future<Output = (Route, Vec<usize>, Transaction)> + Send + 'a>>;
-
 /// Delivers a complete message; returns exactly one reply per RCPT of `msg`, in order. The
 /// recipient data is the routing key (normalized user) chosen at RCPT time. `prepared` holds
 /// the transactions `prepare` started when DATA began, if any.
@@ -210,17 +218,59 @@ pub async fn deliver(
             .iter()
             .map(|(addr, key)| (key.as_str(), addr.as_str())),
     );
+    let Routing {
+        mut replies,
+        routes,
+        slots,
+    } = route_again(ctx, &plan).await;
+    let outgoing = Outgoing {
+        ctx,
+        plan: &plan,
+        mail: &msg.mail,
+        wire: Bytes::from(stuff(&msg.body)),
+    };
+    let early = prepared.map(|p| p.early).unwrap_or_default();
+    let runs = outgoing.start_runs(&routes, early);
+    let results = finish_runs(ctx, runs).await;
+    let size = msg.body.len();
+    let tally = record_replies(&plan, results, size, &mut replies);
+    // The backends have answered: the cutover sequence may go on.
+    drop(slots);
+
+    let unique: Vec<Reply> = replies
+        .into_iter()
+        .map(|r| r.unwrap_or_else(|| Reply::new(451, "4.3.0 Internal error, try again later")))
+        .collect();
+    let out = plan.zip(&unique);
+    tally.log_summary(&out, size, msg.normalised, started);
+    out
+}
+
+/// Where each unique recipient of a complete message goes, decided again after DATA.
+struct Routing {
+    /// Per unique recipient: its 4xx if it was deferred here.
+    replies: Vec<Option<Reply>>,
+    /// Per unique recipient: its backend, if it was not deferred.
+    routes: Vec<Option<Route>>,
+    /// Held until the backends have answered: the cutover sequence waits for these. Taken
+    /// before any message byte goes to a backend.
+    slots: Vec<InFlight>,
+}
+
+/// Takes an in-flight slot and asks the route again for each unique recipient, deferring
+/// those now being cut over, unroutable, or without a backend LMTP.
+async fn route_again(ctx: &LmtpContext, plan: &Plan) -> Routing {
     let n = plan.unique().len();
-    let mut replies: Vec<Option<Reply>> = vec![None; n];
-    let mut routes: Vec<Option<Route>> = vec![None; n];
-    // Held until the backends have answered: the cutover sequence waits for these. Taken
-    // before any message byte goes to a backend.
-    let mut slots: Vec<InFlight> = Vec::with_capacity(n);
+    let mut routing = Routing {
+        replies: vec![None; n],
+        routes: vec![None; n],
+        slots: Vec::with_capacity(n),
+    };
     for (u, (key, address)) in plan.unique().iter().enumerate() {
         // Checked again now, not only at RCPT: a cutover may have started since.
         let Some(slot) = ctx.deliveries.begin(key) else {
             deferred("cutover");
-            replies[u] = Some(cutover_reply(address));
+            routing.replies[u] = Some(cutover_reply(address));
             continue;
         };
         // And the route asked again (a cache hit unless it changed): a cutover may have
@@ -229,62 +279,98 @@ pub async fn deliver(
             Err(e) => {
                 warn!(user = %key, error = %e, "directory lookup failed after DATA");
                 deferred("directory");
-                replies[u] = Some(directory_reply(address));
+                routing.replies[u] = Some(directory_reply(address));
             }
             Ok(lookup) if ctx.pool(lookup.route).is_none() => {
                 deferred("no_backend");
-                replies[u] = Some(no_backend_reply(address, lookup.route));
+                routing.replies[u] = Some(no_backend_reply(address, lookup.route));
             }
             Ok(lookup) => {
-                routes[u] = Some(lookup.route);
-                slots.push(slot);
+                routing.routes[u] = Some(lookup.route);
+                routing.slots.push(slot);
             }
         }
     }
+    routing
+}
 
-    let wire = Bytes::from(stuff(&msg.body));
-    let size = msg.body.len();
-    let mut early = prepared.map(|p| p.early).unwrap_or_default();
-    let mut runs: Vec<Run<'_>> = Vec::new();
-    for (route, members) in group(&routes) {
-        let same = |e: &Early| {
-            e.opened.elapsed() < EARLY_MAX_WAIT
-                && e.route == route
-                && e.keys.len() == members.len()
-                && e.keys
-                    .iter()
-                    .zip(&members)
-                    .all(|(k, &u)| *k == plan.unique()[u].0)
-        };
-        if let Some(i) = early.iter().position(same) {
-            let e = early.swap_remove(i);
-            // If its envelope already ended (refusals, failure) the message is not needed
-            // and this send goes nowhere; the result says what happened.
-            let _ = e.body.send(wire.clone());
-            let count = members.len();
-            runs.push(Box::pin(async move {
-                let tx = e.result.await.unwrap_or_else(|_| {
-                    Transaction::all_failed(count, ClientError::Abandoned, true)
-                });
-                (route, members, tx)
-            }));
-        } else if let Some(pool) = ctx.pool(route) {
-            let addrs: Vec<String> = members
+/// One backend transaction for a group of unique recipients, ready to be awaited.
+type Run<'a> = Pin<Box<dyn Future<Output = (Route, Vec<usize>, Transaction)> + Send + 'a>>;
+
+/// What every backend run of one message shares.
+struct Outgoing<'a> {
+    ctx: &'a LmtpContext,
+    plan: &'a Plan,
+    mail: &'a MailFrom,
+    /// The message dot-stuffed and terminated, as a backend gets it after 354.
+    wire: Bytes,
+}
+
+impl<'a> Outgoing<'a> {
+    /// One run per backend group: on the early transaction opened for exactly that group,
+    /// else on a fresh one.
+    fn start_runs(&self, routes: &[Option<Route>], mut early: Vec<Early>) -> Vec<Run<'a>> {
+        let mut runs: Vec<Run<'a>> = Vec::new();
+        for (route, members) in group(routes) {
+            if let Some(i) = early
                 .iter()
-                .map(|&u| plan.unique()[u].1.clone())
-                .collect();
-            let (mail, wire) = (&msg.mail, wire.clone());
-            runs.push(Box::pin(async move {
-                let tx = pool
-                    .deliver(mail, &addrs, &wire, &ctx.timeouts.client)
-                    .await;
-                (route, members, tx)
-            }));
+                .position(|e| e.fits(route, &members, self.plan))
+            {
+                runs.push(self.resume(early.swap_remove(i), route, members));
+            } else if let Some(pool) = self.ctx.pool(route) {
+                runs.push(self.fresh(pool, route, members));
+            }
         }
+        // Early transactions that no longer match (a recipient deferred or moved since DATA
+        // began) are abandoned before their message: those backends store nothing.
+        drop(early);
+        runs
     }
-    // Early transactions that no longer match (a recipient deferred or moved since DATA
-    // began) are abandoned before their message: those backends store nothing.
-    drop(early);
+
+    /// Hands the message to an early transaction; the run yields its result.
+    fn resume(&self, e: Early, route: Route, members: Vec<usize>) -> Run<'a> {
+        // If its envelope already ended (refusals, failure) the message is not needed and
+        // this send goes nowhere; the result says what happened.
+        let _ = e.body.send(self.wire.clone());
+        let count = members.len();
+        Box::pin(async move {
+            let tx = e
+                .result
+                .await
+                .unwrap_or_else(|_| Transaction::all_failed(count, ClientError::Abandoned, true));
+            (route, members, tx)
+        })
+    }
+
+    /// A whole transaction (envelope and message) on `pool` for `members`.
+    fn fresh(&self, pool: &'a BackendPool, route: Route, members: Vec<usize>) -> Run<'a> {
+        let addrs = self.plan.addresses(&members);
+        let (mail, wire, t) = (self.mail, self.wire.clone(), &self.ctx.timeouts.client);
+        Box::pin(async move {
+            let tx = pool.deliver(mail, &addrs, &wire, t).await;
+            (route, members, tx)
+        })
+    }
+}
+
+/// What one backend transaction gave its group.
+struct GroupResult {
+    route: Route,
+    /// Unique-recipient indexes of the group, in the order of `outcomes`.
+    members: Vec<usize>,
+    outcomes: Vec<RcptOutcome>,
+}
+
+async fn maybe<F: Future>(f: Option<F>) -> Option<F::Output> {
+    match f {
+        Some(f) => Some(f.await),
+        None => None,
+    }
+}
+
+/// Runs the backend transactions concurrently (one per backend: at most two) and logs those
+/// that failed.
+async fn finish_runs(ctx: &LmtpContext, runs: Vec<Run<'_>>) -> Vec<GroupResult> {
     let mut runs = runs.into_iter();
     let (a, b) = tokio::join!(maybe(runs.next()), maybe(runs.next()));
     let mut results = Vec::with_capacity(2);
@@ -293,39 +379,76 @@ pub async fn deliver(
             let addr = ctx.pool(route).map_or("", |p| p.addr.as_str());
             warn!(backend = %route, addr = %addr, error = %e, "backend LMTP transaction failed");
         }
-        results.push((route, members, tx.outcomes));
+        results.push(GroupResult {
+            route,
+            members,
+            outcomes: tx.outcomes,
+        });
     }
-    let mut delivered = [0usize; 2];
-    let mut failed = 0usize;
-    for (route, members, outcomes) in results {
+    results
+}
+
+/// Recipients counted for the summary line.
+#[derive(Default)]
+struct Tally {
+    /// Stored, per backend: legacy, new.
+    delivered: [usize; 2],
+    /// Not stored (deferred or rejected by a backend).
+    failed: usize,
+}
+
+impl Tally {
+    /// Counts one backend reply; returns its outcome label for the metrics.
+    fn count(&mut self, route: Route, reply: &Reply) -> &'static str {
+        if reply.is_positive() {
+            self.delivered[(route == Route::New) as usize] += 1;
+            "delivered"
+        } else if reply.is_transient() {
+            self.failed += 1;
+            deferred("backend");
+            "deferred"
+        } else {
+            self.failed += 1;
+            "rejected"
+        }
+    }
+
+    /// The one line logged per message, with `out` its replies (one per RCPT).
+    fn log_summary(&self, out: &[Reply], size: usize, normalised: u64, started: Instant) {
+        info!(
+            rcpts = out.len(),
+            size,
+            legacy = self.delivered[0],
+            new = self.delivered[1],
+            not_delivered = out.iter().filter(|r| !r.is_positive()).count(),
+            backend_failures = self.failed,
+            normalised,
+            ms = started.elapsed().as_millis() as u64,
+            "message handled"
+        );
+    }
+}
+
+/// Puts each backend outcome as its recipient's reply into `replies` (per unique recipient),
+/// counting deliveries and stored bytes (`size` once per backend that stored the message).
+fn record_replies(
+    plan: &Plan,
+    results: Vec<GroupResult>,
+    size: usize,
+    replies: &mut [Option<Reply>],
+) -> Tally {
+    let mut tally = Tally::default();
+    for GroupResult {
+        route,
+        members,
+        outcomes,
+    } in results
+    {
         let mut any_stored = false;
         for (k, &u) in members.iter().enumerate() {
-            let address = &plan.unique()[u].1;
-            let reply = match outcomes.get(k) {
-                Some(RcptOutcome::Reply(r)) => r.clone(),
-                Some(RcptOutcome::Failed { status, reason }) => Reply::new(
-                    451,
-                    format!(
-                        "{status} <{address}> Backend {route} failed ({reason}), try again later"
-                    ),
-                ),
-                None => Reply::new(
-                    451,
-                    format!("4.3.0 <{address}> Internal error, try again later"),
-                ),
-            };
-            let outcome = if reply.is_positive() {
-                any_stored = true;
-                delivered[(route == Route::New) as usize] += 1;
-                "delivered"
-            } else if reply.is_transient() {
-                failed += 1;
-                deferred("backend");
-                "deferred"
-            } else {
-                failed += 1;
-                "rejected"
-            };
+            let reply = backend_reply(route, &plan.unique()[u].1, outcomes.get(k));
+            any_stored |= reply.is_positive();
+            let outcome = tally.count(route, &reply);
             metrics::counter!("mailferry_lmtp_deliveries_total", "backend" => route.as_str(), "outcome" => outcome)
                 .increment(1);
             replies[u] = Some(reply);
@@ -335,25 +458,23 @@ pub async fn deliver(
                 .increment(size as u64);
         }
     }
-    drop(slots);
+    tally
+}
 
-    let unique: Vec<Reply> = replies
-        .into_iter()
-        .map(|r| r.unwrap_or_else(|| Reply::new(451, "4.3.0 Internal error, try again later")))
-        .collect();
-    let out = plan.zip(&unique);
-    info!(
-        rcpts = out.len(),
-        size,
-        legacy = delivered[0],
-        new = delivered[1],
-        not_delivered = out.iter().filter(|r| !r.is_positive()).count(),
-        backend_failures = failed,
-        normalised = msg.normalised,
-        ms = started.elapsed().as_millis() as u64,
-        "message handled"
-    );
-    out
+/// The reply for `address` from its backend's outcome: the backend's own, or a 451 when it
+/// gave none.
+fn backend_reply(route: Route, address: &str, outcome: Option<&RcptOutcome>) -> Reply {
+    match outcome {
+        Some(RcptOutcome::Reply(r)) => r.clone(),
+        Some(RcptOutcome::Failed { status, reason }) => Reply::new(
+            451,
+            format!("{status} <{address}> Backend {route} failed ({reason}), try again later"),
+        ),
+        None => Reply::new(
+            451,
+            format!("4.3.0 <{address}> Internal error, try again later"),
+        ),
+    }
 }
 
 #[cfg(test)]

@@ -122,68 +122,10 @@ pub fn parse_command(line: &[u8]) -> Result<Command, Reply> {
         }
     };
     match verb.as_slice() {
-        b"LHLO" => {
-            let host = trim(arg).split(|&b| b == b' ').next().unwrap_or(b"");
-            if host.is_empty() || !host.iter().all(|b| (0x21..0x7f).contains(b)) {
-                return Err(syntax(501, "5.5.4 Syntax: LHLO hostname"));
-            }
-            Ok(Command::Lhlo(String::from_utf8_lossy(host).into_owned()))
-        }
+        b"LHLO" => parse_lhlo(arg),
         b"HELO" | b"EHLO" => Ok(Command::SmtpGreeting),
-        b"MAIL" => {
-            let rest = strip_prefix_ci(arg, b"FROM:")
-                .ok_or_else(|| syntax(501, "5.5.4 Syntax: MAIL FROM:<address>"))?;
-            let (path, params) =
-                parse_path(rest).ok_or_else(|| syntax(501, "5.1.7 Bad sender address syntax"))?;
-            let mut mail = MailFrom {
-                reverse_path: path,
-                size: None,
-                body: None,
-            };
-            for param in params.split(|&b| b == b' ').filter(|p| !p.is_empty()) {
-                let (key, value) = match param.iter().position(|&b| b == b'=') {
-                    Some(i) => (&param[..i], Some(&param[i + 1..])),
-                    None => (param, None),
-                };
-                let key = key.to_ascii_uppercase();
-                match (key.as_slice(), value) {
-                    (b"SIZE", Some(v)) if mail.size.is_none() => {
-                        if v.is_empty() || v.len() > 20 || !v.iter().all(u8::is_ascii_digit) {
-                            return Err(syntax(501, "5.5.4 Bad SIZE parameter"));
-                        }
-                        // 20 digits may overflow: such a size is too large in any case.
-                        let n = std::str::from_utf8(v).ok().and_then(|s| s.parse().ok());
-                        mail.size = Some(n.unwrap_or(u64::MAX));
-                    }
-                    (b"BODY", Some(v)) if mail.body.is_none() => {
-                        mail.body = Some(match v.to_ascii_uppercase().as_slice() {
-                            b"7BIT" => BodyType::SevenBit,
-                            b"8BITMIME" => BodyType::EightBitMime,
-                            _ => return Err(syntax(501, "5.5.4 Bad BODY parameter")),
-                        });
-                    }
-                    (b"SIZE" | b"BODY", _) => {
-                        return Err(syntax(501, "5.5.4 Bad or repeated parameter"));
-                    }
-                    _ => return Err(syntax(555, "5.5.4 Unsupported MAIL parameter")),
-                }
-            }
-            Ok(Command::Mail(mail))
-        }
-        b"RCPT" => {
-            let rest = strip_prefix_ci(arg, b"TO:")
-                .ok_or_else(|| syntax(501, "5.5.4 Syntax: RCPT TO:<address>"))?;
-            let (path, params) = parse_path(rest)
-                .ok_or_else(|| syntax(501, "5.1.3 Bad recipient address syntax"))?;
-            if path.is_empty() {
-                return Err(syntax(501, "5.1.3 Bad recipient address syntax"));
-            }
-            if params.iter().any(|&b| b != b' ') {
-                // No extension with RCPT parameters is advertised (no DSN).
-                return Err(syntax(555, "5.5.4 Unsupported RCPT parameter"));
-            }
-            Ok(Command::Rcpt(path))
-        }
+        b"MAIL" => parse_mail(arg),
+        b"RCPT" => parse_rcpt(arg),
         b"DATA" => no_arg(Command::Data, "DATA"),
         b"RSET" => no_arg(Command::Rset, "RSET"),
         b"QUIT" => no_arg(Command::Quit, "QUIT"),
@@ -193,6 +135,79 @@ pub fn parse_command(line: &[u8]) -> Result<Command, Reply> {
         | b"XFORWARD" | b"SEND" | b"SOML" | b"SAML" => Ok(Command::NotImplemented),
         _ => Err(syntax(500, "5.5.2 Command unrecognized")),
     }
+}
+
+/// `LHLO domain`: the first word, printable ASCII.
+fn parse_lhlo(arg: &[u8]) -> Result<Command, Reply> {
+    let host = trim(arg).split(|&b| b == b' ').next().unwrap_or(b"");
+    if host.is_empty() || !host.iter().all(|b| (0x21..0x7f).contains(b)) {
+        return Err(syntax(501, "5.5.4 Syntax: LHLO hostname"));
+    }
+    Ok(Command::Lhlo(String::from_utf8_lossy(host).into_owned()))
+}
+
+/// `MAIL FROM:<path>` with the SIZE and BODY parameters, each at most once.
+fn parse_mail(arg: &[u8]) -> Result<Command, Reply> {
+    let rest = strip_prefix_ci(arg, b"FROM:")
+        .ok_or_else(|| syntax(501, "5.5.4 Syntax: MAIL FROM:<address>"))?;
+    let (path, params) =
+        parse_path(rest).ok_or_else(|| syntax(501, "5.1.7 Bad sender address syntax"))?;
+    let mut mail = MailFrom {
+        reverse_path: path,
+        size: None,
+        body: None,
+    };
+    for param in params.split(|&b| b == b' ').filter(|p| !p.is_empty()) {
+        mail_param(&mut mail, param)?;
+    }
+    Ok(Command::Mail(mail))
+}
+
+/// One `KEY[=VALUE]` parameter of MAIL, set in `mail`.
+fn mail_param(mail: &mut MailFrom, param: &[u8]) -> Result<(), Reply> {
+    let (key, value) = match param.iter().position(|&b| b == b'=') {
+        Some(i) => (&param[..i], Some(&param[i + 1..])),
+        None => (param, None),
+    };
+    let key = key.to_ascii_uppercase();
+    match (key.as_slice(), value) {
+        (b"SIZE", Some(v)) if mail.size.is_none() => {
+            if v.is_empty() || v.len() > 20 || !v.iter().all(u8::is_ascii_digit) {
+                return Err(syntax(501, "5.5.4 Bad SIZE parameter"));
+            }
+            // 20 digits may overflow: such a size is too large in any case.
+            let n = std::str::from_utf8(v).ok().and_then(|s| s.parse().ok());
+            mail.size = Some(n.unwrap_or(u64::MAX));
+        }
+        (b"BODY", Some(v)) if mail.body.is_none() => {
+            mail.body = Some(match v.to_ascii_uppercase().as_slice() {
+                b"7BIT" => BodyType::SevenBit,
+                b"8BITMIME" => BodyType::EightBitMime,
+                _ => return Err(syntax(501, "5.5.4 Bad BODY parameter")),
+            });
+        }
+        (b"SIZE" | b"BODY", _) => {
+            return Err(syntax(501, "5.5.4 Bad or repeated parameter"));
+        }
+        _ => return Err(syntax(555, "5.5.4 Unsupported MAIL parameter")),
+    }
+    Ok(())
+}
+
+/// `RCPT TO:<path>`: a non-empty path and no parameters.
+fn parse_rcpt(arg: &[u8]) -> Result<Command, Reply> {
+    let rest = strip_prefix_ci(arg, b"TO:")
+        .ok_or_else(|| syntax(501, "5.5.4 Syntax: RCPT TO:<address>"))?;
+    let (path, params) =
+        parse_path(rest).ok_or_else(|| syntax(501, "5.1.3 Bad recipient address syntax"))?;
+    if path.is_empty() {
+        return Err(syntax(501, "5.1.3 Bad recipient address syntax"));
+    }
+    if params.iter().any(|&b| b != b' ') {
+        // No extension with RCPT parameters is advertised (no DSN).
+        return Err(syntax(555, "5.5.4 Unsupported RCPT parameter"));
+    }
+    Ok(Command::Rcpt(path))
 }
 
 fn trim(s: &[u8]) -> &[u8] {

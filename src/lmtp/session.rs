@@ -14,7 +14,7 @@ use tracing::{debug, info, info_span, trace, warn, Instrument};
 
 use super::fanout::{self, cutover_reply, directory_reply, no_backend_reply};
 use super::reply::Reply;
-use super::server::{Event, Server};
+use super::server::{Event, Message, Server};
 use super::LmtpContext;
 use crate::route::normalize_user;
 
@@ -76,63 +76,70 @@ impl Session {
         loop {
             match self.server.poll(&mut self.rbuf) {
                 Event::Reply(r) => {
-                    if self.server.in_data() && self.prepared.is_none() {
-                        // DATA was just accepted: start the backend envelopes now, so their
-                        // round trips overlap the upload of the message.
-                        if let Some((mail, rcpts)) = self.server.envelope() {
-                            self.prepared = Some(fanout::prepare(&self.ctx, mail, rcpts).await);
-                        }
-                    }
+                    self.prepare_if_data_began().await;
                     r.encode_into(&mut self.wbuf);
                 }
                 Event::Rcpt(address) => {
                     let reply = self.rcpt(address).await;
                     reply.encode_into(&mut self.wbuf);
                 }
-                Event::Deliver(msg) => {
-                    self.messages += 1;
-                    metrics::counter!("mailferry_lmtp_received_bytes_total")
-                        .increment(msg.body.len() as u64);
-                    if msg.normalised > 0 {
-                        metrics::counter!("mailferry_lmtp_normalised_total")
-                            .increment(msg.normalised);
-                        info!(
-                            count = msg.normalised,
-                            "bare CR/LF in message data normalised to CRLF"
-                        );
-                    }
-                    let prepared = self.prepared.take();
-                    for reply in fanout::deliver(&self.ctx, msg, prepared).await {
-                        reply.encode_into(&mut self.wbuf);
-                    }
-                }
+                Event::Deliver(msg) => self.deliver(msg).await,
                 Event::Close(r) => {
                     r.encode_into(&mut self.wbuf);
                     let _ = self.flush().await;
                     return if r.code == 221 { "quit" } else { "errors" };
                 }
                 Event::NeedMore => {
-                    if !self.server.in_data() {
-                        // The message was refused (too big) or never came: its backend
-                        // transactions are abandoned before any message byte.
-                        self.prepared = None;
-                    }
-                    if self.flush().await.is_err() {
-                        return "write_failed";
-                    }
-                    match self.read().await {
-                        Ok(true) => {}
-                        Ok(false) => {
-                            return if self.server.in_transaction() {
-                                "closed_mid_transaction"
-                            } else {
-                                "closed"
-                            }
-                        }
-                        Err(end) => return end,
+                    if let Err(end) = self.answer_and_read().await {
+                        return end;
                     }
                 }
             }
+        }
+    }
+
+    /// After the reply that accepted DATA: starts the backend envelopes now, so their round
+    /// trips overlap the upload of the message.
+    async fn prepare_if_data_began(&mut self) {
+        if self.server.in_data() && self.prepared.is_none() {
+            if let Some((mail, rcpts)) = self.server.envelope() {
+                self.prepared = Some(fanout::prepare(&self.ctx, mail, rcpts).await);
+            }
+        }
+    }
+
+    /// Delivers a complete message and queues its replies, one per RCPT.
+    async fn deliver(&mut self, msg: Message<String>) {
+        self.messages += 1;
+        metrics::counter!("mailferry_lmtp_received_bytes_total").increment(msg.body.len() as u64);
+        if msg.normalised > 0 {
+            metrics::counter!("mailferry_lmtp_normalised_total").increment(msg.normalised);
+            info!(
+                count = msg.normalised,
+                "bare CR/LF in message data normalised to CRLF"
+            );
+        }
+        let prepared = self.prepared.take();
+        for reply in fanout::deliver(&self.ctx, msg, prepared).await {
+            reply.encode_into(&mut self.wbuf);
+        }
+    }
+
+    /// Everything buffered is processed: writes the pending replies and reads more input.
+    /// `Err(end)` when the session is over.
+    async fn answer_and_read(&mut self) -> Result<(), &'static str> {
+        if !self.server.in_data() {
+            // The message was refused (too big) or never came: its backend transactions are
+            // abandoned before any message byte.
+            self.prepared = None;
+        }
+        if self.flush().await.is_err() {
+            return Err("write_failed");
+        }
+        match self.read().await? {
+            true => Ok(()),
+            false if self.server.in_transaction() => Err("closed_mid_transaction"),
+            false => Err("closed"),
         }
     }
 
