@@ -20,6 +20,9 @@ use crate::route::embedded::EmbeddedDirectory;
 use crate::route::{Directory, Route, RouteCache};
 use crate::shutdown::Shutdown;
 use crate::store::{SqlStore, StateStore};
+use crate::sync::credentials::Captured;
+use crate::sync::scheduler::{Schedule, SyncQueue};
+use crate::sync::{Engine, SyncError};
 
 /// Why the server could not start.
 #[derive(Debug, thiserror::Error)]
@@ -107,104 +110,195 @@ async fn bind(addr: std::net::SocketAddr) -> Result<TcpListener, ServeError> {
         .map_err(|source| ServeError::Bind { addr, source })
 }
 
+/// How often the Prometheus exporter's histograms are compacted.
+const METRICS_UPKEEP_EVERY: Duration = Duration::from_secs(5);
+
 /// Runs the server until a termination signal; returns after draining.
 pub async fn serve(
     cfg: Config,
     metrics: metrics_exporter_prometheus::PrometheusHandle,
 ) -> Result<(), ServeError> {
     let mut signals = Signals::install()?;
-    let cfg = Arc::new(cfg);
-    let (store, routes) = open_directory(&cfg).await?;
-    let server_tls = Arc::new(ReloadableServer::new(tls::server_config(
-        &cfg.resolve(&cfg.tls.cert),
-        &cfg.resolve(&cfg.tls.key),
-    )?));
-    let sessions = Arc::new(SessionRegistry::default());
-    let shutdown = Shutdown::new();
-    let limits = cfg.limits.clone();
-    let sync_queue = Arc::new(crate::sync::scheduler::SyncQueue::default());
+    let shared = Shared::build(cfg, metrics).await?;
     // Built before the proxy so that logins can hand it captured passwords. Passes log in
     // through master users or those passwords; a pass that has neither records why.
-    let engine = crate::sync::Engine::from_config(&cfg, store.clone()).map(Arc::new);
+    let engine = crate::sync::Engine::from_config(&shared.cfg, shared.store.clone()).map(Arc::new);
     let captured = engine.as_ref().ok().map(|e| e.captured.clone());
-    let imap = Arc::new(ImapContext {
-        allow_plaintext: cfg.tls.allow_plaintext_auth,
-        proxy: cfg.proxy.clone(),
-        tls: server_tls.clone(),
-        routes: routes.clone(),
-        reject_unknown: cfg.directory.reject_unknown,
-        legacy: proxy_backend(&cfg, Route::Legacy)?,
-        new: proxy_backend(&cfg, Route::New)?,
-        sessions: sessions.clone(),
-        auth_delay: AuthDelay::new(
-            Duration::from_millis(limits.auth_failure_delay_ms),
-            Duration::from_millis(limits.auth_failure_delay_max_ms),
-        ),
-        shutdown: shutdown.clone(),
-        limits: limits.clone(),
-        on_login: Some(Arc::new({
-            let q = sync_queue.clone();
-            move |user: &str, password: Option<&[u8]>| {
+    let mut tasks = tokio::task::JoinSet::new();
+    shared.start_imap(&mut tasks, captured).await?;
+    shared.start_lmtp(&mut tasks).await?;
+    shared.start_admin(&mut tasks).await?;
+    shared.start_sync(&mut tasks, engine);
+    let upkeep = shared.metrics.clone();
+    tasks.spawn(async move {
+        let mut tick = tokio::time::interval(METRICS_UPKEEP_EVERY);
+        loop {
+            tick.tick().await;
+            upkeep.run_upkeep();
+        }
+    });
+
+    wait_for_signals(
+        &mut signals,
+        &shared.cfg,
+        &shared.server_tls,
+        &shared.routes,
+    )
+    .await;
+    let limits = &shared.cfg.limits;
+    info!(
+        grace_secs = limits.shutdown_grace_secs,
+        sessions = shared.sessions.total(),
+        "shutting down"
+    );
+    shared.shutdown.drain(limits.shutdown_grace()).await;
+    tasks.abort_all();
+    info!("stopped");
+    Ok(())
+}
+
+/// What `serve` builds once and its listeners and workers share.
+struct Shared {
+    cfg: Arc<Config>,
+    store: Arc<dyn StateStore>,
+    routes: Arc<RouteCache>,
+    server_tls: Arc<ReloadableServer>,
+    sessions: Arc<SessionRegistry>,
+    shutdown: Shutdown,
+    sync_queue: Arc<SyncQueue>,
+    control: Arc<Control>,
+    /// Client connections across all listeners (`[limits] max_connections`).
+    permits: Arc<Semaphore>,
+    metrics: metrics_exporter_prometheus::PrometheusHandle,
+}
+
+type Tasks = tokio::task::JoinSet<()>;
+
+impl Shared {
+    async fn build(
+        cfg: Config,
+        metrics: metrics_exporter_prometheus::PrometheusHandle,
+    ) -> Result<Shared, ServeError> {
+        let cfg = Arc::new(cfg);
+        let (store, routes) = open_directory(&cfg).await?;
+        let server_tls = Arc::new(ReloadableServer::new(tls::server_config(
+            &cfg.resolve(&cfg.tls.cert),
+            &cfg.resolve(&cfg.tls.key),
+        )?));
+        let sessions = Arc::new(SessionRegistry::default());
+        let sync_queue = Arc::new(SyncQueue::default());
+        let control = Arc::new(
+            Control::new(routes.clone(), store.clone(), sessions.clone())
+                .with_sync_queue(sync_queue.clone()),
+        );
+        Ok(Shared {
+            permits: Arc::new(Semaphore::new(cfg.limits.max_connections)),
+            cfg,
+            store,
+            routes,
+            server_tls,
+            sessions,
+            shutdown: Shutdown::new(),
+            sync_queue,
+            control,
+            metrics,
+        })
+    }
+
+    /// The IMAP proxy's shared context; `captured` keeps users' passwords for the sync engine
+    /// when `[sync] capture_credentials` is on.
+    fn imap_context(&self, captured: Option<Arc<Captured>>) -> Result<ImapContext, ServeError> {
+        let (cfg, limits) = (&self.cfg, &self.cfg.limits);
+        let queue = self.sync_queue.clone();
+        Ok(ImapContext {
+            allow_plaintext: cfg.tls.allow_plaintext_auth,
+            proxy: cfg.proxy.clone(),
+            tls: self.server_tls.clone(),
+            routes: self.routes.clone(),
+            reject_unknown: cfg.directory.reject_unknown,
+            legacy: proxy_backend(cfg, Route::Legacy)?,
+            new: proxy_backend(cfg, Route::New)?,
+            sessions: self.sessions.clone(),
+            auth_delay: AuthDelay::new(
+                Duration::from_millis(limits.auth_failure_delay_ms),
+                Duration::from_millis(limits.auth_failure_delay_max_ms),
+            ),
+            shutdown: self.shutdown.clone(),
+            limits: limits.clone(),
+            on_login: Some(Arc::new(move |user: &str, password: Option<&[u8]>| {
                 if let (Some(c), Some(pw)) = (&captured, password) {
                     c.put(user, pw);
                 }
-                q.bump(user)
-            }
-        })),
-    });
-    let control = Arc::new(
-        Control::new(routes.clone(), store.clone(), sessions.clone())
-            .with_sync_queue(sync_queue.clone()),
-    );
-    let permits = Arc::new(Semaphore::new(limits.max_connections));
-
-    let mut tasks = tokio::task::JoinSet::new();
-    for (addr, implicit) in [(cfg.listen.imap, false), (cfg.listen.imaps, true)] {
-        let Some(addr) = addr else { continue };
-        let listener = bind(addr).await?;
-        info!(%addr, tls = if implicit { "implicit" } else { "starttls" }, "IMAP listening");
-        let ctx = imap.clone();
-        tasks.spawn(accept_loop(
-            listener,
-            shutdown.clone(),
-            permits.clone(),
-            b"* BYE [UNAVAILABLE] Too many connections, try again later.\r\n",
-            move |tcp| session::handle(ctx.clone(), tcp, implicit),
-        ));
+                queue.bump(user)
+            })),
+        })
     }
-    if let Some(addr) = cfg.listen.lmtp {
+
+    async fn start_imap(
+        &self,
+        tasks: &mut Tasks,
+        captured: Option<Arc<Captured>>,
+    ) -> Result<(), ServeError> {
+        let imap = Arc::new(self.imap_context(captured)?);
+        let listeners = [(self.cfg.listen.imap, false), (self.cfg.listen.imaps, true)];
+        for (addr, implicit) in listeners {
+            let Some(addr) = addr else { continue };
+            let listener = bind(addr).await?;
+            info!(%addr, tls = if implicit { "implicit" } else { "starttls" }, "IMAP listening");
+            let ctx = imap.clone();
+            tasks.spawn(accept_loop(
+                listener,
+                self.shutdown.clone(),
+                self.permits.clone(),
+                b"* BYE [UNAVAILABLE] Too many connections, try again later.\r\n",
+                move |tcp| session::handle(ctx.clone(), tcp, implicit),
+            ));
+        }
+        Ok(())
+    }
+
+    async fn start_lmtp(&self, tasks: &mut Tasks) -> Result<(), ServeError> {
+        let Some(addr) = self.cfg.listen.lmtp else {
+            return Ok(());
+        };
         let listener = bind(addr).await?;
         info!(%addr, "LMTP listening");
         let ctx = Arc::new(crate::lmtp::LmtpContext::from_config(
-            &cfg,
-            routes.clone(),
-            store.clone(),
-            control.deliveries().clone(),
-            shutdown.clone(),
+            &self.cfg,
+            self.routes.clone(),
+            self.store.clone(),
+            self.control.deliveries().clone(),
+            self.shutdown.clone(),
         ));
         tasks.spawn(accept_loop(
             listener,
-            shutdown.clone(),
-            permits.clone(),
+            self.shutdown.clone(),
+            self.permits.clone(),
             b"421 4.3.2 Too many connections\r\n",
             move |tcp| crate::lmtp::session::handle(ctx.clone(), tcp),
         ));
+        Ok(())
     }
-    if let Some(addr) = cfg.listen.admin {
-        let token = read_file("admin token", &cfg, &cfg.admin.token_file)?;
+
+    async fn start_admin(&self, tasks: &mut Tasks) -> Result<(), ServeError> {
+        let Some(addr) = self.cfg.listen.admin else {
+            return Ok(());
+        };
+        let cfg = &self.cfg;
+        let token = read_file("admin token", cfg, &cfg.admin.token_file)?;
         let state = Arc::new(crate::admin::AdminState {
-            control: control.clone(),
-            routes: routes.clone(),
+            control: self.control.clone(),
+            routes: self.routes.clone(),
             backends: vec![
                 (Route::Legacy, cfg.backends.legacy.imap.clone()),
                 (Route::New, cfg.backends.new.imap.clone()),
             ],
             token,
-            metrics: metrics.clone(),
+            metrics: self.metrics.clone(),
         });
         let listener = bind(addr).await?;
         info!(%addr, "admin API listening");
-        let stop = shutdown.clone();
+        let stop = self.shutdown.clone();
         tasks.spawn(async move {
             let app = crate::admin::router(state);
             if let Err(e) = axum::serve(listener, app)
@@ -214,46 +308,30 @@ pub async fn serve(
                 error!(error = %e, "admin API failed");
             }
         });
+        Ok(())
     }
-    match engine {
-        Ok(engine) => {
-            let schedule = crate::sync::scheduler::Schedule {
-                concurrency: cfg.sync.concurrency,
-                interval: Duration::from_secs(cfg.sync.interval_secs),
-            };
-            info!(
-                concurrency = schedule.concurrency,
-                interval_secs = cfg.sync.interval_secs,
-                "sync scheduler running"
-            );
-            tasks.spawn(crate::sync::scheduler::run(
-                engine,
-                sync_queue.clone(),
-                schedule,
-                shutdown.clone(),
-            ));
-        }
-        Err(e) => tracing::warn!(error = %e, "sync engine disabled"),
-    }
-    let upkeep = metrics.clone();
-    tasks.spawn(async move {
-        let mut tick = tokio::time::interval(Duration::from_secs(5));
-        loop {
-            tick.tick().await;
-            upkeep.run_upkeep();
-        }
-    });
 
-    wait_for_signals(&mut signals, &cfg, &server_tls, &routes).await;
-    info!(
-        grace_secs = limits.shutdown_grace_secs,
-        sessions = sessions.total(),
-        "shutting down"
-    );
-    shutdown.drain(limits.shutdown_grace()).await;
-    tasks.abort_all();
-    info!("stopped");
-    Ok(())
+    fn start_sync(&self, tasks: &mut Tasks, engine: Result<Arc<Engine>, SyncError>) {
+        let engine = match engine {
+            Ok(engine) => engine,
+            Err(e) => return tracing::warn!(error = %e, "sync engine disabled"),
+        };
+        let schedule = Schedule {
+            concurrency: self.cfg.sync.concurrency,
+            interval: Duration::from_secs(self.cfg.sync.interval_secs),
+        };
+        info!(
+            concurrency = schedule.concurrency,
+            interval_secs = self.cfg.sync.interval_secs,
+            "sync scheduler running"
+        );
+        tasks.spawn(crate::sync::scheduler::run(
+            engine,
+            self.sync_queue.clone(),
+            schedule,
+            self.shutdown.clone(),
+        ));
+    }
 }
 
 /// The signals `serve` reacts to, installed before any listener binds so that a SIGTERM

@@ -6,6 +6,10 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+/// After the grace period, how long sessions get to say BYE and close before the tasks are
+/// aborted.
+const CLOSE_AFTER_BYE: Duration = Duration::from_secs(5);
+
 /// Shared by listeners and sessions; cheap to clone.
 #[derive(Clone, Default)]
 pub struct Shutdown {
@@ -56,7 +60,7 @@ impl Shutdown {
                 "grace period over, closing sessions"
             );
             self.force.cancel();
-            let _ = tokio::time::timeout(Duration::from_secs(5), self.tracker.wait()).await;
+            let _ = tokio::time::timeout(CLOSE_AFTER_BYE, self.tracker.wait()).await;
         }
     }
 }

@@ -150,6 +150,9 @@ async fn render_metrics(State(state): State<Arc<AdminState>>) -> impl IntoRespon
     )
 }
 
+/// How long `/readyz` waits for a backend's TCP connect: a balancer polls it often.
+const READY_PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+
 async fn readyz(State(state): State<Arc<AdminState>>) -> Response {
     let mut problems = Vec::new();
     if let Err(e) = state.routes.directory().ping().await {
@@ -157,7 +160,7 @@ async fn readyz(State(state): State<Arc<AdminState>>) -> Response {
     }
     for (route, addr) in &state.backends {
         let probe = tokio::time::timeout(
-            Duration::from_secs(2),
+            READY_PROBE_TIMEOUT,
             tokio::net::TcpStream::connect(addr.as_str()),
         )
         .await;

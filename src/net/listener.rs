@@ -11,6 +11,9 @@ use tracing::warn;
 
 use crate::shutdown::Shutdown;
 
+/// How long the refusal of a connection over the limit may take to write.
+const OVERLOAD_REPLY_TIMEOUT: Duration = Duration::from_secs(1);
+
 /// Accepts on `listener` until shutdown; each connection runs `handler` as a tracked task
 /// holding one of `permits`. Over the limit, `overload` is written and the socket closed.
 pub async fn accept_loop<F, Fut>(
@@ -55,7 +58,7 @@ pub async fn accept_loop<F, Fut>(
                 tokio::spawn(async move {
                     let mut tcp = tcp;
                     let _ =
-                        tokio::time::timeout(Duration::from_secs(1), tcp.write_all(overload)).await;
+                        tokio::time::timeout(OVERLOAD_REPLY_TIMEOUT, tcp.write_all(overload)).await;
                 });
             }
         }

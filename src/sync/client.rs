@@ -97,19 +97,36 @@ pub struct Client {
     caps: Caps,
     route: Route,
     reply_timeout: Duration,
+    /// How long LOGOUT may take (`[limits] logout_secs`).
+    logout_timeout: Duration,
     /// Where large literals are read into while a copy runs (`set_body_pool`).
     bodies: Option<Arc<BodyPool>>,
-    /// The response being read went into a buffer of `bodies`: once it is split off, the
-    /// bytes after it move out, so the buffer is the body's alone and can come back.
-    pooled: bool,
+    /// Where the reader stands in the response being read.
+    reading: Reading,
+    /// Whether a literal announced to the server is still being sent.
+    writing: Writing,
+}
+
+/// Where the reader stands in the response being read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Reading {
+    /// Framing a response; a large `BODY[]` in it may still be taken as it arrives.
+    Frame,
+    /// Framing a response that was looked at (`take_arriving`) and is read whole.
+    Whole,
     /// An announced body (`read_fetch`) is being read: its bytes not read yet (at 0, the rest
     /// of its response is still to be read).
-    body_left: Option<u64>,
-    /// The response being framed was looked at and is read whole (`take_arriving`).
-    declined: bool,
-    /// A literal has been announced to the server and not all of it sent: whatever is
-    /// written next would become message data, so the session can only be dropped.
-    literal_open: bool,
+    Body { left: u64 },
+}
+
+/// What the server takes the next bytes written for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Writing {
+    /// A command.
+    Commands,
+    /// The rest of a literal it was announced: whatever is written next becomes message
+    /// data, so the session can only be dropped.
+    InLiteral,
 }
 
 /// What [`Client::read_fetch`] read.
@@ -224,11 +241,10 @@ impl Client {
             caps: Caps::parse(&logged.capabilities),
             route: ep.route(),
             reply_timeout: ep.reply_timeout,
+            logout_timeout: ep.limits.logout(),
             bodies: None,
-            pooled: false,
-            body_left: None,
-            declined: false,
-            literal_open: false,
+            reading: Reading::Frame,
+            writing: Writing::Commands,
         })
     }
 
@@ -280,12 +296,16 @@ impl Client {
     /// Marks a literal announced to the server as open (until closed): if the session ends
     /// before, it is dropped without a word, so the server discards the partial message.
     pub fn set_literal_open(&mut self, open: bool) {
-        self.literal_open = open;
+        self.writing = if open {
+            Writing::InLiteral
+        } else {
+            Writing::Commands
+        };
     }
 
     /// Whether a literal announced to the server was left unfinished.
     pub fn literal_open(&self) -> bool {
-        self.literal_open
+        self.writing == Writing::InLiteral
     }
 
     /// Reads large literals into buffers of `pool` (None: allocate as usual).
@@ -324,7 +344,7 @@ impl Client {
     /// (which must have room for it all); once it is all there, reads the rest of its
     /// response and says so.
     pub async fn read_body(&mut self, into: &mut BytesMut) -> Result<BodyRead, BackendError> {
-        let Some(left) = self.body_left else {
+        let Reading::Body { left } = self.reading else {
             return Err(self.protocol("no message body is being read"));
         };
         if left > 0 {
@@ -341,7 +361,9 @@ impl Client {
                 buf.advance(k);
                 k
             };
-            self.body_left = Some(left - n as u64);
+            self.reading = Reading::Body {
+                left: left - n as u64,
+            };
             return Ok(BodyRead::More);
         }
         loop {
@@ -355,7 +377,7 @@ impl Client {
                 let mut whole = b"* 0 FETCH (BODY[] NIL".to_vec();
                 whole.extend_from_slice(&rest);
                 proto::parse(Bytes::from(whole)).map_err(|e| self.protocol(e.to_string()))?;
-                self.body_left = None;
+                self.reading = Reading::Frame;
                 return Ok(BodyRead::Done);
             }
             self.fill().await?;
@@ -364,7 +386,7 @@ impl Client {
 
     /// Takes the first complete response off the buffer, if there is one.
     fn take_frame(&mut self) -> Result<Option<Response>, BackendError> {
-        if self.body_left.is_some() {
+        if matches!(self.reading, Reading::Body { .. }) {
             return Err(self.protocol("a message body is still being read"));
         }
         let framed = self
@@ -374,11 +396,13 @@ impl Client {
         let Some(n) = framed else {
             return Ok(None);
         };
-        self.declined = false;
+        self.reading = Reading::Frame;
         let buf = self.conn.buffer();
         let frame: Bytes = buf.split_to(n).freeze();
         trace_command(self.route, "<", &frame);
-        if std::mem::take(&mut self.pooled) {
+        if self.bodies.is_some() && n >= BodyPool::MIN {
+            // A frame this large was most likely read into a buffer of the pool (`fill`): the
+            // bytes after it move out, so the buffer is the frame's alone and can come back.
             *buf = BytesMut::from(&buf[..]);
         }
         proto::parse(frame)
@@ -389,7 +413,7 @@ impl Client {
     /// The FETCH response being read, if its first literal is a large `BODY[]` still arriving
     /// after a head that holds its UID and FLAGS: the head is taken off the buffer.
     fn take_arriving(&mut self, stream_from: u64) -> Option<Arriving> {
-        if self.declined {
+        if self.reading == Reading::Whole {
             return None;
         }
         let buf_len = self.conn.buffer().len();
@@ -399,12 +423,12 @@ impl Client {
         }
         let Some(fetched) = head_fetch(&self.conn.buffer()[..start]) else {
             // Read whole, as any other response.
-            self.declined = true;
+            self.reading = Reading::Whole;
             return None;
         };
         self.conn.buffer().advance(start);
         self.framer = Framer::default();
-        self.body_left = Some(len);
+        self.reading = Reading::Body { left: len };
         Some(Arriving { fetched, len })
     }
 
@@ -421,7 +445,6 @@ impl Client {
                 let mut recycled = pool.take(buf.len() + missing + want);
                 recycled.extend_from_slice(buf);
                 *buf = recycled;
-                self.pooled = true;
             }
         }
         buf.reserve(want.max(missing));
@@ -505,7 +528,7 @@ impl Client {
 
     /// Ends the session politely; errors do not matter any more.
     pub async fn logout(mut self) {
-        if self.literal_open || self.body_left.is_some() {
+        if self.literal_open() || matches!(self.reading, Reading::Body { .. }) {
             // Mid-message: the server would take LOGOUT for message data (or its reply would
             // be lost in the literal). Closing the connection makes it drop the message.
             return;
@@ -516,8 +539,7 @@ impl Client {
             .await
             .is_ok()
         {
-            let _ =
-                tokio::time::timeout(Duration::from_secs(2), self.collect("LOGOUT", &tag)).await;
+            let _ = tokio::time::timeout(self.logout_timeout, self.collect("LOGOUT", &tag)).await;
         }
     }
 

@@ -78,6 +78,14 @@ pub struct Schedule {
     pub interval: Duration,
 }
 
+/// Longest wait between two looks at the schedule, and the first retry delay of a pass that
+/// failed transiently (doubled per failure).
+const TICK: Duration = Duration::from_secs(5);
+/// Shortest wait between two looks at the schedule.
+const MIN_TICK: Duration = Duration::from_millis(50);
+/// Longest retry delay of a pass that keeps failing transiently.
+const MAX_RETRY_DELAY: Duration = Duration::from_secs(300);
+
 /// Runs until `shutdown` says stop. Passes still running then are dropped with the runtime;
 /// the store makes them resumable.
 pub async fn run(
@@ -86,88 +94,148 @@ pub async fn run(
     schedule: Schedule,
     shutdown: Shutdown,
 ) {
-    let mut due: HashMap<String, Instant> = HashMap::new();
-    let mut failures: HashMap<String, u32> = HashMap::new();
-    let mut running: HashSet<String> = HashSet::new();
-    let mut rerun: HashSet<String> = HashSet::new();
-    let mut front: VecDeque<String> = VecDeque::new();
-    let mut tasks: JoinSet<(String, Result<PassReport, SyncError>)> = JoinSet::new();
-    let mut users: HashSet<String> = HashSet::new();
-    let mut read_at: Option<Instant> = None;
+    let mut s = Scheduler {
+        engine,
+        queue,
+        schedule,
+        users: HashSet::new(),
+        read_at: None,
+        due: HashMap::new(),
+        failures: HashMap::new(),
+        running: HashSet::new(),
+        rerun: HashSet::new(),
+        front: VecDeque::new(),
+        tasks: JoinSet::new(),
+    };
     loop {
-        let stale = read_at.is_none_or(|at| at.elapsed() >= REFRESH_EVERY);
-        if queue.refresh.swap(false, Ordering::Relaxed) || stale {
-            match engine.store.syncing_users().await {
-                Ok(u) => users = u.into_iter().collect(),
+        s.refresh_users().await;
+        let now = Instant::now();
+        s.take_bumps(now);
+        s.start_passes(now);
+        let wait = s.next_wake(now);
+        tokio::select! {
+            Some(done) = s.tasks.join_next(), if !s.tasks.is_empty() => {
+                if let Ok((user, result)) = done {
+                    s.finished(user, result);
+                }
+            }
+            _ = s.queue.notify.notified() => {}
+            _ = tokio::time::sleep(wait) => {}
+            _ = shutdown.stopping() => return,
+        }
+    }
+}
+
+/// The scheduler's state: which users are syncing, when each is due, what runs.
+struct Scheduler {
+    engine: Arc<Engine>,
+    queue: Arc<SyncQueue>,
+    schedule: Schedule,
+    /// Users in state `syncing`, as last read from the store.
+    users: HashSet<String>,
+    read_at: Option<Instant>,
+    /// When each user's next pass is due.
+    due: HashMap<String, Instant>,
+    /// Transient failures in a row, per user (for the retry delay).
+    failures: HashMap<String, u32>,
+    running: HashSet<String>,
+    /// Bumped by a login while a pass ran: another pass right after it.
+    rerun: HashSet<String>,
+    /// Bumped by a login: before anyone due.
+    front: VecDeque<String>,
+    tasks: JoinSet<(String, Result<PassReport, SyncError>)>,
+}
+
+impl Scheduler {
+    /// Reads the syncing users again when asked to, or every `REFRESH_EVERY`.
+    async fn refresh_users(&mut self) {
+        let stale = self.read_at.is_none_or(|at| at.elapsed() >= REFRESH_EVERY);
+        if self.queue.refresh.swap(false, Ordering::Relaxed) || stale {
+            match self.engine.store.syncing_users().await {
+                Ok(u) => self.users = u.into_iter().collect(),
                 Err(e) => warn!(error = %e, "sync scheduler cannot read the store"),
             }
-            read_at = Some(Instant::now());
+            self.read_at = Some(Instant::now());
         }
-        let now = Instant::now();
-        due.retain(|u, _| users.contains(u));
-        for u in &users {
-            due.entry(u.clone()).or_insert(now);
+    }
+
+    /// New users are due now; logins move their user to the front (or to a rerun).
+    fn take_bumps(&mut self, now: Instant) {
+        let users = &self.users;
+        self.due.retain(|u, _| users.contains(u));
+        for u in users {
+            self.due.entry(u.clone()).or_insert(now);
         }
-        for u in queue.take_urgent() {
+        for u in self.queue.take_urgent() {
             if !users.contains(&u) {
                 continue;
             }
-            if running.contains(&u) {
-                rerun.insert(u);
-            } else if !front.contains(&u) {
+            if self.running.contains(&u) {
+                self.rerun.insert(u);
+            } else if !self.front.contains(&u) {
                 debug!(user = %u, "sync bumped by a login");
-                front.push_back(u);
+                self.front.push_back(u);
             }
         }
-        front.retain(|u| users.contains(u));
-        while running.len() < schedule.concurrency.max(1) {
-            let next = front.pop_front().or_else(|| {
-                due.iter()
-                    .filter(|(u, at)| **at <= now && !running.contains(*u))
+        self.front.retain(|u| users.contains(u));
+    }
+
+    /// Starts passes, bumped users first, then the longest due, up to the concurrency.
+    fn start_passes(&mut self, now: Instant) {
+        while self.running.len() < self.schedule.concurrency.max(1) {
+            let next = self.front.pop_front().or_else(|| {
+                self.due
+                    .iter()
+                    .filter(|(u, at)| **at <= now && !self.running.contains(*u))
                     .min_by_key(|(_, at)| **at)
                     .map(|(u, _)| u.clone())
             });
             let Some(user) = next else { break };
-            if running.contains(&user) {
+            if self.running.contains(&user) {
                 continue;
             }
-            running.insert(user.clone());
-            let e = engine.clone();
-            tasks.spawn(async move {
+            self.running.insert(user.clone());
+            let e = self.engine.clone();
+            self.tasks.spawn(async move {
                 let r = e.pass(&user, None).await;
                 (user, r)
             });
         }
-        let wait = due
+    }
+
+    /// How long until the next user not running is due.
+    fn next_wake(&self, now: Instant) -> Duration {
+        self.due
             .iter()
-            .filter(|(u, _)| !running.contains(*u))
+            .filter(|(u, _)| !self.running.contains(*u))
             .map(|(_, at)| at.saturating_duration_since(now))
             .min()
-            .unwrap_or(Duration::from_secs(5))
-            .clamp(Duration::from_millis(50), Duration::from_secs(5));
-        tokio::select! {
-            Some(done) = tasks.join_next(), if !tasks.is_empty() => {
-                let Ok((user, result)) = done else { continue };
-                running.remove(&user);
-                let next = match result {
-                    Ok(_) => {
-                        failures.remove(&user);
-                        schedule.interval
-                    }
-                    Err(e) if e.retryable() => {
-                        let n = failures.entry(user.clone()).or_insert(0);
-                        *n += 1;
-                        Duration::from_secs(5u64 << (*n - 1).min(6)).min(Duration::from_secs(300))
-                    }
-                    Err(_) => schedule.interval,
-                };
-                let next = if rerun.remove(&user) { Duration::ZERO } else { next };
-                due.insert(user, Instant::now() + next);
+            .unwrap_or(TICK)
+            .clamp(MIN_TICK, TICK)
+    }
+
+    /// A pass ended: the user's next one is due after the interval, sooner after a transient
+    /// failure (backing off), at once if a login bumped the user meanwhile.
+    fn finished(&mut self, user: String, result: Result<PassReport, SyncError>) {
+        self.running.remove(&user);
+        let next = match result {
+            Ok(_) => {
+                self.failures.remove(&user);
+                self.schedule.interval
             }
-            _ = queue.notify.notified() => {}
-            _ = tokio::time::sleep(wait) => {}
-            _ = shutdown.stopping() => return,
-        }
+            Err(e) if e.retryable() => {
+                let n = self.failures.entry(user.clone()).or_insert(0);
+                *n += 1;
+                (TICK * (1u32 << (*n - 1).min(6))).min(MAX_RETRY_DELAY)
+            }
+            Err(_) => self.schedule.interval,
+        };
+        let next = if self.rerun.remove(&user) {
+            Duration::ZERO
+        } else {
+            next
+        };
+        self.due.insert(user, Instant::now() + next);
     }
 }
 

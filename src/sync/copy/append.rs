@@ -15,7 +15,7 @@ use super::confirm::Completions;
 use super::held::{hold_back, send_body, HELD_BACK};
 use super::intents::waited_for;
 use super::msg::{append_command, Msg, Out};
-use super::{APPEND_BYTES, APPEND_IN_FLIGHT, APPEND_MESSAGES};
+use super::{answered, Pending, APPEND_BYTES, APPEND_IN_FLIGHT, APPEND_MESSAGES};
 use crate::backend::error::BackendError;
 use crate::store::sync::FolderState;
 use crate::sync::client::Client;
@@ -29,6 +29,12 @@ pub(super) struct InFlight {
     pub msgs: Vec<Msg>,
     /// When the command was written (for the latency sample).
     pub sent: Instant,
+}
+
+impl Pending for InFlight {
+    fn tag(&self) -> &str {
+        &self.tag
+    }
 }
 
 impl InFlight {
@@ -381,12 +387,7 @@ impl Appending<'_> {
         info: &StatusText,
     ) -> Result<(), BackendError> {
         let s = &mut self.stage;
-        let Some(front) = self.in_flight.pop_front() else {
-            return Err(s.tgt.protocol("unexpected tagged response"));
-        };
-        if tag != front.tag.as_bytes() {
-            return Err(s.tgt.protocol("tagged response out of order"));
-        }
+        let front = answered(&mut self.in_flight, tag, s.tgt)?;
         let service = self.clock.done(front.sent);
         if status == Status::Ok {
             s.pace.sample(service, front.bytes());

@@ -73,7 +73,24 @@ pub(super) struct Completions<'a> {
     pub progress: &'a Progress,
 }
 
-impl Completions<'_> {
+impl<'a> Completions<'a> {
+    pub fn new(
+        user: &'a str,
+        confirms: mpsc::UnboundedSender<Confirm>,
+        report: &'a mut PassReport,
+        progress: &'a Progress,
+    ) -> Self {
+        Completions {
+            user,
+            confirms,
+            singles: VecDeque::new(),
+            needs_recovery: false,
+            store_failed: false,
+            report,
+            progress,
+        }
+    }
+
     /// Hands `c` to the confirmer, noting if it has stopped.
     fn confirm(&mut self, c: Confirm) {
         if self.confirms.send(c).is_err() {

@@ -12,7 +12,7 @@ use tracing::warn;
 
 use super::confirm::Confirm;
 use super::msg::{Msg, Part};
-use super::{BUFFER_BYTES, FETCH_IN_FLIGHT, STREAM_FROM};
+use super::{answered, Pending, BUFFER_BYTES, FETCH_IN_FLIGHT, STREAM_FROM};
 use crate::backend::error::BackendError;
 use crate::sync::bodies::BodyPool;
 use crate::sync::client::{BodyRead, Client, Fetched, Incoming};
@@ -36,6 +36,12 @@ struct Fetch {
     sent: Instant,
     /// The UIDs asked for, ascending.
     uids: Vec<u32>,
+}
+
+impl Pending for Fetch {
+    fn tag(&self) -> &str {
+        &self.tag
+    }
 }
 
 /// The fetcher's state.
@@ -146,12 +152,7 @@ impl Fetching<'_> {
         info: &StatusText,
     ) -> Result<(), BackendError> {
         let src = &self.stage.src;
-        let Some(front) = self.in_flight.pop_front() else {
-            return Err(src.protocol("unexpected tagged response"));
-        };
-        if tag != front.tag.as_bytes() {
-            return Err(src.protocol("tagged response out of order"));
-        }
+        let front = answered(&mut self.in_flight, tag, src)?;
         if status != Status::Ok {
             return Err(src.refused("UID FETCH", status, info));
         }

@@ -26,8 +26,10 @@ use std::sync::Arc;
 
 use tokio::sync::{mpsc, watch, Semaphore};
 
+use super::client::Client;
 use super::pass::Pass;
 use super::SyncError;
+use crate::backend::error::BackendError;
 use crate::store::sync::FolderState;
 use crate::store::StateStore;
 use append::Appender;
@@ -77,6 +79,28 @@ pub(crate) async fn copy_new(
     if todo.is_empty() {
         return Ok(false);
     }
+    let fresh = fresh.then(|| state.clone());
+    pass.src.set_body_pool(Some(pass.engine.bodies().clone()));
+    let result = run_stages(pass, state, fresh, chunks(todo)).await;
+    pass.src.set_body_pool(None);
+    let needs_recovery = result?;
+    if pass.tgt.literal_open() {
+        // The appender stops mid-message only when the fetcher failed, which says why.
+        let e = pass
+            .tgt
+            .protocol("the copy stopped in the middle of a message");
+        return Err(e.into());
+    }
+    Ok(needs_recovery)
+}
+
+/// Runs the four stages until all are done; the first error by the order below.
+async fn run_stages(
+    pass: &mut Pass<'_>,
+    state: &mut FolderState,
+    fresh: Option<FolderState>,
+    chunks: Vec<Vec<(u32, u64)>>,
+) -> Result<bool, SyncError> {
     let Pass {
         engine,
         user,
@@ -98,14 +122,12 @@ pub(crate) async fn copy_new(
         user,
         folder: &folder,
     };
-    let holding = Holding {
-        mem: Arc::new(Semaphore::new(BUFFER_BYTES as usize)),
-        bodies: engine.bodies().clone(),
-        hash: !tgt.has("UIDPLUS"),
-    };
-    src.set_body_pool(Some(engine.bodies().clone()));
-    let chunks = chunks(todo);
     let fetch = Fetcher {
+        holding: Holding {
+            mem: Arc::new(Semaphore::new(BUFFER_BYTES as usize)),
+            bodies: engine.bodies().clone(),
+            hash: !tgt.has("UIDPLUS"),
+        },
         src,
         to_fetch: chunks
             .iter()
@@ -113,51 +135,47 @@ pub(crate) async fn copy_new(
             .collect(),
         requested: requested_tx,
         tx: fetched_tx,
-        holding,
         pace: &src_pace,
         confirms: confirm_tx.clone(),
     };
-    let intend = intents::record(
-        rows,
-        fresh.then(|| state.clone()),
-        chunks,
-        requested,
-        committed_tx,
-    );
+    let intend = intents::record(rows, fresh, chunks, requested, committed_tx);
     let append = Appender {
         pace: engine.pace(tgt.route()).clone(),
         tgt,
         state,
         rx: fetched,
         committed: committed.clone(),
-        done: Completions {
-            user,
-            confirms: confirm_tx,
-            singles: VecDeque::new(),
-            needs_recovery: false,
-            store_failed: false,
-            report,
-            progress,
-        },
+        done: Completions::new(user, confirm_tx, report, progress),
         throttle: &engine.throttle,
     };
     let confirm = confirm::record(rows, confirms, committed);
     let (i, f, a, c) = tokio::join!(intend, fetch.run(), append.run(), confirm);
-    pass.src.set_body_pool(None);
     // The store's errors first (every stage stops when one fails), then the appender's; a fetch
     // error stops the others by closing the channel.
     c?;
     i?;
     let needs_recovery = a?;
     f?;
-    if pass.tgt.literal_open() {
-        // The appender stops mid-message only when the fetcher failed, which says why.
-        let e = pass
-            .tgt
-            .protocol("the copy stopped in the middle of a message");
-        return Err(e.into());
-    }
     Ok(needs_recovery)
+}
+
+/// A pipelined command sent and not answered yet.
+trait Pending {
+    fn tag(&self) -> &str;
+}
+
+/// The oldest command in flight, taken off as answered by the tagged reply `tag`: a server
+/// answers pipelined commands in the order they were sent.
+fn answered<C: Pending>(
+    in_flight: &mut VecDeque<C>,
+    tag: &[u8],
+    conn: &Client,
+) -> Result<C, BackendError> {
+    match in_flight.pop_front() {
+        None => Err(conn.protocol("unexpected tagged response")),
+        Some(c) if c.tag().as_bytes() != tag => Err(conn.protocol("tagged response out of order")),
+        Some(c) => Ok(c),
+    }
 }
 
 /// Splits `todo` into FETCH commands: UIDs in order, bounded in count and bytes.
