@@ -4,6 +4,7 @@
 use std::path::Path;
 use std::time::Duration;
 
+use crate::backend::target::BackendTarget;
 use crate::config::{read_secret, Config, ConfigError};
 use crate::route::Route;
 
@@ -49,18 +50,9 @@ pub async fn problems(cfg: &Config) -> Vec<String> {
     }
     for route in [Route::Legacy, Route::New] {
         let b = cfg.backends.get(route);
-        if let Some(f) = &b.master_password_file {
-            if let Err(e) = read_secret(&cfg.resolve(f)) {
-                problems.push(format!(
-                    "backends.{route}.master_password_file {}: {e}",
-                    f.display()
-                ));
-            }
-        }
-        if let Some(ca) = &b.ca_file {
-            if let Err(e) = crate::net::tls::client_config(Some(&cfg.resolve(ca))) {
-                problems.push(format!("backends.{route}.ca_file: {e}"));
-            }
+        // The CA file and the master password, read as the proxy and the sync engine read them.
+        if let Err(e) = BackendTarget::from_config(cfg, route) {
+            problems.push(e.to_string());
         }
         let addrs = [("imap", Some(&b.imap)), ("lmtp", b.lmtp.as_ref())];
         for (what, addr) in addrs {

@@ -189,7 +189,6 @@ fn sync_exit(e: &mailferry::sync::SyncError) -> ExitCode {
 
 async fn sync_once(cfg: &Config, email: &str, json: bool, quiet: bool) -> Result<ExitCode> {
     use mailferry::sync::{pass_with_retry, Engine, Progress};
-    use std::sync::atomic::Ordering::Relaxed;
     let email = mailferry::route::normalize_user(email);
     let store = mailferry::store::open(&cfg.state.url).await?;
     let engine = match Engine::from_config(cfg, store) {
@@ -200,53 +199,14 @@ async fn sync_once(cfg: &Config, email: &str, json: bool, quiet: bool) -> Result
         }
     };
     let progress = std::sync::Arc::new(Progress::default());
-    let bar = (!quiet && !json).then(|| {
-        let bar = indicatif::ProgressBar::with_draw_target(
-            Some(0),
-            indicatif::ProgressDrawTarget::stderr(),
-        );
-        if let Ok(style) = indicatif::ProgressStyle::with_template(
-            "{spinner} {bytes}/{total_bytes} {bytes_per_sec} {msg}",
-        ) {
-            bar.set_style(style);
-        }
-        bar
-    });
-    let ticker = bar.clone().map(|bar| {
-        let p = progress.clone();
-        tokio::spawn(async move {
-            loop {
-                bar.set_length(p.bytes_total.load(Relaxed));
-                bar.set_position(p.bytes_done.load(Relaxed));
-                let folder = p.folder.lock().map(|f| f.clone()).unwrap_or_default();
-                bar.set_message(format!(
-                    "{}/{} messages {folder}",
-                    p.messages_done.load(Relaxed),
-                    p.messages_total.load(Relaxed)
-                ));
-                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-            }
-        })
-    });
+    let bar = (!quiet && !json).then(|| ProgressBar::start(progress.clone()));
     let result = pass_with_retry(&engine, &email, Some(progress), SYNC_ONCE_ATTEMPTS).await;
-    if let Some(t) = ticker {
-        t.abort();
-    }
     if let Some(bar) = bar {
-        bar.finish_and_clear();
+        bar.finish();
     }
     match result {
         Ok(r) => {
-            if json {
-                println!("{}", serde_json::to_string(&r)?);
-            } else {
-                println!(
-                    "{email}: {} folders ({} changed), {} messages appended ({} bytes), {} recovered, {} re-matched, \
-                     {} flag updates, {} expunged, {} not copyable, {} ms",
-                    r.folders, r.folders_changed, r.appended, r.appended_bytes, r.recovered, r.rematched,
-                    r.flag_updates, r.expunged, r.failed, r.duration_ms
-                );
-            }
+            print_report(&email, &r, json)?;
             Ok(if r.failed > 0 {
                 ExitCode::from(1)
             } else {
@@ -257,6 +217,65 @@ async fn sync_once(cfg: &Config, email: &str, json: bool, quiet: bool) -> Result
             eprintln!("mailferry: sync of {email} failed: {e}");
             Ok(sync_exit(&e))
         }
+    }
+}
+
+/// What `sync --once` did, for a person or (`json`) a script.
+fn print_report(email: &str, r: &mailferry::sync::PassReport, json: bool) -> Result<()> {
+    if json {
+        println!("{}", serde_json::to_string(r)?);
+    } else {
+        println!(
+            "{email}: {} folders ({} changed), {} messages appended ({} bytes), {} recovered, {} re-matched, \
+             {} flag updates, {} expunged, {} not copyable, {} ms",
+            r.folders, r.folders_changed, r.appended, r.appended_bytes, r.recovered, r.rematched,
+            r.flag_updates, r.expunged, r.failed, r.duration_ms
+        );
+    }
+    Ok(())
+}
+
+/// A pass's progress on stderr, redrawn every `REDRAW_EVERY`.
+struct ProgressBar {
+    bar: indicatif::ProgressBar,
+    ticker: tokio::task::JoinHandle<()>,
+}
+
+/// How often the progress bar is redrawn.
+const REDRAW_EVERY: std::time::Duration = std::time::Duration::from_millis(100);
+
+impl ProgressBar {
+    fn start(progress: std::sync::Arc<mailferry::sync::Progress>) -> ProgressBar {
+        use std::sync::atomic::Ordering::Relaxed;
+        let bar = indicatif::ProgressBar::with_draw_target(
+            Some(0),
+            indicatif::ProgressDrawTarget::stderr(),
+        );
+        if let Ok(style) = indicatif::ProgressStyle::with_template(
+            "{spinner} {bytes}/{total_bytes} {bytes_per_sec} {msg}",
+        ) {
+            bar.set_style(style);
+        }
+        let (b, p) = (bar.clone(), progress);
+        let ticker = tokio::spawn(async move {
+            loop {
+                b.set_length(p.bytes_total.load(Relaxed));
+                b.set_position(p.bytes_done.load(Relaxed));
+                let folder = p.folder.lock().map(|f| f.clone()).unwrap_or_default();
+                let (done, total) = (
+                    p.messages_done.load(Relaxed),
+                    p.messages_total.load(Relaxed),
+                );
+                b.set_message(format!("{done}/{total} messages {folder}"));
+                tokio::time::sleep(REDRAW_EVERY).await;
+            }
+        });
+        ProgressBar { bar, ticker }
+    }
+
+    fn finish(self) {
+        self.ticker.abort();
+        self.bar.finish_and_clear();
     }
 }
 

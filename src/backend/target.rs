@@ -14,7 +14,7 @@ use crate::secret::Secret;
 #[derive(Debug, thiserror::Error)]
 pub enum TargetError {
     /// The TLS client configuration (its `ca_file`) is unusable.
-    #[error("backends.{route}: {source}")]
+    #[error("backends.{route}.ca_file: {source}")]
     Tls {
         /// Which backend.
         route: Route,

@@ -1,8 +1,7 @@
 //! How our own writers share a SQLite file. SQLite admits one writer at a time and makes the
-//! others poll with growing sleeps (up to 100 ms each); here they take turns instead, and the
-//! next starts the moment the previous commit ends. Intents, which are fsynced, also share
-//! commits: users starting their copies together would otherwise wait for each other's fsync
-//! in turn (the fourth of four waited ~70 ms for its first FETCH). A writer queues its rows,
+//! others poll with growing sleeps; here they take turns instead, and the next starts the
+//! moment the previous commit ends. Intents, which are fsynced, also share commits: users
+//! starting their copies together would otherwise wait for each other's fsync in turn. A writer queues its rows,
 //! then waits for the turn; whoever gets the turn commits everything queued by then in one
 //! transaction and tells the others, who return without writing.
 

@@ -1,8 +1,7 @@
 //! Recycles the buffers that large message bodies are read into during a copy. A fresh
 //! allocation per multi-megabyte message is paid for in page faults and zeroing on every byte
-//! received (15-20% of the engine's CPU on a large-message corpus, up to half of it on a VM
-//! whose memory is touched for the first time); a body handed back once its APPEND is
-//! acknowledged serves the next message instead. One pool serves all of an engine's copies,
+//! received (docs/sync.md, Memory); a body handed back once its APPEND is acknowledged serves
+//! the next message instead. One pool serves all of an engine's copies,
 //! so a pass starts with what the previous ones read into.
 
 use std::sync::Mutex;

@@ -176,8 +176,8 @@ pub const HASH_PREFIX: &str = "b3:";
 
 /// The content hash recorded with each copied message, by which a crashed pass finds its
 /// unacknowledged APPENDs and a UIDVALIDITY change is re-matched. BLAKE3, not SHA-256: it is
-/// as collision-resistant (senders choose message content) and three times cheaper on large
-/// messages, where hashing was half of the engine's own CPU.
+/// as collision-resistant (senders choose message content) and much cheaper on large
+/// messages, where hashing dominated the engine's own CPU.
 pub fn content_hash(body: &[u8]) -> String {
     hash_text(&blake3::hash(body))
 }

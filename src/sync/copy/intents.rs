@@ -2,8 +2,8 @@
 //! new can hold any of them whole, so a crash at any point is resolved by matching pending
 //! rows against new. The fetcher does not wait for these commits (a `BODY.PEEK` FETCH changes
 //! nothing on legacy), nor does the appender but for the last bytes of each command
-//! (`held::HELD_BACK`): an fsync, which can take 100 ms under new's write load, then overlaps
-//! the transfer instead of delaying it.
+//! (`held::HELD_BACK`): an fsync, slow under new's write load, then overlaps the transfer
+//! instead of delaying it.
 
 use std::time::Duration;
 
