@@ -693,10 +693,10 @@ fn main() {
     // Each round copies into empty targets with a fresh state store, so rounds are alike.
     let engine_on = |db: &str| {
         let store = rt
-            .block_on(store::open(&format!(
-                "sqlite://{}",
-                dir.path().join(db).display()
-            )))
+            .block_on(store::open(
+                &format!("sqlite://{}", dir.path().join(db).display()),
+                mailferry::store::Open::CreateIfMissing,
+            ))
             .unwrap();
         Arc::new(Engine::from_config(&config(&b, dir.path()), store).unwrap())
     };

@@ -7,6 +7,8 @@ use std::time::Duration;
 use crate::backend::target::BackendTarget;
 use crate::config::{read_secret, Config, ConfigError};
 use crate::route::Route;
+use crate::server::ServeError;
+use crate::store::{redacted, Open, SqlStore, StoreError, StoreSummary};
 
 /// How long a backend address may take to accept a TCP connection before it counts as
 /// unreachable: a backend on the same network answers in milliseconds, and an operator waits.
@@ -18,23 +20,47 @@ pub enum CheckError {
     /// The file cannot be read, parsed or validated.
     #[error(transparent)]
     Config(#[from] ConfigError),
-    /// The file is valid but what it names is not; one readable reason each, listed as `- `.
-    #[error("{}", .0.iter().map(|p| format!("- {p}")).collect::<Vec<_>>().join("\n"))]
-    Problems(Vec<String>),
 }
 
-/// Loads the configuration at `path` and checks everything it names.
-pub async fn check_config(path: &Path) -> Result<Config, CheckError> {
-    let cfg = Config::load(path)?;
-    let problems = problems(&cfg).await;
-    if problems.is_empty() {
-        Ok(cfg)
-    } else {
-        Err(CheckError::Problems(problems))
+/// What `check-config` found.
+pub struct Report {
+    /// Problems with the files, directory and backends, one readable reason each.
+    pub problems: Vec<String>,
+    /// The state store (redacted URL) and what it holds, or why it cannot be used.
+    pub store: (String, Result<StoreSummary, StoreError>),
+}
+
+impl Report {
+    /// Whether everything checked is usable.
+    pub fn ok(&self) -> bool {
+        self.problems.is_empty() && self.store.1.is_ok()
     }
 }
 
-/// What is wrong with the files, store, directory and backends a valid `cfg` names.
+/// Loads the configuration at `path` and checks everything it names.
+pub async fn check_config(path: &Path) -> Result<Report, CheckError> {
+    let cfg = Config::load(path)?;
+    let mut problems = problems(&cfg).await;
+    let url = cfg.state_url();
+    let store = match crate::server::open_directory(&cfg, Open::Existing).await {
+        Ok((store, _)) => store.summary().await,
+        Err(ServeError::Store(e)) => Err(e),
+        Err(e) => {
+            problems.push(format!("directory: {e}"));
+            let store = SqlStore::open(&url, Open::Existing).await;
+            match store {
+                Ok(s) => s.summary().await,
+                Err(e) => Err(e),
+            }
+        }
+    };
+    Ok(Report {
+        problems,
+        store: (redacted(&url), store),
+    })
+}
+
+/// What is wrong with the files and backends a valid `cfg` names.
 pub async fn problems(cfg: &Config) -> Vec<String> {
     let mut problems = Vec::new();
     if let Err(e) =
@@ -66,9 +92,6 @@ pub async fn problems(cfg: &Config) -> Vec<String> {
                 problems.push(format!("backends.{route}.{what} {addr} is unreachable"));
             }
         }
-    }
-    if let Err(e) = crate::server::open_directory(cfg).await {
-        problems.push(format!("state/directory: {e}"));
     }
     problems
 }

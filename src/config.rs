@@ -68,6 +68,9 @@ pub struct Config {
     /// Directory the relative paths in this file are resolved against (not in TOML).
     #[serde(skip)]
     pub base_dir: PathBuf,
+    /// Directory of the file itself, which a relative SQLite `[state] url` is relative to.
+    #[serde(skip)]
+    pub config_dir: PathBuf,
 }
 
 /// `[listen]`: each listener is optional; an absent key disables it. So the defaults below
@@ -580,6 +583,10 @@ impl Config {
             source: Box::new(source),
         })?;
         cfg.base_dir = base_dir.to_owned();
+        cfg.config_dir = match path.parent() {
+            Some(dir) if !dir.as_os_str().is_empty() => dir.to_owned(),
+            _ => PathBuf::from("."),
+        };
         cfg.validate()?;
         Ok(cfg)
     }
@@ -591,6 +598,29 @@ impl Config {
         } else {
             self.base_dir.join(p)
         }
+    }
+
+    /// `[state] url` with a relative SQLite path resolved against this file's directory: run
+    /// from another working directory, a binary must find the same store, never start an
+    /// empty one (every other relative path stays relative to the working directory, where a
+    /// wrong one fails loudly).
+    pub fn state_url(&self) -> String {
+        let url = &self.state.url;
+        let Some(rest) = url.strip_prefix("sqlite://") else {
+            return url.clone();
+        };
+        let (path, query) = rest
+            .split_once('?')
+            .map_or((rest, None), |(p, q)| (p, Some(q)));
+        if path.is_empty() || path == ":memory:" || Path::new(path).is_absolute() {
+            return url.clone();
+        }
+        let mut out = format!("sqlite://{}", self.config_dir.join(path).display());
+        if let Some(q) = query {
+            out.push('?');
+            out.push_str(q);
+        }
+        out
     }
 
     /// Checks consistency that serde cannot express; lists every problem at once.

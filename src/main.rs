@@ -10,6 +10,7 @@ use mailferry::admin::client::{AdminClient, ClientError};
 use mailferry::config::{read_secret, Config};
 use mailferry::control::{RouteChange, StateChange, UserView};
 use mailferry::route::Route;
+use mailferry::store::Open;
 use serde::Serialize;
 
 /// Attempts of `sync --once` when a pass fails on a transient error.
@@ -150,10 +151,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::CheckConfig => match mailferry::check::check_config(&cli.config).await {
-            Ok(_) => {
-                println!("configuration OK");
-                Ok(ExitCode::SUCCESS)
-            }
+            Ok(report) => Ok(print_check(&report)),
             Err(e) => {
                 println!("{e}");
                 Ok(ExitCode::from(1))
@@ -178,6 +176,38 @@ async fn run(cli: Cli) -> Result<ExitCode> {
     }
 }
 
+/// Prints what `check-config` found; exit 2 when the state store cannot be used (missing,
+/// unreachable, too new), 1 for any other problem.
+fn print_check(report: &mailferry::check::Report) -> ExitCode {
+    for p in &report.problems {
+        println!("- {p}");
+    }
+    let (url, store) = &report.store;
+    match store {
+        Ok(s) => {
+            let users: Vec<String> = s.users.iter().map(|(st, n)| format!("{n} {st}")).collect();
+            let users = if users.is_empty() {
+                "no users".to_owned()
+            } else {
+                users.join(", ")
+            };
+            println!(
+                "state store {url}: schema version {}, {users}",
+                s.schema_version
+            );
+        }
+        Err(e) => println!("- state store {url}: {e}"),
+    }
+    if store.is_err() {
+        ExitCode::from(2)
+    } else if report.ok() {
+        println!("configuration OK");
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    }
+}
+
 /// Exit code for a sync error: 2 when a backend or the config could not be used, else 1.
 fn sync_exit(e: &mailferry::sync::SyncError) -> ExitCode {
     if e.is_connection_error() {
@@ -190,7 +220,13 @@ fn sync_exit(e: &mailferry::sync::SyncError) -> ExitCode {
 async fn sync_once(cfg: &Config, email: &str, json: bool, quiet: bool) -> Result<ExitCode> {
     use mailferry::sync::{pass_with_retry, Engine, Progress};
     let email = mailferry::route::normalize_user(email);
-    let store = mailferry::store::open(&cfg.state.url).await?;
+    let store = match mailferry::store::open(&cfg.state_url(), Open::Existing).await {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("mailferry: {e}");
+            return Ok(ExitCode::from(2));
+        }
+    };
     let engine = match Engine::from_config(cfg, store) {
         Ok(e) => e,
         Err(e) => {

@@ -19,7 +19,7 @@ use crate::net::tls::{self, ReloadableServer};
 use crate::route::embedded::EmbeddedDirectory;
 use crate::route::{Directory, Route, RouteCache};
 use crate::shutdown::Shutdown;
-use crate::store::{SqlStore, StateStore};
+use crate::store::{Open, SqlStore, StateStore};
 use crate::sync::credentials::Captured;
 use crate::sync::scheduler::{Schedule, SyncQueue};
 use crate::sync::{Engine, SyncError};
@@ -71,12 +71,14 @@ fn read_file(
     })
 }
 
-/// Opens the state store and the directory named by the config.
-/// The embedded directory keeps its table in the same SQL database as the state store.
+/// Opens the state store and the directory named by the config; `mode` says whether a
+/// missing store may be created (only `serve` does). The embedded directory keeps its table
+/// in the same SQL database as the state store.
 pub async fn open_directory(
     cfg: &Config,
+    mode: Open,
 ) -> Result<(Arc<dyn StateStore>, Arc<RouteCache>), ServeError> {
-    let store = SqlStore::open(&cfg.state.url).await?;
+    let store = SqlStore::open(&cfg.state_url(), mode).await?;
     let directory: Arc<dyn Directory> = match cfg.directory.kind {
         DirectoryKind::Embedded => Arc::new(EmbeddedDirectory::new(store.pool().clone())),
         DirectoryKind::Ldap(_) => {
@@ -180,7 +182,7 @@ impl Shared {
         metrics: metrics_exporter_prometheus::PrometheusHandle,
     ) -> Result<Shared, ServeError> {
         let cfg = Arc::new(cfg);
-        let (store, routes) = open_directory(&cfg).await?;
+        let (store, routes) = open_directory(&cfg, Open::CreateIfMissing).await?;
         let server_tls = Arc::new(ReloadableServer::new(tls::server_config(
             &cfg.resolve(&cfg.tls.cert),
             &cfg.resolve(&cfg.tls.key),

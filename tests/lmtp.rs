@@ -289,7 +289,9 @@ impl InProcess {
         let dir = tempfile::tempdir().unwrap();
         let url = format!("sqlite://{}", dir.path().join("state.db").display());
         let (store, routes, listener) = rt.block_on(async {
-            let store = SqlStore::open(&url).await.expect("state store");
+            let store = SqlStore::open(&url, mailferry::store::Open::CreateIfMissing)
+                .await
+                .expect("state store");
             let directory =
                 directory.unwrap_or_else(|| Arc::new(EmbeddedDirectory::new(store.pool().clone())));
             let routes = Arc::new(RouteCache::new(

@@ -49,14 +49,55 @@ fn pending(uids: std::ops::RangeInclusive<u32>) -> Vec<UidRow> {
     .collect()
 }
 
+/// Only `serve` creates a store: the CLI's open of a database without our schema is refused,
+/// and every open of a schema newer than the binary, on PostgreSQL as on SQLite.
+#[test]
+fn an_empty_database_or_a_newer_schema_is_refused() {
+    within(60, || {
+        let pg = Postgres::start();
+        let url = pg.create_database("refuse");
+        rt().block_on(async {
+            let err = store::open(&url, mailferry::store::Open::Existing)
+                .await
+                .err()
+                .expect("an empty database is no store");
+            assert!(err.to_string().contains("does not exist"), "{err}");
+            store::open(&url, mailferry::store::Open::CreateIfMissing)
+                .await
+                .expect("serve creates it");
+            store::open(&url, mailferry::store::Open::Existing)
+                .await
+                .expect("then the CLI opens it");
+        });
+        pg.psql("refuse", "INSERT INTO schema_version (version) VALUES (99)");
+        rt().block_on(async {
+            for mode in [
+                mailferry::store::Open::Existing,
+                mailferry::store::Open::CreateIfMissing,
+            ] {
+                let err = store::open(&url, mode).await.err().expect("too new");
+                assert!(
+                    err.to_string()
+                        .contains("schema version 99 is newer than this mailferry knows"),
+                    "{err}"
+                );
+            }
+        });
+    });
+}
+
 #[test]
 fn migrations_and_user_state() {
     within(60, || {
         let pg = Postgres::start();
         rt().block_on(async {
-            let store = store::open(&pg.url()).await.expect("open on postgres");
+            let store = store::open(&pg.url(), mailferry::store::Open::CreateIfMissing)
+                .await
+                .expect("open on postgres");
             // Opening again (another process, a restart) finds the schema current.
-            let again = store::open(&pg.url()).await.expect("reopen");
+            let again = store::open(&pg.url(), mailferry::store::Open::CreateIfMissing)
+                .await
+                .expect("reopen");
             assert_eq!(
                 again.user_state("nobody@example.org").await.unwrap(),
                 UserState::Legacy
@@ -92,10 +133,10 @@ fn migrations_and_user_state() {
         let url = pg.create_database("race");
         rt().block_on(async {
             let (a, b, c, d) = tokio::join!(
-                store::open(&url),
-                store::open(&url),
-                store::open(&url),
-                store::open(&url)
+                store::open(&url, mailferry::store::Open::CreateIfMissing),
+                store::open(&url, mailferry::store::Open::CreateIfMissing),
+                store::open(&url, mailferry::store::Open::CreateIfMissing),
+                store::open(&url, mailferry::store::Open::CreateIfMissing)
             );
             for r in [a, b, c, d] {
                 r.expect("concurrent open");
@@ -116,7 +157,9 @@ fn sync_tables() {
     within(60, || {
         let pg = Postgres::start();
         rt().block_on(async {
-            let store = store::open(&pg.url()).await.expect("open on postgres");
+            let store = store::open(&pg.url(), mailferry::store::Open::CreateIfMissing)
+                .await
+                .expect("open on postgres");
             let email = "a@example.org";
             let mut f = folder(email, "INBOX");
             store.put_sync_folder(&f).await.unwrap();
@@ -262,6 +305,7 @@ fn sync_and_verify_with_state_on_postgres() {
         text.push_str(&backend_toml("new", &backends.new, &secret));
         let config = dir.path().join("mailferry.toml");
         std::fs::write(&config, text).unwrap();
+        support::mailferry::create_store(&pg.url());
 
         // The harness seeds a marker into the new INBOX: empty it so both sides can agree.
         let out = backends

@@ -54,12 +54,30 @@ impl Env {
         text.push_str(sync_toml);
         let config = dir.path().join("mailferry.toml");
         std::fs::write(&config, text).unwrap();
+        support::mailferry::create_store(&format!("sqlite://{}", state.display()));
         Env {
             backends,
             config,
             state,
             _dir: dir,
         }
+    }
+
+    /// Turns the store back into schema version 2 (before `sync_uids.pending_at`), as an older
+    /// mailferry left it.
+    fn downgrade_store_to_version_2(&self) {
+        let url = format!("sqlite://{}", self.state.display());
+        tokio::runtime::Runtime::new().unwrap().block_on(async {
+            sqlx::any::install_default_drivers();
+            let pool = sqlx::AnyPool::connect(&url).await.unwrap();
+            for sql in [
+                "ALTER TABLE sync_uids DROP COLUMN pending_at",
+                "DELETE FROM schema_version WHERE version = 3",
+            ] {
+                sqlx::query(sql).execute(&pool).await.unwrap();
+            }
+            pool.close().await;
+        });
     }
 
     /// Empties `user`'s new INBOX (the harness seeds a marker there) so that both sides can agree.
@@ -259,6 +277,55 @@ fn changes_on_legacy_are_reflected_by_the_next_pass() {
             "{folders:?}"
         );
         assert_eq!(n(&env.sync(USER), "appended"), 0);
+    });
+}
+
+/// Eight `sync --once` processes at once on one SQLite store, the way operators run imapsync
+/// and dsync (`xargs -P`): every one succeeds (none fails on a lock) and every user verifies.
+/// The store is one schema version behind, so all eight also start by upgrading it at once
+/// (the race that failed them when they created a store together).
+#[test]
+fn eight_sync_processes_at_once_share_one_sqlite_store() {
+    within(240, || {
+        let env = Env::new("none", "");
+        env.downgrade_store_to_version_2();
+        let users: Vec<String> = (0..8).map(|i| format!("par{i}@example.org")).collect();
+        for u in &users {
+            env.backends.legacy.add_user(u, "pw");
+            env.backends.new.add_user(u, "pw");
+        }
+        for (i, u) in users.iter().enumerate() {
+            let c = corpus::generate(&Spec {
+                seed: 500 + i as u64,
+                messages: 40,
+                large: 0,
+                ..Spec::default()
+            });
+            corpus::load(&env.backends.legacy, u, &c);
+        }
+        let children: Vec<_> = users
+            .iter()
+            .map(|u| {
+                support::mailferry::command(&env.config, &["sync", u, "--once", "--quiet"])
+                    .env("MAILFERRY_LOG", "warn")
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::piped())
+                    .spawn()
+                    .expect("spawn")
+            })
+            .collect();
+        for (u, child) in users.iter().zip(children) {
+            let out = child.wait_with_output().expect("wait");
+            assert!(
+                out.status.success(),
+                "{u}: {}\n{}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        for u in &users {
+            env.assert_same(u);
+        }
     });
 }
 
@@ -584,10 +651,10 @@ impl MapWatcher {
             .build()
             .unwrap();
         let store = rt
-            .block_on(mailferry::store::SqlStore::open(&format!(
-                "sqlite://{}",
-                db.display()
-            )))
+            .block_on(mailferry::store::SqlStore::open(
+                &format!("sqlite://{}", db.display()),
+                mailferry::store::Open::CreateIfMissing,
+            ))
             .expect("open state");
         MapWatcher { rt, store }
     }

@@ -60,6 +60,7 @@ impl Env {
         let secret = dir.path().join("master.secret");
         std::fs::write(&secret, format!("{MASTER_PASSWORD}\n")).expect("secret");
         let state = dir.path().join("state.db");
+        support::mailferry::create_store(&format!("sqlite://{}", state.display()));
         let write = |file: &str, legacy_addr, new_addr| {
             let mut text = format!(
                 "[admin]\ntoken_file = \"{}\"\n\n[state]\nurl = \"sqlite://{}\"\n\n",

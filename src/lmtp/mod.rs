@@ -181,9 +181,12 @@ mod tests {
     #[tokio::test]
     async fn state_cache_keeps_only_not_in_cutover() {
         let dir = tempfile::tempdir().unwrap();
-        let store = crate::store::open(&format!("sqlite://{}", dir.path().join("s.db").display()))
-            .await
-            .unwrap();
+        let store = crate::store::open(
+            &format!("sqlite://{}", dir.path().join("s.db").display()),
+            crate::store::Open::CreateIfMissing,
+        )
+        .await
+        .unwrap();
         let cache = StateCache::new(Duration::from_secs(3600));
         store
             .set_user_state("a@x", UserState::Syncing, None)

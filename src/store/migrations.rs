@@ -2,6 +2,8 @@
 
 use sqlx::AnyPool;
 
+use super::{Open, StoreError};
+
 /// Each entry is one schema version; never edit a released entry, append a new one.
 const MIGRATIONS: &[&[&str]] = &[
     &[
@@ -68,38 +70,84 @@ const MIGRATIONS: &[&[&str]] = &[
 /// Key of the PostgreSQL advisory lock serialising migrations (any constant unique to us).
 const MIGRATION_LOCK: i64 = 0x6d66_7273_6368_656d; // "mfrschem"
 
-/// Brings the schema up to date. Safe when several processes start at once on one database
-/// (nodes sharing a PostgreSQL store): on PostgreSQL each version is applied under an advisory
-/// transaction lock and the current version is re-read under it, so a version is applied once
-/// and concurrent `CREATE TABLE IF NOT EXISTS` cannot collide in the catalog.
-pub async fn run(pool: &AnyPool, postgres: bool) -> Result<(), sqlx::Error> {
+/// Brings the schema up to date. Safe when several processes start at once on one database:
+/// each version is applied in a write transaction (SQLite: `BEGIN IMMEDIATE`; PostgreSQL:
+/// under an advisory transaction lock) that re-reads the current version, so a version is
+/// applied once and concurrent `CREATE TABLE IF NOT EXISTS` cannot collide in the catalog.
+/// With `Open::Existing` a database without our schema is refused, as is, always, a schema
+/// newer than this binary knows.
+pub async fn run(pool: &AnyPool, postgres: bool, mode: Open, name: &str) -> Result<(), StoreError> {
+    // A read first: a store that is up to date needs no write lock, which another process
+    // (a sync pass, an operator's query) may be holding.
+    let current = version(&mut *pool.acquire().await?, postgres).await?;
+    check(current, mode, name)?;
+    if current == KNOWN {
+        return Ok(());
+    }
     loop {
-        let mut tx = pool.begin().await?;
-        if postgres {
+        let mut tx = if postgres {
+            let mut tx = pool.begin().await?;
             sqlx::query("SELECT pg_advisory_xact_lock($1)")
                 .bind(MIGRATION_LOCK)
                 .execute(&mut *tx)
                 .await?;
-        }
-        sqlx::query("CREATE TABLE IF NOT EXISTS schema_version (version BIGINT NOT NULL)")
-            .execute(&mut *tx)
-            .await?;
-        let (current,): (i64,) =
-            sqlx::query_as("SELECT COALESCE(MAX(version), 0) FROM schema_version")
-                .fetch_one(&mut *tx)
-                .await?;
-        let current = usize::try_from(current).unwrap_or(0);
-        let Some(steps) = MIGRATIONS.get(current) else {
+            tx
+        } else {
+            pool.begin_with("BEGIN IMMEDIATE").await?
+        };
+        // Again under the lock: another process may have upgraded meanwhile.
+        let current = version(&mut tx, postgres).await?;
+        check(current, mode, name)?;
+        let Some(steps) = MIGRATIONS.get(current as usize) else {
             tx.commit().await?;
             return Ok(());
         };
+        sqlx::query("CREATE TABLE IF NOT EXISTS schema_version (version BIGINT NOT NULL)")
+            .execute(&mut *tx)
+            .await?;
         for step in *steps {
             sqlx::query(*step).execute(&mut *tx).await?;
         }
         sqlx::query("INSERT INTO schema_version (version) VALUES ($1)")
-            .bind((current + 1) as i64)
+            .bind(current + 1)
             .execute(&mut *tx)
             .await?;
         tx.commit().await?;
     }
 }
+
+/// Refuses a database without our schema where one must exist, and always one newer than
+/// this binary knows.
+fn check(current: i64, mode: Open, name: &str) -> Result<(), StoreError> {
+    if current == 0 && mode == Open::Existing {
+        return Err(StoreError::Missing { path: name.into() });
+    }
+    if current > KNOWN {
+        return Err(StoreError::SchemaTooNew {
+            found: current,
+            known: KNOWN,
+        });
+    }
+    Ok(())
+}
+
+/// The schema version of the database (0: none of ours).
+pub async fn version(conn: &mut sqlx::AnyConnection, postgres: bool) -> Result<i64, StoreError> {
+    let table = if postgres {
+        "SELECT COUNT(*) FROM information_schema.tables \
+         WHERE table_name = 'schema_version' AND table_schema = current_schema()"
+    } else {
+        "SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' AND name = 'schema_version'"
+    };
+    let (tables,): (i64,) = sqlx::query_as(table).fetch_one(&mut *conn).await?;
+    if tables == 0 {
+        return Ok(0);
+    }
+    let (v,): (i64,) = sqlx::query_as("SELECT COALESCE(MAX(version), 0) FROM schema_version")
+        .fetch_one(&mut *conn)
+        .await?;
+    Ok(v)
+}
+
+/// The newest schema version this binary knows.
+pub const KNOWN: i64 = MIGRATIONS.len() as i64;

@@ -18,7 +18,7 @@ use sqlx::any::AnyPoolOptions;
 use sqlx::AnyPool;
 
 use self::sync::{FolderState, SyncProgress, UidRow};
-pub use users::{UserRecord, UserState};
+pub use users::{StoreSummary, UserRecord, UserState};
 
 /// Failures of the state store.
 #[derive(Debug, thiserror::Error)]
@@ -35,7 +35,43 @@ pub enum StoreError {
     /// The grouped commit that carried this write failed (the error of the writer that ran it).
     #[error("state store: {0}")]
     Grouped(String),
+    /// A command that must not create a store found none (only `serve` creates one).
+    #[error(
+        "state store {path} does not exist (or holds no mailferry schema); only `mailferry \
+         serve` creates one (a relative sqlite:// path is relative to the config file)"
+    )]
+    Missing {
+        /// The SQLite file, or the database URL without its password.
+        path: String,
+    },
+    /// The store was written by a newer mailferry: this binary must not touch it.
+    #[error(
+        "state store schema version {found} is newer than this mailferry knows ({known}); \
+         use a newer mailferry"
+    )]
+    SchemaTooNew {
+        /// The store's schema version.
+        found: i64,
+        /// The newest this binary knows.
+        known: i64,
+    },
 }
+
+/// Whether opening a store may create it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Open {
+    /// Create a missing store and its schema (`serve`; logged when it happens).
+    CreateIfMissing,
+    /// Only an existing mailferry store: a lost or mistyped path must not silently start an
+    /// empty one, which would send every migrated user back to legacy and copy them again.
+    Existing,
+}
+
+/// How many times a write transaction is retried while SQLite stays locked by another
+/// process beyond its busy timeout.
+const LOCKED_RETRIES: u32 = 8;
+/// How long a SQLite connection waits for another process's write lock before a retry.
+const BUSY_TIMEOUT_MS: u32 = 5_000;
 
 /// What a [`StateStore`] operation returns: a boxed future, so the trait stays object-safe.
 pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'a>>;
@@ -133,12 +169,15 @@ pub trait StateStore: Send + Sync + 'static {
 
     /// Sync progress of `email`, for `user show`.
     fn sync_progress<'a>(&'a self, email: &'a str) -> StoreFuture<'a, SyncProgress>;
+
+    /// The schema version and the number of users per state, for `check-config`.
+    fn summary(&self) -> StoreFuture<'_, StoreSummary>;
 }
 
-/// Opens (creating if needed) and migrates the state store at `url` (`sqlite://` or
-/// `postgres://`), ready to share.
-pub async fn open(url: &str) -> Result<Arc<dyn StateStore>, StoreError> {
-    Ok(Arc::new(SqlStore::open(url).await?))
+/// Opens and migrates the state store at `url` (`sqlite://` or `postgres://`), ready to
+/// share; `mode` says whether a missing one may be created.
+pub async fn open(url: &str, mode: Open) -> Result<Arc<dyn StateStore>, StoreError> {
+    Ok(Arc::new(SqlStore::open(url, mode).await?))
 }
 
 /// The SQL state store: one sqlx `Any` implementation serving both SQLite (the default) and
@@ -159,10 +198,12 @@ pub struct SqlStore {
 }
 
 impl SqlStore {
-    /// Opens (creating if needed) and migrates the database at `url`.
-    pub async fn open(url: &str) -> Result<SqlStore, StoreError> {
+    /// Opens and migrates the database at `url`; `mode` says whether a missing one may be
+    /// created.
+    pub async fn open(url: &str, mode: Open) -> Result<SqlStore, StoreError> {
         sqlx::any::install_default_drivers();
-        let url = prepare_url(url)?;
+        let prepared = prepare_url(url, mode)?;
+        let url = prepared.url;
         let sqlite = url.starts_with("sqlite:");
         let pool = AnyPoolOptions::new()
             .max_connections(if sqlite { 4 } else { 10 })
@@ -176,7 +217,10 @@ impl SqlStore {
             })
             .connect(&url)
             .await?;
-        migrations::run(&pool, !sqlite).await?;
+        migrations::run(&pool, !sqlite, mode, &redacted(&url)).await?;
+        if prepared.created {
+            tracing::info!(path = %redacted(&url), "created the state store");
+        }
         // An in-memory database is one per connection: it has no second pool.
         let relaxed = if sqlite && !url.contains(":memory:") {
             let pool = AnyPoolOptions::new()
@@ -211,6 +255,34 @@ impl SqlStore {
     /// SQLite: where intents wait for a group commit.
     pub(crate) fn intent_queue(&self) -> Option<&intents::IntentQueue> {
         self.writers.as_ref().map(|w| &w.intents)
+    }
+
+    /// Begins a write transaction on `pool` (this store's `pool` or `relaxed`). On SQLite it
+    /// is `BEGIN IMMEDIATE`, which takes the write lock up front: a deferred transaction that
+    /// reads first gets `database is locked` at once, without waiting, when another process
+    /// wrote meanwhile. A lock held beyond the busy timeout is waited for again, a few times.
+    pub(crate) async fn begin_write(
+        &self,
+        pool: &AnyPool,
+    ) -> Result<sqlx::Transaction<'static, sqlx::Any>, StoreError> {
+        if self.writers.is_none() {
+            return Ok(pool.begin().await?);
+        }
+        let mut attempt = 0;
+        loop {
+            match pool.begin_with("BEGIN IMMEDIATE").await {
+                Err(e) if is_locked(&e) && attempt < LOCKED_RETRIES => {
+                    attempt += 1;
+                    tracing::debug!(attempt, "state store locked by another process, waiting");
+                }
+                r => return Ok(r?),
+            }
+        }
+    }
+
+    /// Whether this is PostgreSQL (else SQLite).
+    pub(crate) fn is_postgres(&self) -> bool {
+        self.writers.is_none()
     }
 
     /// The pool, for modules that keep their own tables here (the embedded directory).
@@ -333,6 +405,10 @@ impl StateStore for SqlStore {
     fn sync_progress<'a>(&'a self, email: &'a str) -> StoreFuture<'a, SyncProgress> {
         Box::pin(SqlStore::sync_progress(self, email))
     }
+
+    fn summary(&self) -> StoreFuture<'_, StoreSummary> {
+        Box::pin(SqlStore::summary(self))
+    }
 }
 
 /// Settings of every SQLite connection: WAL lets the proxy read routes while the CLI or sync
@@ -341,9 +417,14 @@ async fn sqlite_pragmas(
     conn: &mut sqlx::AnyConnection,
     synchronous: &'static str,
 ) -> Result<(), sqlx::Error> {
-    for pragma in ["PRAGMA journal_mode=WAL", "PRAGMA busy_timeout=5000"] {
-        sqlx::query(pragma).execute(&mut *conn).await?;
-    }
+    // The busy timeout first: switching to WAL itself needs the lock another process may hold.
+    let busy = format!("PRAGMA busy_timeout={BUSY_TIMEOUT_MS}");
+    sqlx::query(sqlx::AssertSqlSafe(busy))
+        .execute(&mut *conn)
+        .await?;
+    sqlx::query("PRAGMA journal_mode=WAL")
+        .execute(&mut *conn)
+        .await?;
     let sync = format!("PRAGMA synchronous={synchronous}");
     sqlx::query(sqlx::AssertSqlSafe(sync))
         .execute(&mut *conn)
@@ -351,11 +432,45 @@ async fn sqlite_pragmas(
     Ok(())
 }
 
-/// Makes a SQLite URL create its file (and parent directory) on first use.
-fn prepare_url(url: &str) -> Result<String, StoreError> {
+/// Whether a database error says SQLite's lock is held by another connection.
+fn is_locked(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Database(d) => {
+            d.code().as_deref() == Some("5") || d.message().contains("database is locked")
+        }
+        _ => false,
+    }
+}
+
+/// A URL fit for logs and errors: a PostgreSQL password is hidden.
+pub fn redacted(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    match rest.split_once('@') {
+        Some((userinfo, host)) if userinfo.contains(':') => {
+            let user = userinfo.split(':').next().unwrap_or("");
+            format!("{scheme}://{user}:***@{host}")
+        }
+        _ => url.to_owned(),
+    }
+}
+
+/// A URL ready to connect, and whether opening it creates the SQLite file.
+struct Prepared {
+    url: String,
+    created: bool,
+}
+
+/// A SQLite URL opens its file read-write, creating it (and its directory) only with
+/// `Open::CreateIfMissing`; a PostgreSQL URL is used as it is.
+fn prepare_url(url: &str, mode: Open) -> Result<Prepared, StoreError> {
     let Some(rest) = url.strip_prefix("sqlite://") else {
         if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-            return Ok(url.to_owned());
+            return Ok(Prepared {
+                url: url.to_owned(),
+                created: false,
+            });
         }
         return Err(StoreError::Url(
             url.into(),
@@ -366,7 +481,12 @@ fn prepare_url(url: &str) -> Result<String, StoreError> {
     if path.is_empty() {
         return Err(StoreError::Url(url.into(), "missing database path".into()));
     }
-    if path != ":memory:" {
+    let memory = path == ":memory:";
+    let missing = !memory && !Path::new(path).exists();
+    if missing && mode == Open::Existing {
+        return Err(StoreError::Missing { path: path.into() });
+    }
+    if missing {
         if let Some(dir) = Path::new(path)
             .parent()
             .filter(|d| !d.as_os_str().is_empty())
@@ -376,17 +496,20 @@ fn prepare_url(url: &str) -> Result<String, StoreError> {
             })?;
         }
     }
-    let mut out = format!("sqlite://{path}");
-    if query.is_empty() {
-        out.push_str("?mode=rwc");
-    } else {
-        out.push('?');
+    let open = if mode == Open::Existing { "rw" } else { "rwc" };
+    let mut out = format!("sqlite://{path}?");
+    if !query.is_empty() {
         out.push_str(query);
-        if !query.contains("mode=") {
-            out.push_str("&mode=rwc");
-        }
+        out.push('&');
     }
-    Ok(out)
+    if !query.contains("mode=") {
+        out.push_str("mode=");
+        out.push_str(open);
+    }
+    Ok(Prepared {
+        url: out.trim_end_matches(['?', '&']).to_owned(),
+        created: missing,
+    })
 }
 
 /// Seconds since the epoch, as stored in every timestamp column.
@@ -402,24 +525,35 @@ mod tests {
     use super::*;
 
     #[test]
-    fn sqlite_urls_create_their_file() {
+    fn only_create_if_missing_creates_a_sqlite_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("var/x.db");
+        let url = format!("sqlite://{}", path.display());
+        assert!(matches!(
+            prepare_url(&url, Open::Existing),
+            Err(StoreError::Missing { .. })
+        ));
+        assert!(!path.parent().unwrap().exists(), "nothing created");
+        let p = prepare_url(&url, Open::CreateIfMissing).unwrap();
+        assert_eq!(p.url, format!("{url}?mode=rwc"));
+        assert!(p.created);
+        std::fs::write(&path, b"").unwrap();
+        let p = prepare_url(&url, Open::Existing).unwrap();
+        assert_eq!((p.url, p.created), (format!("{url}?mode=rw"), false));
+        let p = prepare_url("sqlite://:memory:", Open::Existing).unwrap();
+        assert_eq!(p.url, "sqlite://:memory:?mode=rw");
+        assert!(prepare_url("mysql://x", Open::CreateIfMissing).is_err());
         assert_eq!(
-            prepare_url("sqlite://var/x.db").unwrap(),
-            "sqlite://var/x.db?mode=rwc"
+            redacted("postgres://mf:secret@db:5432/mf"),
+            "postgres://mf:***@db:5432/mf"
         );
-        assert_eq!(
-            prepare_url("sqlite://:memory:").unwrap(),
-            "sqlite://:memory:?mode=rwc"
-        );
-        assert!(prepare_url("mysql://x").is_err());
     }
 
     #[tokio::test]
     async fn trait_object_round_trips_folder_state_and_uid_map() {
         let dir = tempfile::tempdir().unwrap();
-        let store: Arc<dyn StateStore> = open(&format!("sqlite://{}/s.db", dir.path().display()))
-            .await
-            .unwrap();
+        let url = format!("sqlite://{}/s.db", dir.path().display());
+        let store: Arc<dyn StateStore> = open(&url, Open::CreateIfMissing).await.unwrap();
         let f = FolderState {
             email: "a@x".into(),
             source_name: "Archive".into(),

@@ -171,7 +171,7 @@ impl SqlStore {
             return Ok(());
         }
         let _turn = self.write_turn().await;
-        let mut tx = self.relaxed().begin().await?;
+        let mut tx = self.begin_write(self.relaxed()).await?;
         for f in folders {
             upsert_folder(&mut tx, f).await?;
         }
@@ -186,7 +186,7 @@ impl SqlStore {
         source_name: &str,
     ) -> Result<(), StoreError> {
         let _turn = self.write_turn().await;
-        let mut tx = self.pool().begin().await?;
+        let mut tx = self.begin_write(self.pool()).await?;
         sqlx::query("DELETE FROM sync_uids WHERE email = $1 AND source_name = $2")
             .bind(email)
             .bind(source_name)
@@ -209,7 +209,7 @@ impl SqlStore {
         to: &str,
     ) -> Result<(), StoreError> {
         let _turn = self.write_turn().await;
-        let mut tx = self.pool().begin().await?;
+        let mut tx = self.begin_write(self.pool()).await?;
         for table in ["sync_uids", "sync_folders"] {
             // The table name comes from the constant list above, never from input.
             sqlx::query(sqlx::AssertSqlSafe(format!(
@@ -274,7 +274,7 @@ impl SqlStore {
         rows: &[UidRow],
     ) -> Result<(), StoreError> {
         let Some(queue) = self.intent_queue() else {
-            let mut tx = self.pool().begin().await?;
+            let mut tx = self.begin_write(self.pool()).await?;
             write_intent(&mut tx, fresh, email, source_name, rows).await?;
             tx.commit().await?;
             return Ok(());
@@ -291,7 +291,7 @@ impl SqlStore {
         }
         let batch = queue.take();
         let result = async {
-            let mut tx = self.pool().begin().await?;
+            let mut tx = self.begin_write(self.pool()).await?;
             for i in &batch {
                 write_intent(&mut tx, i.fresh.as_ref(), &i.email, &i.folder, &i.rows).await?;
             }
@@ -320,7 +320,7 @@ impl SqlStore {
             return Ok(());
         }
         let _turn = self.write_turn().await;
-        let mut tx = self.relaxed().begin().await?;
+        let mut tx = self.begin_write(self.relaxed()).await?;
         for (s, t) in pairs {
             sqlx::query("UPDATE sync_uids SET target_uid = $4 WHERE email = $1 AND source_name = $2 AND source_uid = $3")
                 .bind(email)
@@ -353,7 +353,7 @@ impl SqlStore {
         uids: &[u32],
     ) -> Result<(), StoreError> {
         let _turn = self.write_turn().await;
-        let mut tx = self.pool().begin().await?;
+        let mut tx = self.begin_write(self.pool()).await?;
         for u in uids {
             sqlx::query(
                 "DELETE FROM sync_uids WHERE email = $1 AND source_name = $2 AND source_uid = $3",
@@ -375,7 +375,7 @@ impl SqlStore {
         rows: &[UidRow],
     ) -> Result<(), StoreError> {
         let _turn = self.write_turn().await;
-        let mut tx = self.pool().begin().await?;
+        let mut tx = self.begin_write(self.pool()).await?;
         sqlx::query("DELETE FROM sync_uids WHERE email = $1 AND source_name = $2")
             .bind(&state.email)
             .bind(&state.source_name)
@@ -580,9 +580,12 @@ mod tests {
     #[tokio::test]
     async fn uid_map_life_cycle() {
         let dir = tempfile::tempdir().unwrap();
-        let store = SqlStore::open(&format!("sqlite://{}/s.db", dir.path().display()))
-            .await
-            .unwrap();
+        let store = SqlStore::open(
+            &format!("sqlite://{}/s.db", dir.path().display()),
+            crate::store::Open::CreateIfMissing,
+        )
+        .await
+        .unwrap();
         let mut f = FolderState {
             email: "a@x".into(),
             source_name: "INBOX".into(),
@@ -632,9 +635,12 @@ mod tests {
     }
 
     async fn file_store(dir: &tempfile::TempDir) -> SqlStore {
-        SqlStore::open(&format!("sqlite://{}/s.db", dir.path().display()))
-            .await
-            .unwrap()
+        SqlStore::open(
+            &format!("sqlite://{}/s.db", dir.path().display()),
+            crate::store::Open::CreateIfMissing,
+        )
+        .await
+        .unwrap()
     }
 
     #[tokio::test]

@@ -56,6 +56,15 @@ impl FromStr for UserState {
     }
 }
 
+/// What `check-config` says of a store: its schema and how many users are in each state.
+#[derive(Debug, Clone, Serialize)]
+pub struct StoreSummary {
+    /// The schema version.
+    pub schema_version: i64,
+    /// Users per state, in the order of `UserState`; states without users are left out.
+    pub users: Vec<(UserState, i64)>,
+}
+
 /// What the store knows of one user.
 #[derive(Debug, Clone, Serialize)]
 pub struct UserRecord {
@@ -113,7 +122,7 @@ impl SqlStore {
         let before = self.user(email).await?.map(|u| u.state);
         let at = now();
         let _turn = self.write_turn().await;
-        let mut tx = self.pool().begin().await?;
+        let mut tx = self.begin_write(self.pool()).await?;
         sqlx::query(
             "INSERT INTO users (email, state, last_error, updated_at) VALUES ($1, $2, $3, $4) \
              ON CONFLICT (email) DO UPDATE SET state = excluded.state, \
@@ -137,5 +146,24 @@ impl SqlStore {
         .await?;
         tx.commit().await?;
         Ok(())
+    }
+
+    /// The schema version and the number of users per state.
+    pub async fn summary(&self) -> Result<StoreSummary, StoreError> {
+        let mut conn = self.pool().acquire().await?;
+        let schema_version = super::migrations::version(&mut conn, self.is_postgres()).await?;
+        let rows: Vec<(String, i64)> =
+            sqlx::query_as("SELECT state, COUNT(*) FROM users GROUP BY state")
+                .fetch_all(&mut *conn)
+                .await?;
+        let mut users = Vec::with_capacity(rows.len());
+        for (state, n) in rows {
+            users.push((state.parse()?, n));
+        }
+        users.sort_by_key(|(s, _)| *s as u8);
+        Ok(StoreSummary {
+            schema_version,
+            users,
+        })
     }
 }

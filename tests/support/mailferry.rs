@@ -260,6 +260,20 @@ impl Drop for Mailferry {
     }
 }
 
+/// Creates the state store at `url` (with its schema) as `serve` does on its first start:
+/// the CLI's `sync --once` and `verify` refuse a store that does not exist.
+pub fn create_store(url: &str) {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+        .block_on(mailferry::store::open(
+            url,
+            mailferry::store::Open::CreateIfMissing,
+        ))
+        .expect("create the state store");
+}
+
 /// `mailferry -c CONFIG ARGS...`, to be given its log filter and standard streams.
 pub fn command(config: &std::path::Path, args: &[&str]) -> Command {
     let mut c = Command::new(binary());
