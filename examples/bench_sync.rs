@@ -23,7 +23,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use mailferry::config::Config;
-use mailferry::store;
 use mailferry::sync::Engine;
 use support::corpus::{self, Corpus, Spec};
 use support::dovecot::{Backends, Dovecot, Flavor, MASTER_PASSWORD, MASTER_USER};
@@ -555,7 +554,7 @@ fn sync_all(
             .map(|u| {
                 let e = engine.clone();
                 let u = u.clone();
-                tokio::spawn(async move { e.pass(&u, None).await })
+                tokio::spawn(async move { e.pass(&u, None, false).await })
             })
             .collect();
         let mut n = 0;
@@ -692,13 +691,15 @@ fn main() {
         .unwrap();
     // Each round copies into empty targets with a fresh state store, so rounds are alike.
     let engine_on = |db: &str| {
-        let store = rt
-            .block_on(store::open(
-                &format!("sqlite://{}", dir.path().join(db).display()),
+        let mut cfg = config(&b, dir.path());
+        cfg.state.url = format!("sqlite://{}", dir.path().join(db).display());
+        let (store, routes) = rt
+            .block_on(mailferry::server::open_directory(
+                &cfg,
                 mailferry::store::Open::CreateIfMissing,
             ))
             .unwrap();
-        Arc::new(Engine::from_config(&config(&b, dir.path()), store).unwrap())
+        Arc::new(Engine::from_config(&cfg, store, routes).unwrap())
     };
 
     let mut results: Vec<CorpusResults> = Vec::new();

@@ -483,6 +483,9 @@ pub struct SyncConfig {
     /// Longest silence of a backend while the engine awaits a reply, before the pass fails with
     /// a timeout (and backs off, then retries). Unset: `[limits] backend_reply_secs`, at least 60.
     pub reply_timeout_secs: Option<u64>,
+    /// How long a pass's lease on its user lasts unless renewed (renewed every third of it):
+    /// after a killed process, the user's next pass can start this long later at the latest.
+    pub lease_secs: u64,
 }
 
 /// Default of `[sync] latency_floor_ms`, also the pacer's floor until a config sets one: a local
@@ -504,6 +507,7 @@ impl Default for SyncConfig {
             // A day: passes run every few minutes, and a user who uses mail logs in daily.
             credentials_ttl_secs: 86_400,
             reply_timeout_secs: None,
+            lease_secs: 60,
         }
     }
 }

@@ -70,6 +70,10 @@ enum Command {
         /// No progress bar.
         #[arg(long)]
         quiet: bool,
+        /// Sync even a user already routed to new (their mail on new is never deleted, but
+        /// what they deleted there since may come back from legacy).
+        #[arg(long)]
+        force: bool,
     },
     /// Compare legacy and new for a user: exit 0 same, 1 different, 2 error.
     Verify {
@@ -161,13 +165,19 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             let cfg = Config::load(&cli.config)?;
             user(&cfg, action, json).await
         }
-        Command::Sync { email, once, quiet } => {
+        Command::Sync {
+            email,
+            once,
+            quiet,
+            force,
+        } => {
             if !once {
                 eprintln!("mailferry: only `sync EMAIL --once` runs without a server; `user migrate EMAIL` starts continuous sync");
                 return Ok(ExitCode::from(2));
             }
             let cfg = Config::load(&cli.config)?;
-            sync_once(&cfg, &email, json, quiet).await
+            let how = SyncOnce { json, quiet, force };
+            sync_once(&cfg, &email, how).await
         }
         Command::Verify { email } => {
             let cfg = Config::load(&cli.config)?;
@@ -217,17 +227,24 @@ fn sync_exit(e: &mailferry::sync::SyncError) -> ExitCode {
     }
 }
 
-async fn sync_once(cfg: &Config, email: &str, json: bool, quiet: bool) -> Result<ExitCode> {
+/// How `sync --once` runs and reports.
+struct SyncOnce {
+    json: bool,
+    quiet: bool,
+    force: bool,
+}
+
+async fn sync_once(cfg: &Config, email: &str, how: SyncOnce) -> Result<ExitCode> {
     use mailferry::sync::{pass_with_retry, Engine, Progress};
     let email = mailferry::route::normalize_user(email);
-    let store = match mailferry::store::open(&cfg.state_url(), Open::Existing).await {
+    let (store, routes) = match mailferry::server::open_directory(cfg, Open::Existing).await {
         Ok(s) => s,
         Err(e) => {
             eprintln!("mailferry: {e}");
             return Ok(ExitCode::from(2));
         }
     };
-    let engine = match Engine::from_config(cfg, store) {
+    let engine = match Engine::from_config(cfg, store, routes) {
         Ok(e) => e,
         Err(e) => {
             eprintln!("mailferry: {e}");
@@ -235,14 +252,15 @@ async fn sync_once(cfg: &Config, email: &str, json: bool, quiet: bool) -> Result
         }
     };
     let progress = std::sync::Arc::new(Progress::default());
-    let bar = (!quiet && !json).then(|| ProgressBar::start(progress.clone()));
-    let result = pass_with_retry(&engine, &email, Some(progress), SYNC_ONCE_ATTEMPTS).await;
+    let bar = (!how.quiet && !how.json).then(|| ProgressBar::start(progress.clone()));
+    let attempts = SYNC_ONCE_ATTEMPTS;
+    let result = pass_with_retry(&engine, &email, Some(progress), how.force, attempts).await;
     if let Some(bar) = bar {
         bar.finish();
     }
     match result {
         Ok(r) => {
-            print_report(&email, &r, json)?;
+            print_report(&email, &r, how.json)?;
             Ok(if r.failed > 0 {
                 ExitCode::from(1)
             } else {
@@ -267,6 +285,9 @@ fn print_report(email: &str, r: &mailferry::sync::PassReport, json: bool) -> Res
             r.folders, r.folders_changed, r.appended, r.appended_bytes, r.recovered, r.rematched,
             r.flag_updates, r.expunged, r.failed, r.duration_ms
         );
+        for folder in &r.kept {
+            println!("warning: {folder} is gone from legacy but kept on new: it holds mail the sync did not put there");
+        }
     }
     Ok(())
 }
@@ -455,6 +476,9 @@ fn print_user(v: &UserView) {
     });
     println!("last pass:  {ago}");
     println!("sync error: {}", or_dash(&p.last_error));
+    for w in &p.warnings {
+        println!("warning:    {w}");
+    }
 }
 
 fn print_route_change(c: &RouteChange) {

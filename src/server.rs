@@ -124,7 +124,9 @@ pub async fn serve(
     let shared = Shared::build(cfg, metrics).await?;
     // Built before the proxy so that logins can hand it captured passwords. Passes log in
     // through master users or those passwords; a pass that has neither records why.
-    let engine = crate::sync::Engine::from_config(&shared.cfg, shared.store.clone()).map(Arc::new);
+    let engine =
+        crate::sync::Engine::from_config(&shared.cfg, shared.store.clone(), shared.routes.clone())
+            .map(Arc::new);
     let captured = engine.as_ref().ok().map(|e| e.captured.clone());
     let mut tasks = tokio::task::JoinSet::new();
     shared.start_imap(&mut tasks, captured).await?;

@@ -72,7 +72,9 @@ impl Env {
             let pool = sqlx::AnyPool::connect(&url).await.unwrap();
             for sql in [
                 "ALTER TABLE sync_uids DROP COLUMN pending_at",
-                "DELETE FROM schema_version WHERE version = 3",
+                "DROP TABLE sync_leases",
+                "DROP TABLE sync_warnings",
+                "DELETE FROM schema_version WHERE version >= 3",
             ] {
                 sqlx::query(sql).execute(&pool).await.unwrap();
             }
@@ -100,6 +102,11 @@ impl Env {
     /// `sync EMAIL --once --json`, asserting exit 0; returns the report.
     fn sync(&self, user: &str) -> serde_json::Value {
         support::mailferry::sync_report(&self.cli(&["sync", user, "--once", "--json"]))
+    }
+
+    /// `sync EMAIL --once --force --json`, asserting exit 0; returns the report.
+    fn sync_forced(&self, user: &str) -> serde_json::Value {
+        support::mailferry::sync_report(&self.cli(&["sync", user, "--once", "--force", "--json"]))
     }
 
     /// A pass copies `c` (loaded on legacy) with nothing left to differ, and a second pass
@@ -332,7 +339,8 @@ fn eight_sync_processes_at_once_share_one_sqlite_store() {
 #[test]
 fn killed_passes_resume_without_duplicates() {
     within(170, || {
-        let env = Env::new("none", "");
+        // Short leases: a killed pass keeps its user's lease until it lapses.
+        let env = Env::new("none", "lease_secs = 3\n");
         env.fresh_target(USER);
         let c = corpus::generate(&Spec {
             seed: 99,
@@ -371,6 +379,16 @@ fn killed_passes_resume_without_duplicates() {
             }
             let _ = child.kill(); // SIGKILL
             let _ = child.wait();
+            if threshold == 1 {
+                // The dead pass still holds the lease: no second pass may start yet.
+                let out = env.cli(&["sync", USER, "--once", "--quiet"]);
+                let err = String::from_utf8_lossy(&out.stderr);
+                assert!(
+                    out.status.code() == Some(1) && err.contains("pass in progress"),
+                    "{err}"
+                );
+            }
+            wait_for_lapsed_lease(&env);
         }
         eprintln!("before final: {}", watcher.dump());
         let r = env.sync(USER);
@@ -404,16 +422,11 @@ fn nothing_is_appended_before_its_intent_is_committed() {
             ..Spec::default()
         });
         corpus::load(&env.backends.legacy, USER, &c);
-        // The schema exists before the lock is taken (opening the store migrates it).
         let watcher = MapWatcher::new(&env.state);
         let mut lock = watcher
             .rt
             .block_on(watcher.store.pool().acquire())
             .expect("connection");
-        watcher
-            .rt
-            .block_on(sqlx::query("BEGIN IMMEDIATE").execute(&mut *lock))
-            .expect("write lock");
         let mut child =
             support::mailferry::command(&env.config, &["sync", USER, "--once", "--json"])
                 .env("MAILFERRY_LOG", "warn,mailferry::sync::client=trace")
@@ -421,6 +434,25 @@ fn nothing_is_appended_before_its_intent_is_committed() {
                 .stderr(Stdio::piped())
                 .spawn()
                 .expect("spawn");
+        // The pass writes its lease first; the write lock is taken right after that (reads go
+        // on meanwhile in WAL), while the pass logs in and lists folders, long before its
+        // first intent.
+        watcher.rt.block_on(async {
+            loop {
+                let (leases,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM sync_leases")
+                    .fetch_one(&mut *lock)
+                    .await
+                    .expect("leases");
+                if leases > 0 {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        });
+        watcher
+            .rt
+            .block_on(sqlx::query("BEGIN IMMEDIATE").execute(&mut *lock))
+            .expect("write lock");
         // The command timeline: wait for the FETCH of bodies (the second UID FETCH on legacy,
         // after the one listing sizes), i.e. the copy is under way while its intents wait.
         let stderr = child.stderr.take().expect("stderr");
@@ -760,5 +792,317 @@ fn implicit_tls_and_folder_rules() {
             !folders.iter().any(|f| f.starts_with("Listen")),
             "{folders:?}"
         );
+    });
+}
+
+// --- The sync never destroys what it did not put there (DESIGN.md §5) ---
+
+/// A message with a unique subject, to find it again on either side.
+fn marked(subject: &str) -> corpus::Message {
+    corpus::Message {
+        folder: vec!["INBOX".into()],
+        body: format!(
+            "From: someone@example.org\r\nTo: {USER}\r\nSubject: {subject}\r\n\
+             Message-ID: <{subject}@example.org>\r\n\r\nBody of {subject}.\r\n"
+        )
+        .into_bytes(),
+        flags: vec![],
+        date: "01-Feb-2024 10:00:00 +0000".into(),
+    }
+}
+
+/// Appends `subjects` (as `marked` messages) to `folder` of `d`, creating it if asked.
+fn put(d: &Dovecot, folder: &str, subjects: &[&str], create: bool) {
+    let mut s = Session::open(d, USER);
+    if create {
+        s.ok(&format!("CREATE \"{folder}\""));
+    }
+    let msgs: Vec<corpus::Message> = subjects.iter().map(|s| marked(s)).collect();
+    let items: Vec<(&str, &corpus::Message)> = msgs.iter().map(|m| (folder, m)).collect();
+    s.append_all(&items);
+    s.close();
+}
+
+/// Whether `d` holds a message with `subject` in `folder` of `USER`, and how many.
+fn copies(d: &Dovecot, folder: &str, subject: &str) -> usize {
+    let needle = format!("Subject: {subject}\r\n");
+    d.messages(USER, folder)
+        .iter()
+        .filter(|m| m.windows(needle.len()).any(|w| w == needle.as_bytes()))
+        .count()
+}
+
+/// The UID map's view of a user: the warnings `user show` prints.
+fn warnings(env: &Env) -> Vec<String> {
+    let url = format!("sqlite://{}", env.state.display());
+    tokio::runtime::Runtime::new().unwrap().block_on(async {
+        let store = mailferry::store::open(&url, mailferry::store::Open::Existing)
+            .await
+            .unwrap();
+        store.sync_progress(USER).await.unwrap().warnings
+    })
+}
+
+/// Waits until no live lease on `USER` is left (a killed pass's lapses after `lease_secs`).
+fn wait_for_lapsed_lease(env: &Env) {
+    let url = format!("sqlite://{}", env.state.display());
+    tokio::runtime::Runtime::new().unwrap().block_on(async {
+        sqlx::any::install_default_drivers();
+        let pool = sqlx::AnyPool::connect(&url).await.unwrap();
+        loop {
+            let live: Option<(i64,)> =
+                sqlx::query_as("SELECT expires_at FROM sync_leases WHERE email = $1")
+                    .bind(USER)
+                    .fetch_optional(&pool)
+                    .await
+                    .unwrap();
+            match live {
+                Some((at,)) if at >= mailferry::store::now() => {
+                    tokio::time::sleep(Duration::from_millis(200)).await
+                }
+                _ => break,
+            }
+        }
+        pool.close().await;
+    });
+}
+
+/// Runs SQL on the state store (to play another process holding a lease).
+fn sql(env: &Env, stmt: &str) {
+    let url = format!("sqlite://{}", env.state.display());
+    tokio::runtime::Runtime::new().unwrap().block_on(async {
+        sqlx::any::install_default_drivers();
+        let pool = sqlx::AnyPool::connect(&url).await.unwrap();
+        sqlx::query(sqlx::AssertSqlSafe(stmt.to_owned()))
+            .execute(&pool)
+            .await
+            .unwrap();
+        pool.close().await;
+    });
+}
+
+#[test]
+fn a_folder_deleted_on_legacy_is_kept_on_new_while_it_holds_mail_the_sync_did_not_copy() {
+    within(120, || {
+        let env = Env::new("none", "");
+        env.fresh_target(USER);
+        let legacy = &env.backends.legacy;
+        put(legacy, "Keep", &["keep-1", "keep-2"], true);
+        put(legacy, "Drop", &["drop-1", "drop-2"], true);
+        env.sync(USER);
+        env.assert_same(USER);
+        // Mail put on new directly (a client through the proxy, after a rollback, by hand).
+        put(&env.backends.new, "Keep", &["direct-on-new"], false);
+        let mut s = Session::open(legacy, USER);
+        s.ok("DELETE \"Keep\"");
+        s.ok("DELETE \"Drop\"");
+        s.close();
+        let report = env.sync(USER);
+        assert_eq!(n(&report, "deleted"), 1, "{report}");
+        assert_eq!(report["kept"], serde_json::json!(["Keep"]), "{report}");
+        let new = &env.backends.new;
+        let folders = new.mailboxes(USER);
+        assert!(!folders.iter().any(|f| f == "Drop"), "{folders:?}");
+        assert_eq!(new.count(USER, "Keep"), 3);
+        assert_eq!(copies(new, "Keep", "direct-on-new"), 1);
+        let w = warnings(&env);
+        assert!(
+            w.len() == 1 && w[0].starts_with("Keep: gone from legacy, kept on new: 1 message"),
+            "{w:?}"
+        );
+        // The next pass leaves it alone and appends nothing.
+        let again = env.sync(USER);
+        assert_eq!(n(&again, "appended"), 0, "{again}");
+        assert_eq!(new.count(USER, "Keep"), 3);
+    });
+}
+
+#[test]
+fn a_uidvalidity_change_on_legacy_expunges_only_the_syncs_own_copies() {
+    within(120, || {
+        let env = Env::new("none", "");
+        env.fresh_target(USER);
+        let legacy = &env.backends.legacy;
+        put(legacy, "INBOX", &["a", "b", "c"], false);
+        env.sync(USER);
+        put(&env.backends.new, "INBOX", &["direct-on-new"], false);
+        // Legacy expunges one message and its INBOX gets a new UIDVALIDITY (a rebuild).
+        expunge_subject(legacy, "b");
+        let out = legacy.doveadm(&[
+            "mailbox",
+            "update",
+            "-u",
+            USER,
+            "--uid-validity",
+            "777",
+            "INBOX",
+        ]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let report = env.sync(USER);
+        assert_eq!(n(&report, "appended"), 0, "no duplicates: {report}");
+        let new = &env.backends.new;
+        assert_eq!(
+            copies(new, "INBOX", "b"),
+            0,
+            "the sync's own copy of b goes"
+        );
+        for kept in ["a", "c", "direct-on-new"] {
+            assert_eq!(copies(new, "INBOX", kept), 1, "{kept}");
+        }
+    });
+}
+
+#[test]
+fn a_uidvalidity_change_on_new_gives_no_duplicates_and_deletes_nothing() {
+    within(120, || {
+        let env = Env::new("none", "");
+        env.fresh_target(USER);
+        put(&env.backends.legacy, "INBOX", &["a", "b", "c"], false);
+        env.sync(USER);
+        let new = &env.backends.new;
+        put(new, "INBOX", &["direct-on-new"], false);
+        let out = new.doveadm(&[
+            "mailbox",
+            "update",
+            "-u",
+            USER,
+            "--uid-validity",
+            "4242",
+            "INBOX",
+        ]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let report = env.sync(USER);
+        assert_eq!(n(&report, "appended"), 0, "{report}");
+        assert_eq!(n(&report, "expunged"), 0, "{report}");
+        assert!(
+            n(&report, "rematched") >= 4,
+            "the map is rebuilt by content: {report}"
+        );
+        for subject in ["a", "b", "c", "direct-on-new"] {
+            assert_eq!(copies(new, "INBOX", subject), 1, "{subject}");
+        }
+        // The rebuilt map holds: a change on legacy is carried over without duplicates.
+        put(&env.backends.legacy, "INBOX", &["d"], false);
+        let report = env.sync(USER);
+        assert_eq!(n(&report, "appended"), 1, "{report}");
+        assert_eq!(copies(new, "INBOX", "d"), 1);
+    });
+}
+
+/// Expunges `subject` from `USER`'s legacy INBOX.
+fn expunge_subject(d: &Dovecot, subject: &str) {
+    let out = d.doveadm(&[
+        "expunge", "-u", USER, "mailbox", "INBOX", "header", "Subject", subject,
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn a_user_routed_to_new_is_synced_only_when_forced() {
+    within(120, || {
+        let env = Env::new("none", "");
+        env.fresh_target(USER);
+        put(&env.backends.legacy, "INBOX", &["a", "b"], false);
+        env.sync(USER);
+        put(&env.backends.new, "INBOX", &["direct-on-new"], false);
+        put(&env.backends.legacy, "INBOX", &["late"], false);
+        sql(
+            &env,
+            &format!(
+                "INSERT INTO directory_routes (email, route, updated_at) VALUES ('{USER}', 'new', 1)"
+            ),
+        );
+        let out = env.cli(&["sync", USER, "--once", "--json"]);
+        assert_eq!(
+            out.status.code(),
+            Some(1),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("routed to new"),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let new = &env.backends.new;
+        assert_eq!(copies(new, "INBOX", "late"), 0, "nothing copied");
+        let report = env.sync_forced(USER);
+        assert_eq!(n(&report, "appended"), 1, "{report}");
+        for subject in ["a", "b", "late", "direct-on-new"] {
+            assert_eq!(copies(new, "INBOX", subject), 1, "{subject}");
+        }
+    });
+}
+
+#[test]
+fn one_pass_per_user_at_a_time_and_a_lapsed_lease_is_taken_over() {
+    within(150, || {
+        let env = Env::new("none", "lease_secs = 3\n");
+        env.fresh_target(USER);
+        put(&env.backends.legacy, "INBOX", &["a", "b"], false);
+        put(&env.backends.new, "INBOX", &["direct-on-new"], false);
+        // Another process holds the user's lease.
+        let far = mailferry::store::now() + 3600;
+        sql(
+            &env,
+            &format!("INSERT INTO sync_leases (email, holder, expires_at) VALUES ('{USER}', 'other:1:1', {far})"),
+        );
+        let out = env.cli(&["sync", USER, "--once"]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{err}");
+        assert!(
+            err.contains("pass in progress") && err.contains("other:1:1"),
+            "{err}"
+        );
+        assert_eq!(copies(&env.backends.new, "INBOX", "a"), 0);
+        // Its holder died: once the lease has lapsed, the next pass takes it over.
+        sql(&env, "UPDATE sync_leases SET expires_at = 0");
+        env.sync(USER);
+        // Two passes started at once: one runs, the other says so (or, if the first was
+        // already done, runs too and finds nothing to do); nothing is copied twice.
+        put(&env.backends.legacy, "INBOX", &["c"], false);
+        let children: Vec<_> = (0..2)
+            .map(|_| {
+                support::mailferry::command(&env.config, &["sync", USER, "--once", "--json"])
+                    .env("MAILFERRY_LOG", "warn")
+                    .stdout(Stdio::piped())
+                    .stderr(Stdio::piped())
+                    .spawn()
+                    .expect("spawn")
+            })
+            .collect();
+        let outs: Vec<Output> = children
+            .into_iter()
+            .map(|c| c.wait_with_output().expect("wait"))
+            .collect();
+        let mut appended = 0;
+        for out in &outs {
+            match out.status.code() {
+                Some(0) => appended += n(&support::mailferry::sync_report(out), "appended"),
+                Some(1) => assert!(
+                    String::from_utf8_lossy(&out.stderr).contains("pass in progress"),
+                    "{}",
+                    String::from_utf8_lossy(&out.stderr)
+                ),
+                other => panic!("{other:?}: {}", String::from_utf8_lossy(&out.stderr)),
+            }
+        }
+        assert_eq!(appended, 1, "c copied once");
+        let new = &env.backends.new;
+        for subject in ["a", "b", "c", "direct-on-new"] {
+            assert_eq!(copies(new, "INBOX", subject), 1, "{subject}");
+        }
     });
 }

@@ -195,3 +195,57 @@ fn captured_credentials_sync_a_user_without_master_users() {
         }
     });
 }
+
+/// One pass per user across processes: while `serve`'s scheduler copies a user (slowed by a
+/// bytes/s budget), `sync --once` for the same user exits 1 with "pass in progress". Once the
+/// user is routed to new, the scheduler's passes copy nothing more from legacy.
+#[test]
+fn a_cli_pass_beside_servers_pass_is_refused_and_a_user_routed_to_new_is_not_synced() {
+    within(150, || {
+        let b = Backends::start();
+        let c = corpus::generate(&Spec {
+            seed: 21,
+            messages: 10,
+            large: 2,
+            large_min: 1024 * 1024,
+            large_max: 1024 * 1024 + 10,
+            folders: false,
+            ..Spec::default()
+        });
+        corpus::load(&b.legacy, USER, &c);
+        let m = Mailferry::start(
+            &b,
+            Options {
+                // About 2 MB at 300 kB/s: the first pass runs for several seconds.
+                extra: "[sync]\ninterval_secs = 1\nbytes_per_second = 300000\n".into(),
+                ..Options::default()
+            },
+        );
+        let config = with_master_users(&m);
+        assert!(m.cli(&["user", "migrate", USER]).status.success());
+        wait_for(&m, USER, "the pass has started", |v| copied(v) > 0);
+        let out = run_cli(&config, &["sync", USER, "--once", "--quiet"], 60);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{err}");
+        assert!(err.contains("pass in progress"), "{err}");
+
+        let total = c.messages.len() as u64 + 1;
+        wait_for(&m, USER, "initial pass", |v| copied(v) == total);
+        m.route(USER, "new");
+        let more = corpus::generate(&Spec {
+            seed: 22,
+            messages: 2,
+            large: 0,
+            folders: false,
+            ..Spec::default()
+        });
+        corpus::load(&b.legacy, USER, &more);
+        // Passes are due every second: they run, and refuse.
+        let v = wait_for(&m, USER, "a refused pass", |v| {
+            v["sync"]["last_error"]
+                .as_str()
+                .is_some_and(|e| e.contains("routed to new"))
+        });
+        assert_eq!(copied(&v), total, "nothing more copied: {v}");
+    });
+}

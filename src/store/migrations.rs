@@ -65,6 +65,20 @@ const MIGRATIONS: &[&[&str]] = &[
         // committed by the server a moment later, so recovery waits this long before giving up.
         "ALTER TABLE sync_uids ADD COLUMN pending_at BIGINT",
     ],
+    &[
+        // One pass per user at a time, across processes and nodes (`leases.rs`).
+        "CREATE TABLE IF NOT EXISTS sync_leases (
+        email TEXT PRIMARY KEY,
+        holder TEXT NOT NULL,
+        expires_at BIGINT NOT NULL)",
+        // What a pass left alone and the operator should look at, per folder (`user show`).
+        "CREATE TABLE IF NOT EXISTS sync_warnings (
+        email TEXT NOT NULL,
+        folder TEXT NOT NULL,
+        warning TEXT NOT NULL,
+        at BIGINT NOT NULL,
+        PRIMARY KEY (email, folder))",
+    ],
 ];
 
 /// Key of the PostgreSQL advisory lock serialising migrations (any constant unique to us).

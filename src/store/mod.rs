@@ -4,6 +4,7 @@
 //! default, PostgreSQL when several nodes share the work.
 
 mod intents;
+pub mod leases;
 mod migrations;
 pub mod sync;
 pub mod users;
@@ -17,6 +18,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use sqlx::any::AnyPoolOptions;
 use sqlx::AnyPool;
 
+use self::leases::LeaseTaken;
 use self::sync::{FolderState, SyncProgress, UidRow};
 pub use users::{StoreSummary, UserRecord, UserState};
 
@@ -172,6 +174,33 @@ pub trait StateStore: Send + Sync + 'static {
 
     /// The schema version and the number of users per state, for `check-config`.
     fn summary(&self) -> StoreFuture<'_, StoreSummary>;
+
+    /// Takes `email`'s sync lease for `holder` for `secs` (see `leases.rs`).
+    fn take_lease<'a>(
+        &'a self,
+        email: &'a str,
+        holder: &'a str,
+        secs: i64,
+    ) -> StoreFuture<'a, LeaseTaken>;
+
+    /// Extends `holder`'s lease of `email`; false if it is no longer theirs.
+    fn renew_lease<'a>(
+        &'a self,
+        email: &'a str,
+        holder: &'a str,
+        secs: i64,
+    ) -> StoreFuture<'a, bool>;
+
+    /// Gives `holder`'s lease of `email` up.
+    fn release_lease<'a>(&'a self, email: &'a str, holder: &'a str) -> StoreFuture<'a, ()>;
+
+    /// Records (or replaces) a warning about one folder of `email`, shown by `user show`.
+    fn put_sync_warning<'a>(
+        &'a self,
+        email: &'a str,
+        folder: &'a str,
+        warning: &'a str,
+    ) -> StoreFuture<'a, ()>;
 }
 
 /// Opens and migrates the state store at `url` (`sqlite://` or `postgres://`), ready to
@@ -408,6 +437,37 @@ impl StateStore for SqlStore {
 
     fn summary(&self) -> StoreFuture<'_, StoreSummary> {
         Box::pin(SqlStore::summary(self))
+    }
+
+    fn take_lease<'a>(
+        &'a self,
+        email: &'a str,
+        holder: &'a str,
+        secs: i64,
+    ) -> StoreFuture<'a, LeaseTaken> {
+        Box::pin(SqlStore::take_lease(self, email, holder, secs))
+    }
+
+    fn renew_lease<'a>(
+        &'a self,
+        email: &'a str,
+        holder: &'a str,
+        secs: i64,
+    ) -> StoreFuture<'a, bool> {
+        Box::pin(SqlStore::renew_lease(self, email, holder, secs))
+    }
+
+    fn release_lease<'a>(&'a self, email: &'a str, holder: &'a str) -> StoreFuture<'a, ()> {
+        Box::pin(SqlStore::release_lease(self, email, holder))
+    }
+
+    fn put_sync_warning<'a>(
+        &'a self,
+        email: &'a str,
+        folder: &'a str,
+        warning: &'a str,
+    ) -> StoreFuture<'a, ()> {
+        Box::pin(SqlStore::put_sync_warning(self, email, folder, warning))
     }
 }
 

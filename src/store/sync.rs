@@ -111,6 +111,9 @@ pub struct SyncProgress {
     pub last_appended: Option<i64>,
     /// Error of the last pass, if it failed.
     pub last_error: Option<String>,
+    /// What passes left alone for the operator to look at (`folder: warning`).
+    #[serde(default)]
+    pub warnings: Vec<String>,
 }
 
 type MapRow = (i64, Option<i64>, String, i64, Option<i64>);
@@ -470,7 +473,40 @@ impl SqlStore {
             p.last_appended = appended;
             p.last_error = err;
         }
+        let warnings: Vec<(String, String)> = sqlx::query_as(
+            "SELECT folder, warning FROM sync_warnings WHERE email = $1 ORDER BY at, folder",
+        )
+        .bind(email)
+        .fetch_all(self.pool())
+        .await?;
+        p.warnings = warnings
+            .into_iter()
+            .map(|(f, w)| format!("{f}: {w}"))
+            .collect();
         Ok(p)
+    }
+
+    /// Records (or replaces) a warning about one folder of `email`.
+    pub async fn put_sync_warning(
+        &self,
+        email: &str,
+        folder: &str,
+        warning: &str,
+    ) -> Result<(), StoreError> {
+        let _turn = self.write_turn().await;
+        let mut tx = self.begin_write(self.relaxed()).await?;
+        sqlx::query(
+            "INSERT INTO sync_warnings (email, folder, warning, at) VALUES ($1, $2, $3, $4) \
+             ON CONFLICT (email, folder) DO UPDATE SET warning = excluded.warning, at = excluded.at",
+        )
+        .bind(email)
+        .bind(folder)
+        .bind(warning)
+        .bind(super::now())
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(())
     }
 
     /// Users in state `syncing`, for the scheduler.

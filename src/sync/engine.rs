@@ -1,6 +1,7 @@
 //! The engine: what every pass shares (both backends, the state store, folder rules, the
-//! bytes/s budget, each backend's adaptive pace, the body buffer pool), and a pass's life:
-//! both logins, the pass itself (`pass::Pass`), its record in the store, retries.
+//! bytes/s budget, each backend's adaptive pace, the body buffer pool, the route lookup, the
+//! leases), and a pass's life: the route check, the user's lease, both logins, the pass
+//! itself (`pass::Pass`), its record in the store, retries.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -11,6 +12,7 @@ use super::bodies::BodyPool;
 use super::client::{Client, Endpoint};
 use super::copy::IDLE_BODIES;
 use super::credentials::Captured;
+use super::lease::Leases;
 use super::mailboxes::Rules;
 use super::pace::{self, Limiter};
 use super::pass::Pass;
@@ -18,7 +20,7 @@ use super::throttle::Throttle;
 use super::{PassReport, Progress, SyncError};
 use crate::backend::error::BackendError;
 use crate::config::Config;
-use crate::route::Route;
+use crate::route::{Route, RouteCache};
 use crate::store::StateStore;
 
 /// Everything a pass needs, built once and shared by all passes.
@@ -41,12 +43,20 @@ pub struct Engine {
     new_pace: Arc<Limiter>,
     /// Buffers that large bodies are read into, shared by every copy of this engine.
     bodies: Arc<BodyPool>,
+    /// Where users are routed: a user routed to new is not synced from legacy again.
+    routes: Arc<RouteCache>,
+    /// One pass per user in the cluster.
+    leases: Leases,
 }
 
 impl Engine {
     /// Builds the engine from the config. Logging in as a user needs each backend's master
     /// user, or that user's password captured at a proxy login (`[sync] capture_credentials`).
-    pub fn from_config(cfg: &Config, store: Arc<dyn StateStore>) -> Result<Engine, SyncError> {
+    pub fn from_config(
+        cfg: &Config,
+        store: Arc<dyn StateStore>,
+        routes: Arc<RouteCache>,
+    ) -> Result<Engine, SyncError> {
         crate::net::tls::install_provider();
         let rules = Rules::from_config(&cfg.sync).map_err(|e| SyncError::Config(e.to_string()))?;
         Ok(Engine {
@@ -62,6 +72,8 @@ impl Engine {
             legacy_pace: Limiter::with_config(Route::Legacy, pace_config(cfg)),
             new_pace: Limiter::with_config(Route::New, pace_config(cfg)),
             bodies: Arc::new(BodyPool::new(IDLE_BODIES)),
+            routes,
+            leases: Leases::new(cfg.sync.lease_secs),
         })
     }
 
@@ -78,17 +90,23 @@ impl Engine {
         &self.bodies
     }
 
-    /// Runs one pass for `email` and records its outcome in the store.
+    /// Runs one pass for `email` and records its outcome in the store. A user routed to new
+    /// is refused unless `force`; a user whose pass runs elsewhere is refused (not recorded:
+    /// that pass records its own outcome).
     pub async fn pass(
         &self,
         email: &str,
         progress: Option<Arc<Progress>>,
+        force: bool,
     ) -> Result<PassReport, SyncError> {
         let started = Instant::now();
         let progress = progress.unwrap_or_default();
         // Every line the pass logs (the trace-level command timeline too) names the user.
         let span = tracing::debug_span!("pass", user = %email);
-        let result = self.pass_inner(email, &progress).instrument(span).await;
+        let result = self
+            .leased_pass(email, &progress, force)
+            .instrument(span)
+            .await;
         let ms = started.elapsed().as_millis() as i64;
         match &result {
             Ok(r) => {
@@ -96,6 +114,9 @@ impl Engine {
                     .record_pass(email, ms, r.appended as i64, None)
                     .await?;
                 info!(user = %email, appended = r.appended, changed = r.folders_changed, ms, "sync pass done");
+            }
+            Err(e @ SyncError::PassInProgress { .. }) => {
+                info!(user = %email, error = %e, "sync pass not started");
             }
             Err(e) => {
                 if let Some((backend, code)) = e.overload() {
@@ -112,6 +133,26 @@ impl Engine {
             r.duration_ms = ms as u64;
             r
         })
+    }
+
+    /// The pass under the user's lease, once the route says the user is still on legacy.
+    async fn leased_pass(
+        &self,
+        email: &str,
+        progress: &Progress,
+        force: bool,
+    ) -> Result<PassReport, SyncError> {
+        if !force && self.routes.lookup(email).await?.route == Route::New {
+            return Err(SyncError::RoutedToNew);
+        }
+        let lease = self.leases.take(&*self.store, email).await?;
+        let result = tokio::select! {
+            r = self.pass_inner(email, progress) => r,
+            // Dropping the pass mid-copy is what a crash does: the next pass resumes.
+            lost = lease.keep(&*self.store, email) => Err(lost),
+        };
+        lease.release(&*self.store, email).await;
+        result
     }
 
     async fn pass_inner(&self, email: &str, progress: &Progress) -> Result<PassReport, SyncError> {
@@ -158,13 +199,14 @@ pub async fn pass_with_retry(
     engine: &Engine,
     email: &str,
     progress: Option<Arc<Progress>>,
+    force: bool,
     attempts: u32,
 ) -> Result<PassReport, SyncError> {
     let mut delay = Duration::from_millis(500);
     let mut n = 0;
     loop {
         n += 1;
-        match engine.pass(email, progress.clone()).await {
+        match engine.pass(email, progress.clone(), force).await {
             Err(e) if e.retryable() && n < attempts => {
                 warn!(user = %email, error = %e, retry_in_ms = delay.as_millis() as u64, "sync pass will be retried");
                 tokio::time::sleep(delay).await;

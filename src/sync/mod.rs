@@ -14,6 +14,7 @@ pub mod credentials;
 pub mod engine;
 mod folder;
 pub mod incremental;
+mod lease;
 pub mod mailboxes;
 pub mod pace;
 mod pass;
@@ -31,7 +32,7 @@ use std::sync::Mutex;
 use serde::Serialize;
 
 use crate::backend::error::BackendError;
-use crate::route::Route;
+use crate::route::{DirectoryError, Route};
 use crate::store::StoreError;
 
 /// Why a pass (or part of it) failed; each variant names the backend where one is involved.
@@ -59,6 +60,27 @@ pub enum SyncError {
         /// Which backend.
         backend: Route,
     },
+    /// The user is routed to new: copying legacy → new again could only bring back what the
+    /// user has since deleted or moved there.
+    #[error("the user is routed to new: not synced from legacy again (--force to sync anyway)")]
+    RoutedToNew,
+    /// The directory could not say where the user is routed.
+    #[error("directory: {0}")]
+    Directory(#[from] DirectoryError),
+    /// Another process or node runs a pass of this user.
+    #[error(
+        "pass in progress: {holder} holds the user's sync lease (for up to {} s more)",
+        (.expires_at - crate::store::now()).max(0)
+    )]
+    PassInProgress {
+        /// The lease's holder.
+        holder: String,
+        /// When it lapses unless renewed (seconds since the epoch).
+        expires_at: i64,
+    },
+    /// This pass's lease lapsed and another pass may have taken over: it stopped.
+    #[error("sync lease lost: the pass stopped (another pass may have taken over)")]
+    LeaseLost,
 }
 
 impl SyncError {
@@ -108,8 +130,12 @@ impl SyncError {
                     | BackendError::Io { .. }
                     | BackendError::Refused { .. }
             ),
-            SyncError::Store(_) => true,
-            SyncError::Config(_) | SyncError::NoCredentials { .. } => false,
+            SyncError::Store(_) | SyncError::Directory(_) => true,
+            SyncError::Config(_)
+            | SyncError::NoCredentials { .. }
+            | SyncError::RoutedToNew
+            | SyncError::PassInProgress { .. }
+            | SyncError::LeaseLost => false,
         }
     }
 }
@@ -164,6 +190,9 @@ pub struct PassReport {
     pub renamed: usize,
     /// Target folders deleted.
     pub deleted: usize,
+    /// Target folders gone from legacy but kept on new, holding mail the sync did not put
+    /// there (also shown by `user show`).
+    pub kept: Vec<String>,
     /// Subscription changes on the target.
     pub subscriptions: usize,
     /// Wall time in milliseconds.

@@ -3,7 +3,7 @@
 //! subscriptions follow meanwhile), visit the folders that changed, largest copy first
 //! (`folder::sync_folder`), then record folders empty on both sides without visiting them.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use tracing::{debug, info, warn};
 
@@ -213,7 +213,10 @@ impl Pass<'_> {
         Ok(())
     }
 
-    /// Legacy deleted `old`: new's folder goes too, unless it is INBOX or special-use.
+    /// Legacy deleted `old` (or renamed it away, or made it `\Noselect`): new's folder goes
+    /// too, but only if everything in it was put there by the sync (by its UID map), and never
+    /// INBOX or a special-use folder. A folder kept is reported and shown by `user show`. The
+    /// sync forgets the folder either way.
     async fn follow_delete(
         &mut self,
         folders: &Folders,
@@ -226,9 +229,14 @@ impl Pass<'_> {
                 .iter()
                 .any(|t| t.raw == old.target_name && t.role.is_some());
         if !protected && folders.on_target(&old.target_name) {
-            let cmd = format!("DELETE {}", proto::quote(&old.target_name));
-            self.tgt.command("DELETE", &cmd).await?;
-            self.report.deleted += 1;
+            match self.not_ours_on_target(&old).await? {
+                0 => {
+                    let cmd = format!("DELETE {}", proto::quote(&old.target_name));
+                    self.tgt.command("DELETE", &cmd).await?;
+                    self.report.deleted += 1;
+                }
+                n => self.keep_folder(&old, n).await?,
+            }
         }
         info!(user = %self.user, folder = %old.source_name, "folder deleted on legacy");
         self.engine
@@ -236,6 +244,46 @@ impl Pass<'_> {
             .delete_sync_folder(self.user, &old.source_name)
             .await?;
         states.remove(&old.source_name);
+        Ok(())
+    }
+
+    /// How many messages of `old`'s folder on new the sync did not put there (all of them when
+    /// new's UIDVALIDITY changed since: its UIDs say nothing any more).
+    async fn not_ours_on_target(&mut self, old: &FolderState) -> Result<usize, SyncError> {
+        let ours: HashSet<u32> = self
+            .engine
+            .store
+            .uid_map(self.user, &old.source_name)
+            .await?
+            .into_iter()
+            .filter_map(|r| r.target_uid.filter(|&t| t > 0))
+            .collect();
+        let selected = self.tgt.select(&old.target_name, true).await?;
+        let on_new = if selected.exists == 0 {
+            Vec::new()
+        } else {
+            self.tgt.uid_search("1:*").await?
+        };
+        self.tgt.command("CLOSE", "CLOSE").await?;
+        if selected.uidvalidity != old.target_uidvalidity {
+            return Ok(on_new.len().max(usize::from(selected.exists > 0)));
+        }
+        Ok(on_new.iter().filter(|u| !ours.contains(u)).count())
+    }
+
+    /// Leaves a folder gone from legacy on new because it holds `n` messages the sync did not
+    /// put there: reported by the pass and recorded for `user show`.
+    async fn keep_folder(&mut self, old: &FolderState, n: usize) -> Result<(), SyncError> {
+        warn!(user = %self.user, folder = %old.target_name, not_copied = n,
+            "folder gone from legacy kept on new: it holds mail the sync did not put there");
+        let warning = format!(
+            "gone from legacy, kept on new: {n} message(s) there were not copied by the sync"
+        );
+        self.engine
+            .store
+            .put_sync_warning(self.user, &old.target_name, &warning)
+            .await?;
+        self.report.kept.push(old.target_name.clone());
         Ok(())
     }
 

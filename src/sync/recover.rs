@@ -220,21 +220,83 @@ pub(crate) async fn rematch(
         }
     }
     pass.report.rematched += rows.len() as u64;
-    if target_same {
-        // Ours: recorded in the old map, or appended after its last confirmed UID.
-        let ours: HashSet<u32> = old.iter().filter_map(|r| r.target_uid).collect();
-        let max_ours = ours.iter().copied().max().unwrap_or(0);
-        let leftover: Vec<u32> = by_hash
-            .values()
-            .flatten()
-            .copied()
-            .filter(|t| ours.contains(t) || *t > max_ours)
-            .collect();
-        if !leftover.is_empty() {
-            expunge_target(pass.tgt, &leftover).await?;
-            pass.report.expunged += leftover.len() as u64;
-        }
+    // New's messages that no legacy message matches any more were expunged on legacy: the
+    // sync's own copies go too. Only while new's UIDs still mean what the old map says.
+    let leftover = if target_same {
+        ours_among(&old, &by_hash)
+    } else {
+        Vec::new()
+    };
+    if !leftover.is_empty() {
+        expunge_target(pass.tgt, &leftover).await?;
+        pass.report.expunged += leftover.len() as u64;
     }
     store.replace_uid_map(st, &rows).await?;
     Ok(())
+}
+
+/// Of new's messages no legacy message matched (`unmatched`, by hash), those the sync put
+/// there: confirmed in the old UID map, or (as many as there are such rows) matching the hash
+/// of one of its pending rows. Anything else, delivered or appended on new directly, stays.
+fn ours_among(old: &[UidRow], unmatched: &HashMap<&str, VecDeque<u32>>) -> Vec<u32> {
+    let confirmed: HashSet<u32> = old
+        .iter()
+        .filter_map(|r| r.target_uid.filter(|&t| t > 0))
+        .collect();
+    let mut pending: HashMap<&str, usize> = HashMap::new();
+    for r in old
+        .iter()
+        .filter(|r| r.target_uid.is_none() && !r.hash.is_empty())
+    {
+        *pending.entry(r.hash.as_str()).or_default() += 1;
+    }
+    let mut out = Vec::new();
+    for (hash, uids) in unmatched {
+        for &t in uids {
+            if confirmed.contains(&t) {
+                out.push(t);
+            } else if let Some(n) = pending.get_mut(hash).filter(|n| **n > 0) {
+                *n -= 1;
+                out.push(t);
+            }
+        }
+    }
+    out.sort_unstable();
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(source_uid: u32, target_uid: Option<u32>, hash: &str) -> UidRow {
+        UidRow {
+            source_uid,
+            target_uid,
+            hash: hash.into(),
+            size: 1,
+            pending_at: None,
+        }
+    }
+
+    #[test]
+    fn only_the_syncs_own_copies_are_expunged_after_a_rematch() {
+        let old = [
+            row(1, Some(10), "a"),
+            row(2, Some(11), "b"),
+            row(3, None, "c"),
+            row(4, None, ""),
+        ];
+        let unmatched: HashMap<&str, VecDeque<u32>> = [
+            // 10: ours, confirmed. 20: same content as ours but delivered on new: stays.
+            ("a", VecDeque::from([10, 20])),
+            // 12: appended by the crashed pass (pending "c"); 13: a second copy of it, not ours.
+            ("c", VecDeque::from([12, 13])),
+            // 30: delivered directly on new, after our last confirmed UID.
+            ("z", VecDeque::from([30])),
+        ]
+        .into_iter()
+        .collect();
+        assert_eq!(ours_among(&old, &unmatched), vec![10, 12]);
+    }
 }

@@ -197,7 +197,7 @@ impl Scheduler {
             self.running.insert(user.clone());
             let e = self.engine.clone();
             self.tasks.spawn(async move {
-                let r = e.pass(&user, None).await;
+                let r = e.pass(&user, None, false).await;
                 (user, r)
             });
         }
