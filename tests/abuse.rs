@@ -1,7 +1,8 @@
 //! Abuse the proxy is built to withstand, each case as a transcript: a backend that injects a
 //! response after STARTTLS or greets with PREAUTH (a scripted fake, `support::fake`: a real
 //! server will not do that on purpose), a SASL authorization identity that is not the
-//! caller's, input at and one byte over every pre-auth limit, LMTP with both backends down, and LMTP streamed while the user's route flips.
+//! caller's, input at and one byte over every pre-auth limit, control characters aimed at the
+//! log, LMTP with both backends down, and LMTP streamed while the user's route flips.
 
 mod support;
 
@@ -11,7 +12,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
 use std::sync::{Arc, Mutex};
 use std::thread;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use base64::Engine;
 use support::client::Client;
@@ -39,6 +40,20 @@ fn assert_no_credentials(received: &[u8], user: &str) {
         !received.windows(ir.len()).any(|w| w == ir.as_bytes()),
         "the SASL response reached the backend"
     );
+}
+
+/// Polls until `f` holds or `secs` have passed; returns whether it held.
+fn eventually(secs: u64, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        if f() {
+            return true;
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        thread::sleep(Duration::from_millis(25));
+    }
 }
 
 fn show(m: &Mailferry, user: &str) -> serde_json::Value {
@@ -365,6 +380,138 @@ fn id_accepts_exactly_the_rfc_2971_limits_and_refuses_one_more() {
         assert_eq!(ok, "OK ID completed.");
         let (_, ok) = c.cmd("NOOP");
         assert_eq!(ok, "OK NOOP completed.");
+    });
+}
+
+// ---------------------------------------------------------------------------------------
+// control characters aimed at the log
+
+/// A log line a client would like to see: its own timestamp, level and target.
+const FORGED_DATE: &str = "2031-01-01";
+
+/// A login name that, written raw, would end the log line, start a forged one, clear the
+/// terminal and colour what follows.
+fn evil_login() -> String {
+    format!(
+        "mallory\r\n{FORGED_DATE}T00:00:00.000000Z  INFO mailferry::control: route changed \
+         user=root route=new\x1b[2J\x1b[1;31m@example.org"
+    )
+}
+
+/// A backend that takes any login (a real one checks names and passwords) and then LOGOUT.
+fn lax_backend() -> FakeBackend {
+    FakeBackend::start(vec![
+        Step::send("* OK [CAPABILITY IMAP4rev1 SASL-IR AUTH=PLAIN] lax ready\r\n"),
+        // The proxy's ID and AUTHENTICATE, in one write.
+        Step::ReadLine,
+        Step::ReadLine,
+        Step::send("m1 OK ID completed.\r\nm2 OK [CAPABILITY IMAP4rev1] Logged in\r\n"),
+        // The client's LOGOUT, through the splice.
+        Step::ReadLine,
+        Step::send("* BYE Logging out\r\na3 OK Logout completed.\r\n"),
+        Step::Close,
+    ])
+}
+
+/// Logs in through `proxy` with `evil_login()` after an ID whose field name and value carry
+/// the same kind of payload, then logs out; returns once the session's end is logged.
+fn evil_session(proxy: &Mailferry) {
+    let mut c = Client::plain(proxy.imap);
+    let (field, value) = (
+        format!("x\r\n{FORGED_DATE}\x1b[2J"),
+        format!("v\r\n{FORGED_DATE}T00:00:00Z  WARN forged\x1b]0;title\x07"),
+    );
+    let mut id = format!("a1 ID ({{{}+}}\r\n", field.len()).into_bytes();
+    id.extend_from_slice(field.as_bytes());
+    id.extend_from_slice(format!(" {{{}+}}\r\n", value.len()).as_bytes());
+    id.extend_from_slice(value.as_bytes());
+    id.extend_from_slice(b")\r\n");
+    c.send(&id);
+    assert_eq!(c.line(), ID_REPLY);
+    assert_eq!(c.line(), "a1 OK ID completed.");
+    let login = evil_login();
+    let mut cmd = format!("a2 LOGIN {{{}+}}\r\n", login.len()).into_bytes();
+    cmd.extend_from_slice(login.as_bytes());
+    cmd.extend_from_slice(b" \"pw\"\r\n");
+    c.send(&cmd);
+    assert_eq!(c.line(), "a2 OK [CAPABILITY IMAP4rev1] Logged in");
+    c.send(b"a3 LOGOUT\r\n");
+    assert_eq!(c.line(), "* BYE Logging out");
+    assert_eq!(c.line(), "a3 OK Logout completed.");
+    assert!(
+        eventually(20, || proxy.log().contains("session end")),
+        "{}",
+        proxy.log()
+    );
+}
+
+/// Folder names are not here: Dovecot refuses control characters in them ("Mailbox name is not
+/// valid mUTF-7"), and a sync pass against a fake would be a test of the fake. The sync engine
+/// logs them as `folder = %name`, which `src/logging.rs`'s tests write in both formats.
+#[test]
+fn control_characters_in_login_names_and_id_fields_never_forge_a_log_line() {
+    within(90, || {
+        let b = Backends::start();
+        let (lax_h, lax_j) = (lax_backend(), lax_backend());
+        let human = Mailferry::start(
+            &b,
+            Options {
+                imap_at: vec![("legacy", lax_h.addr)],
+                ..Options::default()
+            },
+        );
+        let json = Mailferry::start(
+            &b,
+            Options {
+                imap_at: vec![("legacy", lax_j.addr)],
+                log_format: "json",
+                ..Options::default()
+            },
+        );
+        // The proxy routes (and logs) the login name lower-cased.
+        let user = evil_login().to_lowercase();
+
+        evil_session(&human);
+        let log = human.log();
+        assert!(!log.contains('\r'), "raw CR in the log:\n{log:?}");
+        assert!(!log.contains('\x1b'), "raw ESC in the log:\n{log:?}");
+        assert!(!log.contains('\x07'), "raw BEL in the log:\n{log:?}");
+        for line in log.lines() {
+            // Every line is one of ours: it starts with the time it was written.
+            let stamp = line.get(..11).unwrap_or(line);
+            assert!(
+                stamp.len() == 11
+                    && stamp.as_bytes()[4] == b'-'
+                    && stamp.ends_with('T')
+                    && !stamp.starts_with(FORGED_DATE),
+                "a line that is not a log event: {line:?}\n{log}"
+            );
+        }
+        let end: Vec<&str> = log.lines().filter(|l| l.contains("session end")).collect();
+        assert_eq!(end.len(), 1, "{log}");
+        assert!(
+            end[0].contains("mallory\\r\\n2031-01-01t00:00:00.000000z"),
+            "the name is there, escaped: {}",
+            end[0]
+        );
+
+        evil_session(&json);
+        let log = json.log();
+        let mut ended = 0;
+        for line in log.lines() {
+            let v: serde_json::Value = serde_json::from_str(line)
+                .unwrap_or_else(|e| panic!("not a JSON log line ({e}): {line:?}\n{log}"));
+            assert!(
+                v["timestamp"].is_string() && v["level"].is_string(),
+                "{line}"
+            );
+            if v["fields"]["message"] == "session end" {
+                ended += 1;
+                assert_eq!(v["fields"]["user"], user.as_str(), "exactly the name");
+                assert_eq!(v["span"]["user"], user.as_str(), "{line}");
+            }
+        }
+        assert_eq!(ended, 1, "{log}");
     });
 }
 
