@@ -12,6 +12,7 @@ pub mod control;
 pub mod imap;
 pub mod limits;
 pub mod lmtp;
+pub mod logging;
 pub mod net;
 pub mod route;
 pub mod secret;

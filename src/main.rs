@@ -132,15 +132,10 @@ fn main() -> ExitCode {
 }
 
 fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("MAILFERRY_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Human => builder.init(),
-        LogFormat::Json => builder.json().init(),
-    }
+    mailferry::logging::init(match format {
+        LogFormat::Human => mailferry::logging::Format::Human,
+        LogFormat::Json => mailferry::logging::Format::Json,
+    });
 }
 
 async fn run(cli: Cli) -> Result<ExitCode> {

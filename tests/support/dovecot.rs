@@ -762,6 +762,21 @@ kill -KILL "$1" 2>/dev/null
         }
     }
 
+    /// Starts a stopped instance again with the same configuration, ports and mail (a backend
+    /// coming back); returns once its listeners accept. Panics with the log tail if it cannot.
+    pub fn restart(&mut self) {
+        self.stop();
+        if let Err(StartFailure::PortInUse(msg) | StartFailure::Other(msg)) = self.spawn_and_wait()
+        {
+            let tail = self.log_tail(60);
+            self.stop();
+            panic!(
+                "dovecot instance {:?} failed to restart: {msg}\n--- log tail ---\n{tail}",
+                self.name
+            );
+        }
+    }
+
     /// PID of the master process (0 once never started).
     pub fn pid(&self) -> u32 {
         self.pid

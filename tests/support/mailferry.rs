@@ -24,6 +24,11 @@ pub struct Options {
     pub extra: String,
     /// Leave `master_user`/`master_password_file` out of both backends (passthrough only).
     pub no_master: bool,
+    /// Backends whose IMAP address is replaced, e.g. by a scripted fake (`fake.rs`):
+    /// (`"legacy"` or `"new"`, address).
+    pub imap_at: Vec<(&'static str, SocketAddr)>,
+    /// `--log-format` of `serve`: "human" or "json".
+    pub log_format: &'static str,
 }
 
 impl Default for Options {
@@ -35,6 +40,8 @@ impl Default for Options {
             backend_tls: "none",
             extra: String::new(),
             no_master: false,
+            imap_at: Vec::new(),
+            log_format: "human",
         }
     }
 }
@@ -78,11 +85,17 @@ pub fn binary() -> PathBuf {
 fn backend_toml(
     name: &str,
     d: &Dovecot,
+    opts: &Options,
     auth: &str,
-    tls: &str,
     secret: Option<&std::path::Path>,
 ) -> String {
-    let imap = if tls == "implicit" { d.imaps } else { d.imap };
+    let tls = opts.backend_tls;
+    let imap = opts
+        .imap_at
+        .iter()
+        .find(|(n, _)| *n == name)
+        .map(|(_, a)| *a)
+        .unwrap_or(if tls == "implicit" { d.imaps } else { d.imap });
     let master = secret.map_or(String::new(), |s| {
         format!(
             "master_user = \"{MASTER_USER}\"\nmaster_password_file = \"{}\"\n",
@@ -145,15 +158,15 @@ impl Mailferry {
         text.push_str(&backend_toml(
             "legacy",
             &backends.legacy,
+            &opts,
             opts.legacy_auth,
-            opts.backend_tls,
             (!opts.no_master).then_some(secret.as_path()),
         ));
         text.push_str(&backend_toml(
             "new",
             &backends.new,
+            &opts,
             opts.new_auth,
-            opts.backend_tls,
             (!opts.no_master).then_some(secret.as_path()),
         ));
         text.push_str(&opts.extra);
@@ -161,7 +174,7 @@ impl Mailferry {
         std::fs::write(&config, text).unwrap();
         let log_path = dir.path().join("mailferry.log");
         let log = std::fs::File::create(&log_path).unwrap();
-        let child = command(&config, &["serve"])
+        let child = command(&config, &["--log-format", opts.log_format, "serve"])
             .env("MAILFERRY_LOG", "info,mailferry=debug")
             .stdin(Stdio::null())
             .stdout(Stdio::null())

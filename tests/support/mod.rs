@@ -6,6 +6,7 @@ pub mod client;
 pub mod corpus;
 pub mod deadline;
 pub mod dovecot;
+pub mod fake;
 pub mod mailferry;
 pub mod postfix;
 pub mod postgres;
