@@ -9,15 +9,12 @@ use tokio::time::timeout;
 
 use super::conn::Conn;
 use super::error::{refusal_code, within, BackendError};
+use super::reply::{self, Greeting, LoginReply, Reply, ResponseReader, TooLarge};
 use super::target::BackendTarget;
 use crate::config::BackendTls;
 use crate::limits::Limits;
 use crate::net::Stream;
-use crate::wire::framer::Framer;
 use crate::wire::sasl::plain_response;
-
-/// Longest backend response accepted while logging in (a CAPABILITY line is ~1 KiB).
-const MAX_RESPONSE: usize = 64 * 1024;
 
 /// The proxied client, announced to the backend with ID so its logs show the real peer.
 #[derive(Debug, Clone)]
@@ -74,7 +71,7 @@ struct Session<'a> {
     target: &'a BackendTarget,
     limits: &'a Limits,
     conn: Conn,
-    framer: Framer,
+    reader: ResponseReader,
 }
 
 impl<'a> Session<'a> {
@@ -107,22 +104,17 @@ impl<'a> Session<'a> {
             target,
             limits,
             conn: Conn::new(stream),
-            framer: Framer::default(),
+            reader: ResponseReader::default(),
         })
     }
 
     /// Reads the greeting; returns whether it offers SASL-IR.
     async fn greeting(&mut self) -> Result<bool, BackendError> {
-        let greeting = self.response("greeting").await?;
-        if greeting.starts_with(b"* BYE") {
-            let text = String::from_utf8_lossy(&greeting).into_owned();
-            return Err(self.refused(text));
+        match reply::greeting(&self.response("greeting").await?) {
+            Greeting::Ready { sasl_ir } => Ok(sasl_ir),
+            Greeting::Bye(text) => Err(self.refused(text)),
+            Greeting::Unexpected => Err(self.protocol("greeting is not * OK")),
         }
-        if !greeting.starts_with(b"* OK") {
-            return Err(self.protocol("greeting is not * OK"));
-        }
-        Ok(capability_code(&String::from_utf8_lossy(&greeting))
-            .is_some_and(|c| has_cap(c, "SASL-IR")))
     }
 
     async fn starttls(mut self) -> Result<Self, BackendError> {
@@ -184,39 +176,24 @@ impl<'a> Session<'a> {
         status: &str,
         untagged: &[Vec<u8>],
     ) -> Result<LoggedIn, BackendError> {
-        if let Some(rest) = status.strip_prefix("OK") {
-            let rest = rest.trim_start();
-            let (caps, text) = match capability_code(rest) {
-                Some(caps) => (
-                    Some(caps.to_owned()),
-                    rest.split_once(']')
-                        .map_or("", |(_, t)| t)
-                        .trim()
-                        .to_owned(),
-                ),
-                None => (None, rest.to_owned()),
-            };
-            let capabilities = match caps.or_else(|| untagged_capability(untagged)) {
-                Some(c) => c,
-                None => self.capability().await?,
-            };
-            return Ok(LoggedIn {
-                conn: self.conn,
-                capabilities,
-                text,
-            });
-        }
-        if let Some(code) = status.strip_prefix("NO") {
-            let code = code.trim_start();
-            if code.starts_with('[') && !code.starts_with("[AUTHENTICATIONFAILED]") {
-                return Err(self.refused(status.to_owned()));
+        match reply::login_reply(status, untagged) {
+            LoginReply::Ok { capabilities, text } => {
+                let capabilities = match capabilities {
+                    Some(c) => c,
+                    None => self.capability().await?,
+                };
+                Ok(LoggedIn {
+                    conn: self.conn,
+                    capabilities,
+                    text,
+                })
             }
-            return Err(BackendError::AuthFailed {
+            LoginReply::AuthFailed => Err(BackendError::AuthFailed {
                 backend: self.target.route,
-            });
+            }),
+            LoginReply::Refused => Err(self.refused(status.to_owned())),
+            LoginReply::Unexpected(word) => Err(self.protocol(format!("login answered {word}"))),
         }
-        let word = status.split(' ').next().unwrap_or("");
-        Err(self.protocol(format!("login answered {word}")))
     }
 
     /// Asks for the capabilities a login reply did not carry.
@@ -226,7 +203,7 @@ impl<'a> Session<'a> {
         if !status.starts_with("OK") {
             return Err(self.protocol("CAPABILITY failed after login"));
         }
-        Ok(untagged_capability(&untagged).unwrap_or_default())
+        Ok(reply::untagged_capability(&untagged).unwrap_or_default())
     }
 
     async fn write(&mut self, bytes: &[u8], phase: &'static str) -> Result<(), BackendError> {
@@ -237,15 +214,10 @@ impl<'a> Session<'a> {
     /// Reads one complete response (line plus any literals), without its final CRLF.
     async fn response(&mut self, phase: &'static str) -> Result<Vec<u8>, BackendError> {
         loop {
-            let buf = self.conn.buffer();
-            match self.framer.frame(buf, MAX_RESPONSE as u64, MAX_RESPONSE) {
-                Ok(Some(n)) => {
-                    let frame = buf.split_to(n);
-                    let line = frame.strip_suffix(b"\n").unwrap_or(&frame);
-                    return Ok(line.strip_suffix(b"\r").unwrap_or(line).to_vec());
-                }
-                Ok(None) if buf.len() <= MAX_RESPONSE => {}
-                _ => return Err(self.protocol(format!("{phase}: response too large"))),
+            match self.reader.next(self.conn.buffer()) {
+                Ok(Some(resp)) => return Ok(resp),
+                Ok(None) => {}
+                Err(TooLarge) => return Err(self.protocol(format!("{phase}: response too large"))),
             }
             let limit = self.limits.backend_reply();
             let read = self.conn.read_some(16 * 1024);
@@ -264,16 +236,13 @@ impl<'a> Session<'a> {
         let mut untagged = Vec::new();
         loop {
             let resp = self.response(phase).await?;
-            if let Some(rest) = resp
-                .strip_prefix(tag.as_bytes())
-                .and_then(|r| r.strip_prefix(b" "))
-            {
-                return Ok((String::from_utf8_lossy(rest).into_owned(), untagged));
+            match reply::reply(&resp, tag) {
+                Reply::Tagged(rest) => return Ok((rest, untagged)),
+                Reply::Continuation => {
+                    return Err(self.protocol(format!("{phase}: unexpected continuation")))
+                }
+                Reply::Untagged => untagged.push(resp),
             }
-            if resp.starts_with(b"+") {
-                return Err(self.protocol(format!("{phase}: unexpected continuation")));
-            }
-            untagged.push(resp);
         }
     }
 
@@ -333,51 +302,4 @@ fn id_command(c: &ClientInfo) -> String {
         c.local.port(),
         c.session_id
     )
-}
-
-/// The contents of a `[CAPABILITY ...]` response code at the start of `text`.
-fn capability_code(text: &str) -> Option<&str> {
-    let start = text.find("[CAPABILITY ")? + "[CAPABILITY ".len();
-    let end = text[start..].find(']')? + start;
-    Some(&text[start..end])
-}
-
-fn untagged_capability(untagged: &[Vec<u8>]) -> Option<String> {
-    untagged.iter().find_map(|u| {
-        u.strip_prefix(b"* CAPABILITY ")
-            .map(|c| String::from_utf8_lossy(c).into_owned())
-    })
-}
-
-fn has_cap(caps: &str, name: &str) -> bool {
-    caps.split(' ').any(|c| c.eq_ignore_ascii_case(name))
-}
-
-/// Removes capabilities the splice cannot honour from a capability list.
-pub fn filter_capabilities(caps: &str, strip: &[String]) -> String {
-    caps.split(' ')
-        .filter(|c| !c.is_empty() && !strip.iter().any(|s| s.eq_ignore_ascii_case(c)))
-        .collect::<Vec<_>>()
-        .join(" ")
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn capability_handling() {
-        let t = "[CAPABILITY IMAP4rev1 SASL-IR COMPRESS=DEFLATE IDLE] Logged in";
-        assert_eq!(
-            capability_code(t),
-            Some("IMAP4rev1 SASL-IR COMPRESS=DEFLATE IDLE")
-        );
-        assert_eq!(
-            filter_capabilities(
-                "IMAP4rev1 SASL-IR COMPRESS=DEFLATE IDLE",
-                &["compress=deflate".into()]
-            ),
-            "IMAP4rev1 SASL-IR IDLE"
-        );
-    }
 }
