@@ -278,11 +278,21 @@ fn main() {
             println!("idle proxied sessions {target:>5}          proxy RSS {rss} KiB (base {base} KiB) → {:.1} KiB per session",
             (rss.saturating_sub(base)) as f64 / target as f64);
         }
+        let peak = rss_kib(pid);
         drop(keep);
-        std::thread::sleep(Duration::from_secs(3));
+        // What the allocator gives back, second by second, once the sessions are gone.
+        let mut after = peak;
+        let mut trace = Vec::new();
+        for _ in 0..10 {
+            std::thread::sleep(Duration::from_secs(1));
+            after = rss_kib(pid);
+            trace.push(after / 1024);
+        }
+        let added = peak.saturating_sub(base).max(1);
         println!(
-            "after closing all sessions               proxy RSS {} KiB (base {base} KiB)",
-            rss_kib(pid)
+            "10 s after closing all sessions          proxy RSS {after} KiB (base {base} KiB): {:.0}% of what they added returned [MiB per second: {}]",
+            peak.saturating_sub(after) as f64 * 100.0 / added as f64,
+            trace.iter().map(u64::to_string).collect::<Vec<_>>().join(" ")
         );
         // glibc keeps freed pages for reuse: a second wave of the same size must not grow RSS.
         let mut keep = Vec::new();
