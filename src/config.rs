@@ -483,6 +483,9 @@ pub struct SyncConfig {
     /// Longest silence of a backend while the engine awaits a reply, before the pass fails with
     /// a timeout (and backs off, then retries). Unset: `[limits] backend_reply_secs`, at least 60.
     pub reply_timeout_secs: Option<u64>,
+    /// One budget, in MiB, for the message bodies all passes hold at once (fetched from legacy,
+    /// not yet acknowledged by new); a message larger than it is copied alone.
+    pub memory_mb: u64,
     /// How long a pass's lease on its user lasts unless renewed (renewed every third of it):
     /// after a killed process, the user's next pass can start this long later at the latest.
     pub lease_secs: u64,
@@ -508,6 +511,7 @@ impl Default for SyncConfig {
             credentials_ttl_secs: 86_400,
             reply_timeout_secs: None,
             lease_secs: 60,
+            memory_mb: 256,
         }
     }
 }
@@ -658,6 +662,9 @@ impl Config {
         }
         if !(self.state.url.starts_with("sqlite:") || self.state.url.starts_with("postgres")) {
             problems.push("state.url must start with sqlite:// or postgres://".into());
+        }
+        if self.sync.memory_mb < 8 {
+            problems.push("sync.memory_mb must be at least 8".into());
         }
         if self.sync.concurrency == 0 || self.sync.per_backend == 0 {
             problems.push("sync.concurrency and sync.per_backend must be at least 1".into());

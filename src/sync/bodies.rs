@@ -4,9 +4,42 @@
 //! the next message instead. One pool serves all of an engine's copies,
 //! so a pass starts with what the previous ones read into.
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use bytes::{Bytes, BytesMut};
+use tokio::sync::{AcquireError, OwnedSemaphorePermit, Semaphore};
+
+/// One budget, in bytes, for the message bodies every copy of an engine holds at once
+/// (`[sync] memory_mb`): a fetcher waits for room before it takes a message on.
+#[derive(Debug)]
+pub struct MemoryBudget {
+    bytes: Arc<Semaphore>,
+    limit: u64,
+}
+
+impl MemoryBudget {
+    /// A budget of `mb` MiB.
+    pub fn new(mb: u64) -> MemoryBudget {
+        // Semaphore permits are counted in bytes, at most what a u32 request can take back.
+        let limit = (mb * 1024 * 1024).clamp(1, u64::from(u32::MAX));
+        MemoryBudget {
+            bytes: Arc::new(Semaphore::new(limit as usize)),
+            limit,
+        }
+    }
+
+    /// Room for a message of `size` bytes, held until the permit is dropped. A message larger
+    /// than the whole budget takes all of it: it is copied alone.
+    pub async fn hold(&self, size: u64) -> Result<OwnedSemaphorePermit, AcquireError> {
+        let want = size.clamp(1, self.limit) as u32;
+        self.bytes.clone().acquire_many_owned(want).await
+    }
+
+    /// The budget in bytes.
+    pub fn limit(&self) -> u64 {
+        self.limit
+    }
+}
 
 /// A bounded set of idle buffers, shared by the copies' fetchers (which take) and the messages
 /// they produce (which give back when dropped).

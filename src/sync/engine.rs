@@ -8,9 +8,8 @@ use std::time::{Duration, Instant};
 
 use tracing::{info, warn, Instrument};
 
-use super::bodies::BodyPool;
+use super::bodies::{BodyPool, MemoryBudget};
 use super::client::{Client, Endpoint};
-use super::copy::IDLE_BODIES;
 use super::credentials::Captured;
 use super::lease::Leases;
 use super::mailboxes::Rules;
@@ -43,6 +42,8 @@ pub struct Engine {
     new_pace: Arc<Limiter>,
     /// Buffers that large bodies are read into, shared by every copy of this engine.
     bodies: Arc<BodyPool>,
+    /// The bytes of message bodies all copies may hold at once (`[sync] memory_mb`).
+    memory: Arc<MemoryBudget>,
     /// Where users are routed: a user routed to new is not synced from legacy again.
     routes: Arc<RouteCache>,
     /// One pass per user in the cluster.
@@ -71,7 +72,8 @@ impl Engine {
             )),
             legacy_pace: Limiter::with_config(Route::Legacy, pace_config(cfg)),
             new_pace: Limiter::with_config(Route::New, pace_config(cfg)),
-            bodies: Arc::new(BodyPool::new(IDLE_BODIES)),
+            bodies: Arc::new(BodyPool::new(idle_bodies(cfg.sync.memory_mb))),
+            memory: Arc::new(MemoryBudget::new(cfg.sync.memory_mb)),
             routes,
             leases: Leases::new(cfg.sync.lease_secs),
         })
@@ -83,6 +85,11 @@ impl Engine {
             Route::Legacy => &self.legacy_pace,
             Route::New => &self.new_pace,
         }
+    }
+
+    /// The budget of message bodies held at once.
+    pub(crate) fn memory(&self) -> &Arc<MemoryBudget> {
+        &self.memory
     }
 
     /// The pool large bodies are read into.
@@ -185,6 +192,13 @@ impl Engine {
         tokio::join!(src.logout(), tgt.logout());
         result
     }
+}
+
+/// Idle body buffers an engine keeps for its copies: an eighth of the memory budget, at most
+/// 32 MiB, so that a pass reuses what the previous one read into instead of faulting in fresh
+/// pages, while the budget and the idle buffers together stay within what operators set.
+fn idle_bodies(memory_mb: u64) -> usize {
+    usize::try_from((memory_mb * 1024 * 1024 / 8).min(32 * 1024 * 1024)).unwrap_or(usize::MAX)
 }
 
 /// Adaptive pacing of one backend from `[sync]`.

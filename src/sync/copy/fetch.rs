@@ -6,15 +6,15 @@ use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
 
 use bytes::BytesMut;
-use tokio::sync::{mpsc, watch, Semaphore};
+use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tracing::warn;
 
 use super::confirm::Confirm;
 use super::msg::{Msg, Part};
-use super::{answered, Pending, BUFFER_BYTES, FETCH_IN_FLIGHT, STREAM_FROM};
+use super::{answered, Pending, FETCH_IN_FLIGHT, STREAM_FROM};
 use crate::backend::error::BackendError;
-use crate::sync::bodies::BodyPool;
+use crate::sync::bodies::{BodyPool, MemoryBudget};
 use crate::sync::client::{BodyRead, Client, Fetched, Incoming};
 use crate::sync::pace::{Limiter, ServiceClock};
 use crate::sync::proto::{self, Response, Status, StatusText};
@@ -22,8 +22,8 @@ use crate::sync::{content_hash, hash_text};
 
 /// How the fetcher holds the messages it reads.
 pub(super) struct Holding {
-    /// Bytes the fetched messages may take until the appender is done with them.
-    pub mem: Arc<Semaphore>,
+    /// The engine's budget for the bodies fetched and not yet acknowledged (all copies).
+    pub memory: Arc<MemoryBudget>,
     /// Where their bodies go back.
     pub bodies: Arc<BodyPool>,
     /// Whether to take each message's content hash (see [`Msg::hash`]).
@@ -223,11 +223,10 @@ impl Fetching<'_> {
     ) -> Result<(Msg, Option<mpsc::UnboundedSender<Part>>), BackendError> {
         let h = &self.stage.holding;
         let permit = h
-            .mem
-            .clone()
-            .acquire_many_owned(size.clamp(1, BUFFER_BYTES) as u32)
+            .memory
+            .hold(size)
             .await
-            .map_err(|_| self.stage.src.protocol("buffer closed"))?;
+            .map_err(|_| self.stage.src.protocol("memory budget closed"))?;
         let mut msg = Msg {
             uid: f.uid,
             flags: f.flags.unwrap_or_default(),

@@ -22,9 +22,8 @@ mod intents;
 mod msg;
 
 use std::collections::VecDeque;
-use std::sync::Arc;
 
-use tokio::sync::{mpsc, watch, Semaphore};
+use tokio::sync::{mpsc, watch};
 
 use super::client::Client;
 use super::pass::Pass;
@@ -52,12 +51,6 @@ const APPEND_IN_FLIGHT: usize = 2;
 /// Bodies from this size on are appended as they arrive from legacy (cut through) instead of
 /// once they are whole, so that new stores a large message while legacy still sends it.
 const STREAM_FROM: u64 = 512 * 1024;
-/// Message bytes held between fetcher and appender (bounded memory whatever the sizes).
-const BUFFER_BYTES: u64 = 48 * 1024 * 1024;
-
-/// Idle body buffers an engine keeps for its copies (bytes): about one copy's buffer, so a
-/// pass reuses what the previous one read into instead of faulting in fresh pages.
-pub(crate) const IDLE_BODIES: usize = 64 * 1024 * 1024;
 
 /// Where one copy's rows live in the state store.
 #[derive(Clone, Copy)]
@@ -124,7 +117,7 @@ async fn run_stages(
     };
     let fetch = Fetcher {
         holding: Holding {
-            mem: Arc::new(Semaphore::new(BUFFER_BYTES as usize)),
+            memory: engine.memory().clone(),
             bodies: engine.bodies().clone(),
             hash: !tgt.has("UIDPLUS"),
         },
