@@ -20,7 +20,7 @@ use std::net::TcpStream;
 use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use mailferry::config::Config;
 use mailferry::sync::Engine;
@@ -28,21 +28,6 @@ use support::corpus::{self, Corpus, Spec};
 use support::dovecot::{Backends, Dovecot, Flavor, MASTER_PASSWORD, MASTER_USER};
 
 const PW: &str = "benchpw";
-
-/// Adds users to a running instance in one write (Dovecot re-reads the passwd-file once its
-/// mtime changes; wait for the next second so the change is seen).
-fn add_users(d: &Dovecot, users: &[String]) {
-    let mut f = std::fs::OpenOptions::new()
-        .append(true)
-        .open(d.dir.join("users"))
-        .expect("users file");
-    for u in users {
-        let home = d.dir.join("home").join(u);
-        writeln!(f, "{u}:{{PLAIN}}{PW}::::{}::", home.display()).expect("append user");
-    }
-    drop(f);
-    std::thread::sleep(Duration::from_millis(1100));
-}
 
 /// CPU seconds of process `pid` from /proc: user + system, with `children` also those of its
 /// reaped children (a Dovecot master's dead imap processes, our finished doveadm runs).
@@ -638,8 +623,8 @@ fn main() {
         .cloned()
         .collect();
     std::thread::scope(|s| {
-        s.spawn(|| add_users(&b.legacy, &legacy_users));
-        add_users(&b.new, &new_users);
+        s.spawn(|| b.legacy.add_users(&legacy_users, PW));
+        b.new.add_users(&new_users, PW);
     });
 
     let small_c: Vec<Corpus> = (0..4)

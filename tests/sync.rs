@@ -297,10 +297,8 @@ fn eight_sync_processes_at_once_share_one_sqlite_store() {
         let env = Env::new("none", "");
         env.downgrade_store_to_version_2();
         let users: Vec<String> = (0..8).map(|i| format!("par{i}@example.org")).collect();
-        for u in &users {
-            env.backends.legacy.add_user(u, "pw");
-            env.backends.new.add_user(u, "pw");
-        }
+        env.backends.legacy.add_users(&users, "pw");
+        env.backends.new.add_users(&users, "pw");
         for (i, u) in users.iter().enumerate() {
             let c = corpus::generate(&Spec {
                 seed: 500 + i as u64,

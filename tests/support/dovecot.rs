@@ -811,12 +811,20 @@ kill -KILL "$1" 2>/dev/null
     /// the file at most once per second, so this returns only once the wall
     /// clock has passed into the next second (< 1 s): every later login sees the user.
     pub fn add_user(&self, login: &str, password: &str) {
+        self.add_users(&[login.to_owned()], password);
+    }
+
+    /// Adds several users (one password for all) on this instance only, in one write and one
+    /// wait (see [`add_user`](Self::add_user)).
+    pub fn add_users(&self, logins: &[String], password: &str) {
         let mut f = fs::OpenOptions::new()
             .append(true)
             .open(&self.users_file)
             .expect("open users file");
-        f.write_all(user_line(&self.dir, login, password).as_bytes())
-            .expect("append user");
+        for login in logins {
+            f.write_all(user_line(&self.dir, login, password).as_bytes())
+                .expect("append user");
+        }
         drop(f);
         let now = || {
             std::time::SystemTime::now()
