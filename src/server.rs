@@ -54,21 +54,23 @@ pub enum ServeError {
         /// Why.
         source: std::io::Error,
     },
+    /// The admin token file is missing, empty or too short.
+    #[error(transparent)]
+    AdminToken(#[from] crate::admin::TokenError),
     /// A configured feature is not available in this build.
     #[error("{0}")]
     Unsupported(String),
 }
 
-fn read_file(
-    what: &'static str,
-    cfg: &Config,
-    p: &std::path::Path,
-) -> Result<crate::secret::Secret<String>, ServeError> {
-    crate::config::read_secret(&cfg.resolve(p)).map_err(|source| ServeError::File {
-        what,
-        path: cfg.resolve(p).display().to_string(),
-        source,
-    })
+/// The admin token, when the admin API listens: checked before anything binds, so that a
+/// placeholder token stops `serve` instead of guarding a live API.
+pub fn admin_token(cfg: &Config) -> Result<Option<crate::secret::Secret<String>>, ServeError> {
+    if cfg.listen.admin.is_none() {
+        return Ok(None);
+    }
+    Ok(Some(crate::admin::load_token(
+        &cfg.resolve(&cfg.admin.token_file),
+    )?))
 }
 
 /// Opens the state store and the directory named by the config.
@@ -119,6 +121,7 @@ pub async fn serve(
     metrics: metrics_exporter_prometheus::PrometheusHandle,
 ) -> Result<(), ServeError> {
     let mut signals = Signals::install()?;
+    let admin_token = admin_token(&cfg)?;
     let shared = Shared::build(cfg, metrics).await?;
     // Built before the proxy so that logins can hand it captured passwords. Passes log in
     // through master users or those passwords; a pass that has neither records why.
@@ -127,7 +130,7 @@ pub async fn serve(
     let mut tasks = tokio::task::JoinSet::new();
     shared.start_imap(&mut tasks, captured).await?;
     shared.start_lmtp(&mut tasks).await?;
-    shared.start_admin(&mut tasks).await?;
+    shared.start_admin(&mut tasks, admin_token).await?;
     shared.start_sync(&mut tasks, engine);
     let upkeep = shared.metrics.clone();
     tasks.spawn(async move {
@@ -280,12 +283,15 @@ impl Shared {
         Ok(())
     }
 
-    async fn start_admin(&self, tasks: &mut Tasks) -> Result<(), ServeError> {
-        let Some(addr) = self.cfg.listen.admin else {
+    async fn start_admin(
+        &self,
+        tasks: &mut Tasks,
+        token: Option<crate::secret::Secret<String>>,
+    ) -> Result<(), ServeError> {
+        let (Some(addr), Some(token)) = (self.cfg.listen.admin, token) else {
             return Ok(());
         };
         let cfg = &self.cfg;
-        let token = read_file("admin token", cfg, &cfg.admin.token_file)?;
         let state = Arc::new(crate::admin::AdminState {
             control: self.control.clone(),
             routes: self.routes.clone(),
