@@ -5,7 +5,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
 use tracing::{error, info};
 
 use crate::backend::target::{BackendTarget, TargetError};
@@ -14,7 +13,8 @@ use crate::control::sessions::SessionRegistry;
 use crate::control::Control;
 use crate::imap::authdelay::AuthDelay;
 use crate::imap::session::{self, ImapContext};
-use crate::net::listener::accept_loop;
+use crate::net::listener::{accept_loop, Admission};
+use crate::net::permits::AddressSlots;
 use crate::net::tls::{self, ReloadableServer};
 use crate::route::embedded::EmbeddedDirectory;
 use crate::route::{Directory, Route, RouteCache};
@@ -170,8 +170,6 @@ struct Shared {
     shutdown: Shutdown,
     sync_queue: Arc<SyncQueue>,
     control: Arc<Control>,
-    /// Client connections across all listeners (`[limits] max_connections`).
-    permits: Arc<Semaphore>,
     metrics: metrics_exporter_prometheus::PrometheusHandle,
 }
 
@@ -195,7 +193,6 @@ impl Shared {
                 .with_sync_queue(sync_queue.clone()),
         );
         Ok(Shared {
-            permits: Arc::new(Semaphore::new(cfg.limits.max_connections)),
             cfg,
             store,
             routes,
@@ -243,6 +240,16 @@ impl Shared {
         captured: Option<Arc<Captured>>,
     ) -> Result<(), ServeError> {
         let imap = Arc::new(self.imap_context(captured)?);
+        let limits = &self.cfg.limits;
+        // Both IMAP listeners share one count of connections and one of slots per address.
+        let mut admission = Admission::new(
+            limits.max_connections,
+            b"* BYE [UNAVAILABLE] Too many connections, try again later.\r\n",
+        );
+        admission.per_address = Some((
+            AddressSlots::new(limits.max_preauth_per_ip),
+            b"* BYE [UNAVAILABLE] Too many connections from your address\r\n",
+        ));
         let listeners = [(self.cfg.listen.imap, false), (self.cfg.listen.imaps, true)];
         for (addr, implicit) in listeners {
             let Some(addr) = addr else { continue };
@@ -252,9 +259,8 @@ impl Shared {
             tasks.spawn(accept_loop(
                 listener,
                 self.shutdown.clone(),
-                self.permits.clone(),
-                b"* BYE [UNAVAILABLE] Too many connections, try again later.\r\n",
-                move |tcp| session::handle(ctx.clone(), tcp, implicit),
+                admission.clone(),
+                move |tcp, slot| session::handle(ctx.clone(), tcp, implicit, slot),
             ));
         }
         Ok(())
@@ -273,12 +279,16 @@ impl Shared {
             self.control.deliveries().clone(),
             self.shutdown.clone(),
         ));
+        // LMTP's own count: IMAP clients, however many, cannot keep the MTA out.
+        let admission = Admission::new(
+            self.cfg.limits.max_lmtp_connections,
+            b"421 4.3.2 Too many connections\r\n",
+        );
         tasks.spawn(accept_loop(
             listener,
             self.shutdown.clone(),
-            self.permits.clone(),
-            b"421 4.3.2 Too many connections\r\n",
-            move |tcp| crate::lmtp::session::handle(ctx.clone(), tcp),
+            admission,
+            move |tcp, _| crate::lmtp::session::handle(ctx.clone(), tcp),
         ));
         Ok(())
     }

@@ -1,9 +1,11 @@
-//! Guards of the proxy against its own clients and operators' mistakes: the admin API's token.
+//! Guards of the proxy against its own clients and operators' mistakes: the admin API's token,
+//! and connection slots that slow clients cannot starve.
 
 mod support;
 
 use std::io::{Read, Write};
-use std::net::SocketAddr;
+use std::net::{SocketAddr, TcpStream};
+use std::time::Duration;
 
 use support::client::{tcp, Client};
 use support::deadline::within;
@@ -138,4 +140,165 @@ fn short_or_empty_admin_tokens_stop_serve_and_fail_check_config() {
         }
         assert!(proxy.cli(&["check-config"]).status.success());
     })
+}
+
+/// A TCP connection from `source` (any 127.0.0.0/8 address is local on Linux).
+fn connect_from(source: &str, to: SocketAddr) -> TcpStream {
+    // std cannot bind before connect; tokio's TcpSocket can.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let sock = tokio::net::TcpSocket::new_v4().unwrap();
+        sock.bind(format!("{source}:0").parse().unwrap()).unwrap();
+        let s = tokio::time::timeout(Duration::from_secs(5), sock.connect(to))
+            .await
+            .expect("connect in time")
+            .expect("connect");
+        let s = s.into_std().unwrap();
+        s.set_nonblocking(false).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s
+    })
+}
+
+/// The first line the server sends, or `None` if the connection was reset or closed first.
+fn first_line(s: &mut TcpStream) -> Option<String> {
+    let mut line = Vec::new();
+    let mut byte = [0u8; 1];
+    while !line.ends_with(b"\n") {
+        match s.read(&mut byte) {
+            Ok(1) => line.push(byte[0]),
+            _ => return None,
+        }
+    }
+    Some(String::from_utf8_lossy(&line).into_owned())
+}
+
+const BYE_ADDRESS: &str = "* BYE [UNAVAILABLE] Too many connections from your address\r\n";
+const BYE_FULL: &str = "* BYE [UNAVAILABLE] Too many connections, try again later.\r\n";
+
+/// Opens `n` connections from `source`, each sent a partial command line once greeted;
+/// returns them (held open) with how many were greeted and how many refused per address.
+fn slow_connections(source: &str, to: SocketAddr, n: usize) -> (Vec<TcpStream>, usize, usize) {
+    let (mut held, mut greeted, mut refused) = (Vec::with_capacity(n), 0, 0);
+    for _ in 0..n {
+        let mut s = connect_from(source, to);
+        match first_line(&mut s).as_deref() {
+            Some(l) if l.starts_with("* OK") => {
+                greeted += 1;
+                s.write_all(b"a1 LOGIN alice@example.org ").unwrap();
+            }
+            Some(BYE_ADDRESS) => refused += 1,
+            other => panic!("connection {} from {source}: {other:?}", held.len()),
+        }
+        held.push(s);
+    }
+    (held, greeted, refused)
+}
+
+#[test]
+fn slow_connections_from_one_address_starve_neither_logins_nor_lmtp() {
+    within(300, || {
+        // 3,000 client sockets here, plus the proxy's and Dovecot's own.
+        let nofile = support::fds::raise_nofile(16_384);
+        assert!(
+            nofile >= 8_000,
+            "open-files limit {nofile} too low for this test"
+        );
+        // IMAP holds at most 150 connections. Without the per-address cap the 3,000 slow
+        // connections would take all 150 (and, were LMTP counted with IMAP, the MTA's too),
+        // so the assertions below fail unless both guards work. The deadline and idle limit
+        // are long so that nothing frees the slow connections' slots while the test runs.
+        let (b, proxy) = start(Options {
+            extra: "[limits]\nmax_connections = 150\nmax_preauth_per_ip = 50\n\
+                    preauth_deadline_secs = 600\npreauth_idle_secs = 600\n"
+                .into(),
+            ..Options::default()
+        });
+        let (slow, greeted, refused) = slow_connections("127.0.0.1", proxy.imap, 3000);
+        assert!(greeted <= 50, "{greeted} greeted from one address");
+        assert_eq!(greeted + refused, 3000);
+
+        // A client from another address still logs in.
+        let mut legit = Client::over(Box::new(connect_from("127.0.0.2", proxy.imap)));
+        let ok = legit.login("alice@example.org", "alicepw");
+        assert!(ok.starts_with("OK"), "{ok}\n{}", proxy.log());
+        assert_eq!(legit.inbox_subjects(), vec!["legacy marker"]);
+
+        // Fill the rest of IMAP's slots from three more addresses, until one is refused.
+        let mut more = Vec::new();
+        let mut full = false;
+        for source in ["127.0.0.3", "127.0.0.4", "127.0.0.5"] {
+            for _ in 0..50 {
+                let mut s = connect_from(source, proxy.imap);
+                match first_line(&mut s).as_deref() {
+                    Some(l) if l.starts_with("* OK") => more.push(s),
+                    Some(BYE_FULL) => full = true,
+                    other => panic!("from {source}: {other:?}"),
+                }
+            }
+        }
+        assert!(full, "IMAP's 150 slots were all taken");
+        // LMTP has slots of its own: the MTA still delivers.
+        let outcome = support::dovecot::lmtp_deliver(
+            proxy.lmtp,
+            "mta@example.net",
+            &["bob@example.org"],
+            b"Subject: through a full IMAP side\r\n\r\nhello\r\n",
+        );
+        assert!(outcome.all_delivered(), "{outcome:?}\n{}", proxy.log());
+        assert_eq!(b.legacy.count("bob@example.org", "INBOX"), 2);
+        // The logged-in client kept its session throughout.
+        let (_, ok) = legit.cmd("NOOP");
+        assert!(ok.starts_with("OK"), "{ok}");
+        drop((slow, more));
+    })
+}
+
+#[test]
+fn trickling_clients_are_closed_at_the_preauth_deadline() {
+    within(120, || {
+        let (_b, proxy) = start(Options {
+            extra: "[limits]\npreauth_deadline_secs = 2\npreauth_idle_secs = 60\n".into(),
+            ..Options::default()
+        });
+        // IMAP: one byte every 500 ms keeps clear of the 60 s idle limit, not of the deadline.
+        let mut imap = tcp(proxy.imap);
+        assert!(first_line(&mut imap).is_some_and(|g| g.starts_with("* OK")));
+        let got = trickle(&mut imap, b"a1 LOGIN alice@example.org alicepw\r\n");
+        assert!(got.starts_with("* BYE"), "{got:?}");
+        // LMTP: the same before MAIL FROM.
+        let mut lmtp = tcp(proxy.lmtp);
+        assert!(first_line(&mut lmtp).is_some_and(|g| g.starts_with("220")));
+        let got = trickle(&mut lmtp, b"LHLO trickle.example.net\r\n");
+        assert!(got.starts_with("421 4.4.2"), "{got:?}");
+    })
+}
+
+/// Sends `line` one byte per 500 ms, reading between bytes, until the server closes;
+/// returns what the server said. Fails if all of `line` went out without a close.
+fn trickle(s: &mut TcpStream, line: &[u8]) -> String {
+    s.set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    let mut said = Vec::new();
+    let mut buf = [0u8; 256];
+    for byte in line {
+        if s.write_all(std::slice::from_ref(byte)).is_err() {
+            break;
+        }
+        match s.read(&mut buf) {
+            Ok(0) => return String::from_utf8_lossy(&said).into_owned(),
+            Ok(n) => said.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {}
+            Err(_) => break,
+        }
+    }
+    // The close comes at the deadline; whatever was said before it is in `said` or here.
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let _ = s.read_to_end(&mut said);
+    assert!(!said.is_empty(), "closed without a word");
+    String::from_utf8_lossy(&said).into_owned()
 }

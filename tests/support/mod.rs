@@ -6,6 +6,7 @@ pub mod client;
 pub mod corpus;
 pub mod deadline;
 pub mod dovecot;
+pub mod fds;
 pub mod mailferry;
 pub mod postfix;
 pub mod postgres;
