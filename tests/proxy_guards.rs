@@ -1,5 +1,5 @@
 //! Guards of the proxy against its own clients and operators' mistakes: the admin API's token,
-//! and connection slots that slow clients cannot starve.
+//! connection slots that slow clients cannot starve, and a `COMPRESS` that cannot break a kick.
 
 mod support;
 
@@ -301,4 +301,77 @@ fn trickle(s: &mut TcpStream, line: &[u8]) -> String {
     let _ = s.read_to_end(&mut said);
     assert!(!said.is_empty(), "closed without a word");
     String::from_utf8_lossy(&said).into_owned()
+}
+
+/// Dovecot offers COMPRESS=DEFLATE with these plugins.
+const ZLIB: &str = "mail_plugins = $mail_plugins zlib\n\
+                    protocol imap {\n  mail_plugins = $mail_plugins zlib imap_zlib\n}\n";
+
+#[test]
+fn compress_never_reaches_the_backend_and_a_kick_stays_readable() {
+    within(120, || {
+        let b = Backends::start_with(ZLIB, ZLIB);
+        // The backend itself offers COMPRESS: what follows is the proxy's doing.
+        let mut direct = Client::plain(b.legacy.imap);
+        let ok = direct.login("alice@example.org", "alicepw");
+        assert!(ok.contains("COMPRESS=DEFLATE"), "backend offers it: {ok}");
+        let proxy = Mailferry::start(&b, Options::default());
+
+        let mut c = Client::plain(proxy.imap);
+        let ok = c.login("alice@example.org", "alicepw");
+        assert!(ok.starts_with("OK [CAPABILITY IMAP4rev1"), "{ok}");
+        assert!(!ok.contains("COMPRESS="), "{ok}");
+        let (untagged, ok) = c.cmd("CAPABILITY");
+        assert!(ok.starts_with("OK"), "{ok}");
+        assert!(
+            untagged
+                .iter()
+                .any(|l| l.starts_with("* CAPABILITY IMAP4rev1")),
+            "{untagged:?}"
+        );
+        assert!(
+            !untagged.iter().any(|l| l.contains("COMPRESS=")),
+            "{untagged:?}"
+        );
+
+        let (_, no) = c.cmd("COMPRESS DEFLATE");
+        assert_eq!(
+            no,
+            "NO [CANNOT] COMPRESS is not supported through this proxy"
+        );
+        // Pipelined between other commands, answered in plain text too.
+        c.send(b"p1 NOOP\r\np2 compress deflate\r\np3 NOOP\r\n");
+        let mut replies: Vec<String> = (0..3).map(|_| c.line()).collect();
+        replies.sort();
+        assert!(replies[0].starts_with("p1 OK"), "{replies:?}");
+        assert_eq!(
+            replies[1],
+            "p2 NO [CANNOT] COMPRESS is not supported through this proxy"
+        );
+        assert!(replies[2].starts_with("p3 OK"), "{replies:?}");
+
+        // A synchronizing literal holding the same line is message data, stored untouched.
+        let msg = b"Subject: carried\r\n\r\nz COMPRESS DEFLATE\r\n";
+        c.send(format!("a1 APPEND INBOX {{{}}}\r\n", msg.len()).as_bytes());
+        assert!(c.line().starts_with("+ "), "go-ahead for the literal");
+        c.send(msg);
+        c.send(b"\r\n");
+        let ok = c.line();
+        assert!(ok.starts_with("a1 OK"), "{ok}");
+        assert!(b
+            .legacy
+            .messages("alice@example.org", "INBOX")
+            .iter()
+            .any(|m| m == msg));
+
+        // IDLE and DONE pass; the kick's BYE arrives as a plain line.
+        let (_, ok) = c.cmd("SELECT INBOX");
+        assert!(ok.starts_with("OK"), "{ok}");
+        c.send(b"i1 IDLE\r\n");
+        assert!(c.line().starts_with("+ "), "IDLE continuation");
+        proxy.route("alice@example.org", "new");
+        let bye = c.line();
+        assert!(bye.starts_with("* BYE [UNAVAILABLE] "), "{bye:?}");
+        assert!(c.try_line().is_none(), "closed after BYE");
+    })
 }
