@@ -203,7 +203,7 @@ impl CommandFramer {
             }
             Class::Compress(tag) => {
                 self.out.diverge(buf, pos);
-                self.head.clear();
+                self.head = Vec::new();
                 self.replies.extend_from_slice(&tag);
                 self.replies.extend_from_slice(
                     b" NO [CANNOT] COMPRESS is not supported through this proxy\r\n",

@@ -31,53 +31,49 @@ const UNTAGGED: [&[u8]; 6] = [
 const TAGGED: [&[u8]; 3] = [b"OK [CAPABILITY ", b"NO [CAPABILITY ", b"BAD [CAPABILITY "];
 
 /// What the bytes of one read become: the read itself while nothing changed (no copy),
-/// else a copy with the changes. Shared by both directions' filters.
+/// else a copy with the changes. Shared by both directions' filters. The copy lives only
+/// until the next read: an idle session keeps nothing of it.
 #[derive(Debug, Default)]
 pub(crate) struct Rewrite {
-    buf: Vec<u8>,
-    diverged: bool,
+    /// The changed output, once it differs from the read.
+    changed: Option<Vec<u8>>,
 }
-
-/// Capacity of a rewrite buffer kept between reads; an idle session should not hold more.
-const REWRITE_KEEP: usize = 1024;
 
 impl Rewrite {
     /// Starts a new read.
     pub(crate) fn reset(&mut self) {
-        self.diverged = false;
-        self.buf.clear();
-        if self.buf.capacity() > REWRITE_KEEP {
-            self.buf = Vec::new();
-        }
+        self.changed = None;
     }
 
     /// `input[from..to]` goes out unchanged.
     pub(crate) fn pass(&mut self, input: &[u8], from: usize, to: usize) {
-        if self.diverged {
-            self.buf.extend_from_slice(&input[from..to]);
+        if let Some(out) = &mut self.changed {
+            out.extend_from_slice(&input[from..to]);
         }
     }
 
     /// From `at` on, the output differs from `input`; everything before went out unchanged.
     pub(crate) fn diverge(&mut self, input: &[u8], at: usize) {
-        if !self.diverged {
-            self.buf.extend_from_slice(&input[..at]);
-            self.diverged = true;
+        if self.changed.is_none() {
+            let mut out = Vec::with_capacity(input.len());
+            out.extend_from_slice(&input[..at]);
+            self.changed = Some(out);
         }
     }
 
     /// Bytes of the proxy's own (after `diverge`).
     pub(crate) fn push(&mut self, bytes: &[u8]) {
-        debug_assert!(self.diverged, "push before diverge");
-        self.buf.extend_from_slice(bytes);
+        debug_assert!(self.changed.is_some(), "push before diverge");
+        if let Some(out) = &mut self.changed {
+            out.extend_from_slice(bytes);
+        }
     }
 
     /// The output for the first `consumed` bytes of `input`.
     pub(crate) fn result<'a>(&'a self, input: &'a [u8], consumed: usize) -> &'a [u8] {
-        if self.diverged {
-            &self.buf
-        } else {
-            &input[..consumed]
+        match &self.changed {
+            Some(out) => out,
+            None => &input[..consumed],
         }
     }
 }

@@ -104,7 +104,7 @@ pub async fn handle(
     };
     let fut = async move {
         let _ = tcp_nodelay(&accepted.tcp);
-        let Some(pre) = accepted.secure(&ctx, implicit_tls).await else {
+        let Some(pre) = Box::pin(accepted.secure(&ctx, implicit_tls)).await else {
             return;
         };
         // The pre-auth phase is dropped before the splice starts: only the splice's own

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::mpsc;
+use tokio::sync::Notify;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -208,9 +208,46 @@ enum Stop {
     Idle,
 }
 
-/// Replies the proxy may owe the client before the upstream direction waits for them to be
-/// written (a client sending COMPRESS after COMPRESS during one long response).
-const OWED_REPLIES: usize = 16;
+/// Bytes of replies the proxy may owe the client before the upstream direction waits for
+/// them to be written (a client sending COMPRESS after COMPRESS during one long response).
+const OWED_MAX: usize = 4096;
+
+/// Replies the proxy owes the client (a refused COMPRESS), from the upstream direction to
+/// the downstream one, which writes them between responses. Kept inline rather than in a
+/// channel: an idle session must not pay an allocation for what is almost never used.
+#[derive(Default)]
+struct Owed {
+    bytes: std::sync::Mutex<Vec<u8>>,
+    /// Bytes were added.
+    ready: Notify,
+    /// Bytes were taken.
+    taken: Notify,
+}
+
+impl Owed {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<u8>> {
+        // A panic elsewhere cannot leave a Vec half-written: its contents stay usable.
+        self.bytes
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Adds replies, then waits while too many are owed.
+    async fn add(&self, reply: &[u8]) {
+        self.lock().extend_from_slice(reply);
+        self.ready.notify_one();
+        while self.lock().len() > OWED_MAX {
+            self.taken.notified().await;
+        }
+    }
+
+    /// Takes what is owed, if anything.
+    fn take(&self) -> Option<Vec<u8>> {
+        let bytes = std::mem::take(&mut *self.lock());
+        self.taken.notify_one();
+        (!bytes.is_empty()).then_some(bytes)
+    }
+}
 
 /// Counters both directions share (they run in one task).
 #[derive(Default)]
@@ -267,19 +304,18 @@ pub async fn splice(
     drop(client_left);
     drop(backend_left);
 
-    // Replies the proxy owes the client (a refused COMPRESS), written between responses.
-    let (owed_tx, mut owed_rx) = mpsc::channel(OWED_REPLIES);
+    let owed = Owed::default();
     let ending = {
         let upstream = copy_up(
             &mut cr,
             &mut bw,
             &mut commands,
-            &owed_tx,
+            &owed,
             p.buffer,
             &clock,
             &counts,
         );
-        let downstream = copy_down(&mut br, &mut down, &mut owed_rx, &p, &clock);
+        let downstream = copy_down(&mut br, &mut down, &owed, &p, &clock);
         tokio::pin!(upstream, downstream);
         tokio::select! {
             r = &mut downstream => r,
@@ -330,7 +366,7 @@ async fn copy_up<R, W>(
     r: &mut R,
     w: &mut W,
     commands: &mut CommandFramer,
-    owed: &mpsc::Sender<Vec<u8>>,
+    owed: &Owed,
     size: usize,
     last: &Activity,
     counts: &Counts,
@@ -360,8 +396,7 @@ where
         }
         if let Some(reply) = commands.take_replies() {
             // Waits while replies are owed already: a client cannot queue them without bound.
-            // An error means the other direction has ended, and the session with it.
-            let _ = owed.send(reply).await;
+            owed.add(&reply).await;
         }
     }
 }
@@ -404,7 +439,7 @@ impl<W: AsyncWrite + Unpin> Down<'_, W> {
 async fn copy_down<R, W>(
     r: &mut R,
     down: &mut Down<'_, W>,
-    owed: &mut mpsc::Receiver<Vec<u8>>,
+    owed: &Owed,
     p: &SpliceParams<'_>,
     last: &Activity,
 ) -> Ending
@@ -447,8 +482,8 @@ where
                 }
                 continue;
             }
-            Some(bytes) = owed.recv(), if reply.is_none() && pending.is_none() => {
-                reply = Some(bytes);
+            _ = owed.ready.notified(), if reply.is_none() && pending.is_none() => {
+                reply = owed.take();
                 continue;
             }
             r = buf.read(r) => r,
