@@ -500,12 +500,14 @@ where
             Ok(used) => used,
             Err(e) => return Ending::Error(e),
         };
-        // A reply goes between the responses, then the rest of the read; a stop ends the
-        // session at the top of the loop, and the rest is never sent.
-        if let (true, None, Some(bytes)) = (used < n, &pending, reply.take()) {
-            let rest = down.say(&bytes).await;
-            if let Err(e) = rest.and(down.forward(&chunk[used..], false).await.map(|_| ())) {
-                return Ending::Error(e);
+        // A boundary inside the read: a stop ends the session at the top of the loop (the
+        // rest is never sent); a reply goes between the responses, then the rest of the read.
+        if used < n && pending.is_none() {
+            if let Some(bytes) = reply.take() {
+                let said = down.say(&bytes).await;
+                if let Err(e) = said.and(down.forward(&chunk[used..], false).await.map(|_| ())) {
+                    return Ending::Error(e);
+                }
             }
         }
     }
@@ -523,4 +525,87 @@ async fn say_bye<W: AsyncWrite + Unpin>(w: &mut W, stop: Option<Stop>) -> Ending
     let _ = w.write_all(line.as_bytes()).await;
     let _ = w.flush().await;
     ending
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    use crate::control::sessions::SessionRegistry;
+    use tokio::net::{TcpListener, TcpStream};
+
+    async fn pair() -> (TcpStream, TcpStream) {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let a = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let (b, _) = l.accept().await.unwrap();
+        (a, b)
+    }
+
+    /// A COMPRESS sent while the backend is inside a response is answered after that
+    /// response, whether its end closes a read or comes with more, and never reaches the
+    /// backend.
+    #[tokio::test]
+    async fn a_refused_compress_waits_for_the_end_of_the_current_response() {
+        for rest in [&b"56789)\r\n"[..], b"56789)\r\n* 2 EXISTS\r\n"] {
+            let (mut client, client_side) = pair().await;
+            let (backend_side, mut backend) = pair().await;
+            let registration = Arc::new(SessionRegistry::default()).register("u@example.org");
+            let kick = registration.kick.clone();
+            let spliced = tokio::spawn(async move {
+                let p = SpliceParams {
+                    kick: &kick,
+                    shutdown: CancellationToken::new(),
+                    idle: Duration::from_secs(60),
+                    buffer: 64 * 1024,
+                    half_close: Duration::from_secs(1),
+                };
+                let client = (Stream::Plain(client_side), BytesMut::new());
+                splice(client, (Stream::Plain(backend_side), BytesMut::new()), p).await
+            });
+            backend
+                .write_all(b"* 1 FETCH (BODY[] {10}\r\n01234")
+                .await
+                .unwrap();
+            let head = b"* 1 FETCH (BODY[] {10}\r\n01234";
+            let mut got = vec![0; head.len()];
+            client.read_exact(&mut got).await.unwrap();
+            client.write_all(b"c1 COMPRESS DEFLATE\r\n").await.unwrap();
+            // Let the proxy take the command in while the response is still open.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            backend.write_all(rest).await.unwrap();
+            // Apart, so that the first case's read ends exactly at the boundary.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            backend.write_all(b"* 3 EXISTS\r\n").await.unwrap();
+            let no = "c1 NO [CANNOT] COMPRESS is not supported through this proxy\r\n";
+            let backend_said = [rest, b"* 3 EXISTS\r\n"].concat();
+            let mut got = vec![0; no.len() + backend_said.len()];
+            let read = tokio::time::timeout(Duration::from_secs(10), client.read_exact(&mut got));
+            read.await.expect("all of it in time").unwrap();
+            let got = String::from_utf8_lossy(&got).into_owned();
+            // The FETCH response ends first; the reply comes between two later responses
+            // (which two depends on when the proxy read the command); the rest is unchanged.
+            assert!(got.starts_with("56789)\r\n"), "{got:?}");
+            assert_eq!(got.matches(no).count(), 1, "{got:?}");
+            assert!(got
+                .split("\r\n")
+                .all(|l| l.is_empty() || !l[1..].contains("c1 NO")));
+            let without = got.replacen(no, "", 1);
+            assert_eq!(without.as_bytes(), &backend_said[..], "{got:?}");
+            drop(client);
+            let mut upstream = Vec::new();
+            backend.read_to_end(&mut upstream).await.unwrap();
+            assert!(
+                upstream.is_empty(),
+                "{:?}",
+                String::from_utf8_lossy(&upstream)
+            );
+            let outcome = spliced.await.unwrap();
+            assert!(
+                matches!(outcome.ending, Ending::ClientClosed),
+                "{:?}",
+                outcome.ending
+            );
+        }
+    }
 }
