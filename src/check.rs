@@ -5,7 +5,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use crate::backend::target::BackendTarget;
-use crate::config::{read_secret, Config, ConfigError};
+use crate::config::{Config, ConfigError};
 use crate::route::Route;
 use crate::server::ServeError;
 use crate::store::{redacted, Open, SqlStore, StoreError, StoreSummary};
@@ -68,11 +68,9 @@ pub async fn problems(cfg: &Config) -> Vec<String> {
     {
         problems.push(format!("tls: {e}"));
     }
-    if let Err(e) = read_secret(&cfg.resolve(&cfg.admin.token_file)) {
-        problems.push(format!(
-            "admin.token_file {}: {e}",
-            cfg.admin.token_file.display()
-        ));
+    // The rule `serve` applies before it binds anything (empty or short tokens refused).
+    if let Err(e) = crate::server::admin_token(cfg) {
+        problems.push(e.to_string());
     }
     for route in [Route::Legacy, Route::New] {
         let b = cfg.backends.get(route);

@@ -18,8 +18,24 @@ pub struct Limits {
     pub id_max_field: usize,
     /// RFC 2971: values at most 1024 octets.
     pub id_max_value: usize,
-    /// Open client connections across all listeners.
+    /// Open IMAP client connections (plain and implicit-TLS listeners together). The key keeps
+    /// its name from before LMTP had its own limit. 20,000 sessions hold two sockets each,
+    /// well within the file descriptors the systemd unit allows (`LimitNOFILE`).
     pub max_connections: usize,
+    /// Open LMTP connections, counted apart from IMAP so that no number of IMAP clients can
+    /// keep the MTA out. Postfix opens at most 20 per destination by default
+    /// (`default_destination_concurrency_limit`); 500 leaves room for several MTAs.
+    pub max_lmtp_connections: usize,
+    /// IMAP connections from one source address (an IPv6 /64) that have not logged in yet.
+    /// A connection frees its slot when it logs in or closes. Real clients hold one each for
+    /// about a second, so 50 lets a NAT gateway full of them through, while one host opening
+    /// thousands of slow connections is refused (`* BYE [UNAVAILABLE]`) after its 50th.
+    pub max_preauth_per_ip: usize,
+    /// The whole pre-auth phase (TLS handshake, commands, login), however busy the client
+    /// keeps it: a client trickling a byte at a time never hits `preauth_idle_secs` but is
+    /// closed here. 60 s is many times what a real login takes. Also bounds an LMTP
+    /// session's time until its first `MAIL FROM`.
+    pub preauth_deadline_secs: u64,
     /// Failed logins in one session before the proxy says BYE.
     pub max_auth_failures: u32,
     /// First delay after a failed login from an address, doubled per further failure.
@@ -28,7 +44,8 @@ pub struct Limits {
     pub auth_failure_delay_max_ms: u64,
     /// TLS handshake (implicit TLS and STARTTLS), as seconds.
     pub tls_handshake_secs: u64,
-    /// Silence before login; RFC 9051 allows servers to close idle unauthenticated sessions.
+    /// Silence before login (per read; the phase as a whole is bounded by
+    /// `preauth_deadline_secs`); RFC 9051 allows servers to close idle unauthenticated sessions.
     pub preauth_idle_secs: u64,
     /// Connecting to a backend.
     pub backend_connect_secs: u64,
@@ -55,6 +72,9 @@ impl Default for Limits {
             id_max_field: 30,
             id_max_value: 1024,
             max_connections: 20_000,
+            max_lmtp_connections: 500,
+            max_preauth_per_ip: 50,
+            preauth_deadline_secs: 60,
             max_auth_failures: 3,
             auth_failure_delay_ms: 500,
             auth_failure_delay_max_ms: 15_000,
@@ -79,6 +99,10 @@ impl Limits {
     /// Pre-auth idle timeout.
     pub fn preauth_idle(&self) -> Duration {
         Duration::from_secs(self.preauth_idle_secs)
+    }
+    /// Deadline of the whole pre-auth phase.
+    pub fn preauth_deadline(&self) -> Duration {
+        Duration::from_secs(self.preauth_deadline_secs)
     }
     /// Backend connect timeout.
     pub fn backend_connect(&self) -> Duration {
@@ -115,8 +139,17 @@ impl Limits {
         if self.postauth_idle_secs < 30 * 60 {
             p.push("limits.postauth_idle_secs must be at least 1800 (RFC 9051)".into());
         }
-        if self.max_connections == 0 {
-            p.push("limits.max_connections must be at least 1".into());
+        for (key, value) in [
+            ("max_connections", self.max_connections),
+            ("max_lmtp_connections", self.max_lmtp_connections),
+            ("max_preauth_per_ip", self.max_preauth_per_ip),
+        ] {
+            if value == 0 {
+                p.push(format!("limits.{key} must be at least 1"));
+            }
+        }
+        if self.preauth_deadline_secs == 0 {
+            p.push("limits.preauth_deadline_secs must be at least 1".into());
         }
         if self.splice_buffer < 4096 {
             p.push("limits.splice_buffer must be at least 4096".into());

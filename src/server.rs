@@ -5,7 +5,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
 use tracing::{error, info};
 
 use crate::backend::target::{BackendTarget, TargetError};
@@ -14,7 +13,8 @@ use crate::control::sessions::SessionRegistry;
 use crate::control::Control;
 use crate::imap::authdelay::AuthDelay;
 use crate::imap::session::{self, ImapContext};
-use crate::net::listener::accept_loop;
+use crate::net::listener::{accept_loop, Admission};
+use crate::net::permits::AddressSlots;
 use crate::net::tls::{self, ReloadableServer};
 use crate::route::embedded::EmbeddedDirectory;
 use crate::route::{Directory, Route, RouteCache};
@@ -54,21 +54,23 @@ pub enum ServeError {
         /// Why.
         source: std::io::Error,
     },
+    /// The admin token file is missing, empty or too short.
+    #[error(transparent)]
+    AdminToken(#[from] crate::admin::TokenError),
     /// A configured feature is not available in this build.
     #[error("{0}")]
     Unsupported(String),
 }
 
-fn read_file(
-    what: &'static str,
-    cfg: &Config,
-    p: &std::path::Path,
-) -> Result<crate::secret::Secret<String>, ServeError> {
-    crate::config::read_secret(&cfg.resolve(p)).map_err(|source| ServeError::File {
-        what,
-        path: cfg.resolve(p).display().to_string(),
-        source,
-    })
+/// The admin token, when the admin API listens: checked before anything binds, so that a
+/// placeholder token stops `serve` instead of guarding a live API.
+pub fn admin_token(cfg: &Config) -> Result<Option<crate::secret::Secret<String>>, ServeError> {
+    if cfg.listen.admin.is_none() {
+        return Ok(None);
+    }
+    Ok(Some(crate::admin::load_token(
+        &cfg.resolve(&cfg.admin.token_file),
+    )?))
 }
 
 /// Opens the state store and the directory named by the config; `mode` says whether a
@@ -121,6 +123,7 @@ pub async fn serve(
     metrics: metrics_exporter_prometheus::PrometheusHandle,
 ) -> Result<(), ServeError> {
     let mut signals = Signals::install()?;
+    let admin_token = admin_token(&cfg)?;
     let shared = Shared::build(cfg, metrics).await?;
     // Built before the proxy so that logins can hand it captured passwords. Passes log in
     // through master users or those passwords; a pass that has neither records why.
@@ -131,7 +134,7 @@ pub async fn serve(
     let mut tasks = tokio::task::JoinSet::new();
     shared.start_imap(&mut tasks, captured).await?;
     shared.start_lmtp(&mut tasks).await?;
-    shared.start_admin(&mut tasks).await?;
+    shared.start_admin(&mut tasks, admin_token).await?;
     shared.start_sync(&mut tasks, engine);
     let upkeep = shared.metrics.clone();
     tasks.spawn(async move {
@@ -171,8 +174,6 @@ struct Shared {
     shutdown: Shutdown,
     sync_queue: Arc<SyncQueue>,
     control: Arc<Control>,
-    /// Client connections across all listeners (`[limits] max_connections`).
-    permits: Arc<Semaphore>,
     metrics: metrics_exporter_prometheus::PrometheusHandle,
 }
 
@@ -196,7 +197,6 @@ impl Shared {
                 .with_sync_queue(sync_queue.clone()),
         );
         Ok(Shared {
-            permits: Arc::new(Semaphore::new(cfg.limits.max_connections)),
             cfg,
             store,
             routes,
@@ -244,6 +244,16 @@ impl Shared {
         captured: Option<Arc<Captured>>,
     ) -> Result<(), ServeError> {
         let imap = Arc::new(self.imap_context(captured)?);
+        let limits = &self.cfg.limits;
+        // Both IMAP listeners share one count of connections and one of slots per address.
+        let mut admission = Admission::new(
+            limits.max_connections,
+            b"* BYE [UNAVAILABLE] Too many connections, try again later.\r\n",
+        );
+        admission.per_address = Some((
+            AddressSlots::new(limits.max_preauth_per_ip),
+            b"* BYE [UNAVAILABLE] Too many connections from your address\r\n",
+        ));
         let listeners = [(self.cfg.listen.imap, false), (self.cfg.listen.imaps, true)];
         for (addr, implicit) in listeners {
             let Some(addr) = addr else { continue };
@@ -253,9 +263,8 @@ impl Shared {
             tasks.spawn(accept_loop(
                 listener,
                 self.shutdown.clone(),
-                self.permits.clone(),
-                b"* BYE [UNAVAILABLE] Too many connections, try again later.\r\n",
-                move |tcp| session::handle(ctx.clone(), tcp, implicit),
+                admission.clone(),
+                move |tcp, slot| session::handle(ctx.clone(), tcp, implicit, slot),
             ));
         }
         Ok(())
@@ -274,22 +283,29 @@ impl Shared {
             self.control.deliveries().clone(),
             self.shutdown.clone(),
         ));
+        // LMTP's own count: IMAP clients, however many, cannot keep the MTA out.
+        let admission = Admission::new(
+            self.cfg.limits.max_lmtp_connections,
+            b"421 4.3.2 Too many connections\r\n",
+        );
         tasks.spawn(accept_loop(
             listener,
             self.shutdown.clone(),
-            self.permits.clone(),
-            b"421 4.3.2 Too many connections\r\n",
-            move |tcp| crate::lmtp::session::handle(ctx.clone(), tcp),
+            admission,
+            move |tcp, _| crate::lmtp::session::handle(ctx.clone(), tcp),
         ));
         Ok(())
     }
 
-    async fn start_admin(&self, tasks: &mut Tasks) -> Result<(), ServeError> {
-        let Some(addr) = self.cfg.listen.admin else {
+    async fn start_admin(
+        &self,
+        tasks: &mut Tasks,
+        token: Option<crate::secret::Secret<String>>,
+    ) -> Result<(), ServeError> {
+        let (Some(addr), Some(token)) = (self.cfg.listen.admin, token) else {
             return Ok(());
         };
         let cfg = &self.cfg;
-        let token = read_file("admin token", cfg, &cfg.admin.token_file)?;
         let state = Arc::new(crate::admin::AdminState {
             control: self.control.clone(),
             routes: self.routes.clone(),

@@ -324,6 +324,7 @@ impl InProcess {
             timeouts: LmtpTimeouts {
                 command_idle: Duration::from_secs(30),
                 data_idle: Duration::from_secs(30),
+                first_mail: Duration::from_secs(30),
                 client: ClientTimeouts {
                     connect: Duration::from_secs(5),
                     reply: Duration::from_secs(10),
@@ -342,9 +343,8 @@ impl InProcess {
         rt.spawn(mailferry::net::listener::accept_loop(
             listener,
             shutdown,
-            Arc::new(tokio::sync::Semaphore::new(100)),
-            b"421 4.3.2 Too many connections\r\n",
-            move |tcp| session::handle(ctx.clone(), tcp),
+            mailferry::net::listener::Admission::new(100, b"421 4.3.2 Too many connections\r\n"),
+            move |tcp, _| session::handle(ctx.clone(), tcp),
         ));
         InProcess {
             rt,

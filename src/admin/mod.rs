@@ -14,6 +14,7 @@ use axum::{Json, Router};
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
+use sha2::{Digest, Sha256};
 
 use crate::control::{Control, ControlError};
 use crate::route::{Route, RouteCache};
@@ -31,6 +32,52 @@ pub struct AdminState {
     pub token: Secret<String>,
     /// Prometheus renderer.
     pub metrics: PrometheusHandle,
+}
+
+/// Shortest admin token accepted, in bytes (after the trailing newline is trimmed): 16 random
+/// bytes are 128 bits, beyond guessing through an HTTP endpoint; anything shorter is a
+/// placeholder someone forgot to replace.
+pub const MIN_TOKEN_LEN: usize = 16;
+
+/// Why the admin token file cannot be used; every variant names the file.
+#[derive(Debug, thiserror::Error)]
+pub enum TokenError {
+    /// The file cannot be read.
+    #[error("admin token file {path}: {source}")]
+    Read {
+        /// The file.
+        path: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The file holds no token at all.
+    #[error("admin token file {path} is empty")]
+    Empty {
+        /// The file.
+        path: String,
+    },
+    /// The token is too short to resist guessing.
+    #[error("admin token file {path} holds {len} bytes; at least {MIN_TOKEN_LEN} are required")]
+    TooShort {
+        /// The file.
+        path: String,
+        /// Its length after trimming the trailing newline.
+        len: usize,
+    },
+}
+
+/// Reads the admin bearer token from `path`, refusing an empty or short one.
+pub fn load_token(path: &std::path::Path) -> Result<Secret<String>, TokenError> {
+    let shown = || path.display().to_string();
+    let token = crate::config::read_secret(path).map_err(|source| TokenError::Read {
+        path: shown(),
+        source,
+    })?;
+    match token.expose().len() {
+        0 => Err(TokenError::Empty { path: shown() }),
+        len if len < MIN_TOKEN_LEN => Err(TokenError::TooShort { path: shown(), len }),
+        _ => Ok(token),
+    }
 }
 
 /// The router; `/api/*` requires the token, health and metrics do not.
@@ -56,7 +103,7 @@ async fn require_token(State(state): State<Arc<AdminState>>, req: Request, next:
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .unwrap_or("");
-    if constant_time_eq(given.as_bytes(), state.token.expose().as_bytes()) {
+    if token_matches(given.as_bytes(), state.token.expose().as_bytes()) {
         next.run(req).await
     } else {
         refuse(
@@ -77,8 +124,14 @@ fn refuse(status: StatusCode, error: String) -> Response {
     (status, Json(ApiError { error })).into_response()
 }
 
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+/// Compares fixed-size digests of both tokens, every byte, so that neither the position of
+/// the first difference nor the token's length shows in the response time.
+fn token_matches(given: &[u8], expected: &[u8]) -> bool {
+    let (a, b) = (Sha256::digest(given), Sha256::digest(expected));
+    a.iter()
+        .zip(b.iter())
+        .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+        == 0
 }
 
 fn error(e: ControlError) -> Response {
@@ -176,5 +229,36 @@ async fn readyz(State(state): State<Arc<AdminState>>) -> Response {
             Json(json!({"ready": false, "problems": problems})),
         )
             .into_response()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_match_only_when_equal() {
+        assert!(token_matches(b"0123456789abcdef", b"0123456789abcdef"));
+        assert!(!token_matches(b"0123456789abcdeF", b"0123456789abcdef"));
+        assert!(!token_matches(b"", b"0123456789abcdef"));
+        assert!(!token_matches(b"0123456789abcdef0", b"0123456789abcdef"));
+    }
+
+    #[test]
+    fn short_and_empty_token_files_are_refused_naming_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("admin.token");
+        std::fs::write(&path, "\n").unwrap();
+        let e = load_token(&path).unwrap_err().to_string();
+        assert!(e.contains("admin.token") && e.contains("empty"), "{e}");
+        std::fs::write(&path, "fifteen-bytes-x\n").unwrap();
+        let e = load_token(&path).unwrap_err().to_string();
+        assert!(e.contains("admin.token") && e.contains("15 bytes"), "{e}");
+        std::fs::write(&path, "sixteen-bytes-xx\n").unwrap();
+        assert_eq!(load_token(&path).unwrap().expose(), "sixteen-bytes-xx");
+        let e = load_token(&dir.path().join("missing"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("missing"), "{e}");
     }
 }

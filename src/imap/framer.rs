@@ -18,12 +18,58 @@ enum State {
     Literal(u64),
 }
 
+/// The last bytes of a line seen so far, so that a literal announcement split across reads
+/// is still recognised at the line's end. Shared by the response and command framers.
+#[derive(Debug, Clone)]
+pub(crate) struct LineTail {
+    tail: [u8; TAIL],
+    len: usize,
+}
+
+impl LineTail {
+    pub(crate) fn new() -> Self {
+        LineTail {
+            tail: [0; TAIL],
+            len: 0,
+        }
+    }
+
+    /// Forgets the line (it ended).
+    pub(crate) fn clear(&mut self) {
+        self.len = 0;
+    }
+
+    /// The literal announced at the end of the line whose last bytes in this read are
+    /// `chunk` (the line's end, without LF): its length and whether it is non-synchronizing.
+    pub(crate) fn line_ends(&self, chunk: &[u8]) -> Option<(u64, bool)> {
+        if chunk.len() >= TAIL || self.len == 0 {
+            return literal_at_end(chunk);
+        }
+        let mut joined = [0u8; 2 * TAIL];
+        joined[..self.len].copy_from_slice(&self.tail[..self.len]);
+        joined[self.len..self.len + chunk.len()].copy_from_slice(chunk);
+        literal_at_end(&joined[..self.len + chunk.len()])
+    }
+
+    /// Keeps the end of `chunk`, a part of the current line without its end.
+    pub(crate) fn remember(&mut self, chunk: &[u8]) {
+        if chunk.len() >= TAIL {
+            self.tail.copy_from_slice(&chunk[chunk.len() - TAIL..]);
+            self.len = TAIL;
+            return;
+        }
+        let keep = (TAIL - chunk.len()).min(self.len);
+        self.tail.copy_within(self.len - keep..self.len, 0);
+        self.tail[keep..keep + chunk.len()].copy_from_slice(chunk);
+        self.len = keep + chunk.len();
+    }
+}
+
 /// Tracks response boundaries in a server→client byte stream.
 #[derive(Debug, Clone)]
 pub struct ResponseFramer {
     state: State,
-    tail: [u8; TAIL],
-    tail_len: usize,
+    tail: LineTail,
 }
 
 impl Default for ResponseFramer {
@@ -37,8 +83,7 @@ impl ResponseFramer {
     pub fn new() -> Self {
         ResponseFramer {
             state: State::Boundary,
-            tail: [0; TAIL],
-            tail_len: 0,
+            tail: LineTail::new(),
         }
     }
 
@@ -86,8 +131,8 @@ impl ResponseFramer {
             }
             State::Boundary | State::Line => match memchr::memchr(b'\n', buf) {
                 Some(i) => {
-                    let literal = self.line_ends(&buf[..i]);
-                    self.tail_len = 0;
+                    let literal = self.tail.line_ends(&buf[..i]).map(|(n, _)| n);
+                    self.tail.clear();
                     self.state = match literal {
                         Some(0) => State::Line,
                         Some(n) => State::Literal(n),
@@ -96,36 +141,12 @@ impl ResponseFramer {
                     i + 1
                 }
                 None => {
-                    self.remember(buf);
+                    self.tail.remember(buf);
                     self.state = State::Line;
                     buf.len()
                 }
             },
         }
-    }
-
-    /// The literal announced at the end of the line whose last bytes in this read are `chunk`.
-    fn line_ends(&self, chunk: &[u8]) -> Option<u64> {
-        if chunk.len() >= TAIL || self.tail_len == 0 {
-            return literal_at_end(chunk).map(|(n, _)| n);
-        }
-        let mut joined = [0u8; 2 * TAIL];
-        joined[..self.tail_len].copy_from_slice(&self.tail[..self.tail_len]);
-        joined[self.tail_len..self.tail_len + chunk.len()].copy_from_slice(chunk);
-        literal_at_end(&joined[..self.tail_len + chunk.len()]).map(|(n, _)| n)
-    }
-
-    fn remember(&mut self, chunk: &[u8]) {
-        if chunk.len() >= TAIL {
-            self.tail.copy_from_slice(&chunk[chunk.len() - TAIL..]);
-            self.tail_len = TAIL;
-            return;
-        }
-        let keep = (TAIL - chunk.len()).min(self.tail_len);
-        self.tail
-            .copy_within(self.tail_len - keep..self.tail_len, 0);
-        self.tail[keep..keep + chunk.len()].copy_from_slice(chunk);
-        self.tail_len = keep + chunk.len();
     }
 }
 

@@ -4,10 +4,10 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::Duration;
 
 use tokio::net::TcpStream;
-use tokio::time::timeout;
+use tokio::time::{timeout, timeout_at, Instant};
 use tracing::{info, info_span, warn, Instrument};
 
 use super::authdelay::AuthDelay;
@@ -21,6 +21,7 @@ use crate::backend::target::BackendTarget;
 use crate::config::{BackendAuth, ProxyConfig};
 use crate::control::sessions::{Registration, SessionRegistry};
 use crate::limits::Limits;
+use crate::net::permits::AddressSlot;
 use crate::net::tls::ReloadableServer;
 use crate::net::Stream;
 use crate::route::{Route, RouteCache};
@@ -79,8 +80,14 @@ impl ImapContext {
     }
 }
 
-/// Handles one accepted connection to the end; never panics on client input.
-pub async fn handle(ctx: Arc<ImapContext>, tcp: TcpStream, implicit_tls: bool) {
+/// Handles one accepted connection to the end; never panics on client input. `slot` is the
+/// connection's pre-auth slot of its source address, given back at login or close.
+pub async fn handle(
+    ctx: Arc<ImapContext>,
+    tcp: TcpStream,
+    implicit_tls: bool,
+    slot: Option<AddressSlot>,
+) {
     let peer = tcp.peer_addr().ok();
     let local = tcp.local_addr().ok();
     let (Some(peer), Some(local)) = (peer, local) else {
@@ -93,10 +100,12 @@ pub async fn handle(ctx: Arc<ImapContext>, tcp: TcpStream, implicit_tls: bool) {
         peer,
         local,
         sid,
+        slot,
+        deadline: Instant::now() + ctx.limits.preauth_deadline(),
     };
     let fut = async move {
         let _ = tcp_nodelay(&accepted.tcp);
-        let Some(pre) = accepted.secure(&ctx, implicit_tls).await else {
+        let Some(pre) = Box::pin(accepted.secure(&ctx, implicit_tls)).await else {
             return;
         };
         // The pre-auth phase is dropped before the splice starts: only the splice's own
@@ -117,12 +126,20 @@ fn session_id() -> String {
     format!("{:016x}", rand::random::<u64>())
 }
 
+/// How long a `* BYE` to a client that is being dropped may take to write: one that does not
+/// read must not keep the connection.
+const BYE_WRITE_TIMEOUT: Duration = Duration::from_secs(1);
+
 /// A TCP connection, nothing said yet.
 struct Accepted {
     tcp: TcpStream,
     peer: SocketAddr,
     local: SocketAddr,
     sid: String,
+    /// Held until login, so that one address cannot keep many connections before login.
+    slot: Option<AddressSlot>,
+    /// End of the whole pre-auth phase (`preauth_deadline_secs` after accept).
+    deadline: Instant,
 }
 
 impl Accepted {
@@ -130,14 +147,12 @@ impl Accepted {
     async fn secure(self, ctx: &ImapContext, implicit_tls: bool) -> Option<PreAuthPhase> {
         let stream = if implicit_tls {
             let acceptor = tokio_rustls::TlsAcceptor::from(ctx.tls.get());
+            let until = self
+                .deadline
+                .min(Instant::now() + ctx.limits.tls_handshake());
             // Boxed here and below: a session's future is sized for its largest phase, and the
             // handshake and login states are far larger than what an idle splice needs.
-            match timeout(
-                ctx.limits.tls_handshake(),
-                Box::pin(acceptor.accept(self.tcp)),
-            )
-            .await
-            {
+            match timeout_at(until, Box::pin(acceptor.accept(self.tcp))).await {
                 Ok(Ok(tls)) => Stream::ServerTls(Box::new(tls)),
                 Ok(Err(e)) => {
                     info!(error = %e, "TLS handshake failed");
@@ -166,6 +181,8 @@ impl Accepted {
                 session_id: self.sid,
             },
             failures: 0,
+            _slot: self.slot,
+            deadline: self.deadline,
         })
     }
 }
@@ -176,42 +193,47 @@ struct PreAuthPhase {
     preauth: PreAuth,
     info: ClientInfo,
     failures: u32,
+    /// The address's pre-auth slot: dropped with this phase, at login or close.
+    _slot: Option<AddressSlot>,
+    /// End of the whole phase, however busy the client keeps it.
+    deadline: Instant,
 }
 
 impl PreAuthPhase {
     /// Talks to the client until a login succeeds (`Some`) or the session ends (`None`).
     async fn run(mut self, ctx: &ImapContext) -> Option<BackendAuthed> {
-        if self.conn.write_all(&self.preauth.greeting()).await.is_err() {
+        let greeting = self.preauth.greeting();
+        if !self.send(&greeting).await {
             return None;
         }
         loop {
             while let Some(event) = self.preauth.next_event() {
                 match event {
                     Event::Reply(bytes) => {
-                        if self.conn.write_all(&bytes).await.is_err() {
+                        if !self.send(&bytes).await {
                             return None;
                         }
                     }
                     Event::Close(bytes) => {
-                        let _ = self.conn.write_all(&bytes).await;
+                        self.send(&bytes).await;
                         return None;
                     }
                     Event::StartTls(bytes) => {
-                        if self.conn.write_all(&bytes).await.is_err() {
+                        if !self.send(&bytes).await {
                             return None;
                         }
-                        self.conn = start_tls(ctx, self.conn).await?;
+                        self.conn = start_tls(ctx, self.conn, self.deadline).await?;
                         self.preauth.tls_started();
                     }
+                    // Not bounded by the deadline: the backend's own timeouts bound a login,
+                    // and cutting one short would leave a backend session half made.
                     Event::Login(req) => match Box::pin(self.login(ctx, &req)).await {
                         Ok((routed, backend)) => {
                             return Some(routed.into_authed(ctx, self, &req, backend))
                         }
                         Err(refusal) => {
                             let reply = refusal.reply(&req.tag);
-                            if self.conn.write_all(reply.as_bytes()).await.is_err()
-                                || refusal.closes()
-                            {
+                            if !self.send(reply.as_bytes()).await || refusal.closes() {
                                 return None;
                             }
                             self.preauth.login_failed();
@@ -219,26 +241,53 @@ impl PreAuthPhase {
                     },
                 }
             }
-            let read = tokio::select! {
-                r = timeout(ctx.limits.preauth_idle(), self.conn.read_some(16 * 1024)) => r,
-                _ = ctx.shutdown.forced() => {
-                    let _ = self.conn.write_all(b"* BYE Server shutting down.\r\n").await;
-                    return None;
-                }
-            };
-            match read {
-                Err(_) => {
-                    let _ = self
-                        .conn
-                        .write_all(b"* BYE Disconnected for inactivity.\r\n")
-                        .await;
-                    return None;
-                }
-                Ok(Ok(0)) | Ok(Err(_)) => return None,
-                Ok(Ok(_)) => {
-                    let bytes = self.conn.buffer().split();
-                    self.preauth.feed(&bytes);
-                }
+            if !self.read_more(ctx).await {
+                return None;
+            }
+        }
+    }
+
+    /// Writes to the client within the deadline; false when the session must end.
+    async fn send(&mut self, bytes: &[u8]) -> bool {
+        matches!(
+            timeout_at(self.deadline, self.conn.write_all(bytes)).await,
+            Ok(Ok(()))
+        )
+    }
+
+    /// Says a last `* BYE`, briefly: the client may be the kind that does not read.
+    async fn bye(&mut self, line: &[u8]) {
+        let _ = timeout(BYE_WRITE_TIMEOUT, self.conn.write_all(line)).await;
+    }
+
+    /// Reads what the client sends next and feeds it to the pre-auth state machine, within
+    /// the idle limit per read and the deadline of the phase; false when the session ends
+    /// (closed by the client, or a `* BYE` said).
+    async fn read_more(&mut self, ctx: &ImapContext) -> bool {
+        let idle_until = Instant::now() + ctx.limits.preauth_idle();
+        let until = idle_until.min(self.deadline);
+        let read = tokio::select! {
+            r = timeout_at(until, self.conn.read_some(16 * 1024)) => r,
+            _ = ctx.shutdown.forced() => {
+                self.bye(b"* BYE Server shutting down.\r\n").await;
+                return false;
+            }
+        };
+        match read {
+            Err(_) if until == self.deadline => {
+                info!("pre-auth deadline reached");
+                self.bye(b"* BYE Login took too long.\r\n").await;
+                false
+            }
+            Err(_) => {
+                self.bye(b"* BYE Disconnected for inactivity.\r\n").await;
+                false
+            }
+            Ok(Ok(0)) | Ok(Err(_)) => false,
+            Ok(Ok(_)) => {
+                let bytes = self.conn.buffer().split();
+                self.preauth.feed(&bytes);
+                true
             }
         }
     }
@@ -273,13 +322,14 @@ impl PreAuthPhase {
 }
 
 /// STARTTLS on a plain connection; bytes read before the handshake are dropped.
-async fn start_tls(ctx: &ImapContext, conn: Conn) -> Option<Conn> {
+async fn start_tls(ctx: &ImapContext, conn: Conn, deadline: Instant) -> Option<Conn> {
     let (stream, _discarded) = conn.into_parts();
     let Stream::Plain(tcp) = stream else {
         return None;
     };
     let acceptor = tokio_rustls::TlsAcceptor::from(ctx.tls.get());
-    match timeout(ctx.limits.tls_handshake(), Box::pin(acceptor.accept(tcp))).await {
+    let until = deadline.min(Instant::now() + ctx.limits.tls_handshake());
+    match timeout_at(until, Box::pin(acceptor.accept(tcp))).await {
         Ok(Ok(tls)) => Some(Conn::new(Stream::ServerTls(Box::new(tls)))),
         Ok(Err(e)) => {
             info!(error = %e, "STARTTLS handshake failed");

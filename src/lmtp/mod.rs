@@ -34,6 +34,10 @@ pub struct LmtpTimeouts {
     pub command_idle: Duration,
     /// Waiting for the next chunk of message data: RFC 5321 §4.5.3.2.5 data block, 3 minutes.
     pub data_idle: Duration,
+    /// From connect to the first `MAIL FROM`, however busy the client keeps the session
+    /// (`[limits] preauth_deadline_secs`): an MTA sends it at once, a client trickling bytes
+    /// to hold a connection does not.
+    pub first_mail: Duration,
     /// Towards the backends.
     pub client: ClientTimeouts,
 }
@@ -44,6 +48,7 @@ impl LmtpTimeouts {
         LmtpTimeouts {
             command_idle: Duration::from_secs(300),
             data_idle: Duration::from_secs(180),
+            first_mail: limits.preauth_deadline(),
             client: ClientTimeouts {
                 connect: limits.backend_connect(),
                 reply: limits.backend_reply(),

@@ -4,12 +4,11 @@
 //! pipelined batch is answered in one write, in order.
 
 use std::sync::Arc;
-use std::time::Instant;
 
 use bytes::BytesMut;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::time::timeout;
+use tokio::time::{timeout, timeout_at, Instant};
 use tracing::{debug, info, info_span, trace, warn, Instrument};
 
 use super::fanout::{self, cutover_reply, directory_reply, no_backend_reply};
@@ -33,6 +32,7 @@ pub async fn handle(ctx: Arc<LmtpContext>, tcp: TcpStream) {
         let _ = tcp.set_nodelay(true);
         let started = Instant::now();
         let mut session = Session {
+            first_mail_by: Some(started + ctx.timeouts.first_mail),
             server: Server::new(ctx.server.clone()),
             ctx,
             tcp,
@@ -67,6 +67,8 @@ struct Session {
     prepared: Option<fanout::Prepared>,
     messages: u64,
     bytes_in: u64,
+    /// Until the first `MAIL FROM`: when the session must have got there (then `None`).
+    first_mail_by: Option<Instant>,
 }
 
 impl Session {
@@ -169,10 +171,17 @@ impl Session {
         };
         self.rbuf.reserve(READ_CHUNK);
         let busy = self.server.in_transaction();
+        if busy || self.messages > 0 {
+            self.first_mail_by = None;
+        }
+        let idle_until = Instant::now() + idle;
+        let until = self
+            .first_mail_by
+            .map_or(idle_until, |by| by.min(idle_until));
         let shutdown = self.ctx.shutdown.clone();
         let host = self.ctx.server.hostname.clone();
         let result = tokio::select! {
-            r = timeout(idle, self.tcp.read_buf(&mut self.rbuf)) => r,
+            r = timeout_at(until, self.tcp.read_buf(&mut self.rbuf)) => r,
             // Between transactions a draining server says goodbye at once; an MTA retries
             // elsewhere or later. Within one, it waits for the forced phase.
             _ = shutdown.stopping(), if !busy => {

@@ -1,6 +1,8 @@
-//! Sockets: listeners, TLS configurations, and the stream type shared by client and backend.
+//! Sockets: listeners and their connection permits, TLS configurations, and the stream type
+//! shared by client and backend.
 
 pub mod listener;
+pub mod permits;
 pub mod stream;
 pub mod tls;
 

@@ -137,7 +137,8 @@ impl Mailferry {
     pub fn start(backends: &Backends, opts: Options) -> Mailferry {
         let dir = tempfile::tempdir().expect("tempdir");
         let cert = self_signed(dir.path(), "proxy");
-        let token = format!("test-token-{}", free_port());
+        // At least 16 bytes: `serve` refuses shorter admin tokens.
+        let token = format!("test-admin-token-{}-{}", std::process::id(), free_port());
         let token_file = dir.path().join("admin.token");
         std::fs::write(&token_file, format!("{token}\n")).unwrap();
         let secret = dir.path().join("master.secret");

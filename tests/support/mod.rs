@@ -7,6 +7,7 @@ pub mod corpus;
 pub mod deadline;
 pub mod dovecot;
 pub mod fake;
+pub mod fds;
 pub mod mailferry;
 pub mod postfix;
 pub mod postgres;
