@@ -260,20 +260,39 @@ fn tmp_base() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("/tmp"))
 }
 
-/// Pick a free 127.0.0.1 port (bind :0, read, drop). Never hands out the same
-/// port twice within one test process.
+/// Pick a free 127.0.0.1 port for a server to listen on. Never hands out the
+/// same port twice within one test process.
+///
+/// Ports come from below the kernel's ephemeral range: a port the kernel
+/// handed to `bind(:0)` can be taken again as the source port of any outgoing
+/// connection before the server binds it ("Address already in use"), and
+/// clients and backends make many connections while tests start servers.
 pub fn free_port() -> u16 {
     static HANDED_OUT: OnceLock<Mutex<HashSet<u16>>> = OnceLock::new();
     let used = HANDED_OUT.get_or_init(Default::default);
-    loop {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("bind 127.0.0.1:0")
-            .port();
-        if used.lock().unwrap_or_else(|e| e.into_inner()).insert(port) {
-            return port;
+    let (low, high) = (10_000u32, ephemeral_low().max(12_000));
+    let span = high - low;
+    // Processes start at different points so test binaries run side by side
+    // rarely try the same ports.
+    let start = std::process::id().wrapping_mul(7_919) % span;
+    let mut set = used.lock().unwrap_or_else(|e| e.into_inner());
+    for step in 0..span {
+        let port = (low + (start + step * 97) % span) as u16;
+        if set.contains(&port) || TcpListener::bind(("127.0.0.1", port)).is_err() {
+            continue;
         }
+        set.insert(port);
+        return port;
     }
+    panic!("no free port in {low}..{high}");
+}
+
+/// The first port of the kernel's ephemeral range (32768 by default).
+fn ephemeral_low() -> u32 {
+    fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse().ok())
+        .unwrap_or(32_768)
 }
 
 /// PIDs of all live processes of a Dovecot instance: the master (its command
