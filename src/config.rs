@@ -2,6 +2,7 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use serde::de::{self, MapAccess, Visitor};
 use serde::{Deserialize, Deserializer};
@@ -62,6 +63,9 @@ pub struct Config {
     /// LMTP proxy behaviour.
     #[serde(default)]
     pub lmtp: LmtpConfig,
+    /// Cutover and rollback.
+    #[serde(default)]
+    pub cutover: CutoverConfig,
     /// Limits and timeouts; defaults come from `Limits::default()`.
     #[serde(default)]
     pub limits: crate::limits::Limits,
@@ -454,6 +458,52 @@ impl Default for StateConfig {
             url: "sqlite://var/mailferry.db".into(),
         }
     }
+}
+
+/// `[cutover]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CutoverConfig {
+    /// How long a login waits while its user is being cut over or rolled back.
+    pub hold_secs: u64,
+    /// What the verification gate compares.
+    pub verify: GateMode,
+    /// Users cut over at once by `wave cutover`.
+    pub wave_concurrency: usize,
+    /// How long a cutover waits for the user's LMTP deliveries in flight to end.
+    pub drain_secs: u64,
+    /// How long the final delta sync and the gate (or a rollback's reverse delta) may take;
+    /// past it the sequence fails and the user stays where they were.
+    pub delta_secs: u64,
+}
+
+impl Default for CutoverConfig {
+    fn default() -> Self {
+        CutoverConfig {
+            hold_secs: 10,
+            verify: GateMode::Counts,
+            wave_concurrency: 10,
+            drain_secs: 30,
+            delta_secs: 300,
+        }
+    }
+}
+
+impl CutoverConfig {
+    /// `hold_secs` as a duration.
+    pub fn hold(&self) -> Duration {
+        Duration::from_secs(self.hold_secs)
+    }
+}
+
+/// `[cutover] verify`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum GateMode {
+    /// Per-folder message counts and a complete UID map.
+    Counts,
+    /// Counts, and every message's content hash, flags and date compared on both sides.
+    Full,
 }
 
 /// `[sync]`.

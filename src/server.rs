@@ -22,7 +22,7 @@ use crate::shutdown::Shutdown;
 use crate::store::{Open, SqlStore, StateStore};
 use crate::sync::credentials::Captured;
 use crate::sync::scheduler::{Schedule, SyncQueue};
-use crate::sync::{Engine, SyncError};
+use crate::sync::Engine;
 
 /// Why the server could not start.
 #[derive(Debug, thiserror::Error)]
@@ -125,17 +125,19 @@ pub async fn serve(
     let mut signals = Signals::install()?;
     let admin_token = admin_token(&cfg)?;
     let shared = Shared::build(cfg, metrics).await?;
-    // Built before the proxy so that logins can hand it captured passwords. Passes log in
-    // through master users or those passwords; a pass that has neither records why.
-    let engine =
-        crate::sync::Engine::from_config(&shared.cfg, shared.store.clone(), shared.routes.clone())
-            .map(Arc::new);
-    let captured = engine.as_ref().ok().map(|e| e.captured.clone());
+    // Before any listener: a cutover or rollback a stopped server left half done is
+    // finished from the route (`control::cutover`).
+    match shared.control.recover().await {
+        Ok(0) => {}
+        Ok(n) => info!(users = n, "finished sequences a stopped server left"),
+        Err(e) => tracing::warn!(error = %e, "cannot finish the sequences a stopped server left"),
+    }
+    let captured = shared.engine.as_ref().ok().map(|e| e.captured.clone());
     let mut tasks = tokio::task::JoinSet::new();
     shared.start_imap(&mut tasks, captured).await?;
     shared.start_lmtp(&mut tasks).await?;
     shared.start_admin(&mut tasks, admin_token).await?;
-    shared.start_sync(&mut tasks, engine);
+    shared.start_sync(&mut tasks);
     let upkeep = shared.metrics.clone();
     tasks.spawn(async move {
         let mut tick = tokio::time::interval(METRICS_UPKEEP_EVERY);
@@ -174,6 +176,9 @@ struct Shared {
     shutdown: Shutdown,
     sync_queue: Arc<SyncQueue>,
     control: Arc<Control>,
+    /// Built before the proxy so that logins can hand it captured passwords. Passes log in
+    /// through master users or those passwords; without either the engine is off and says why.
+    engine: Result<Arc<Engine>, String>,
     metrics: metrics_exporter_prometheus::PrometheusHandle,
 }
 
@@ -192,9 +197,13 @@ impl Shared {
         )?));
         let sessions = Arc::new(SessionRegistry::default());
         let sync_queue = Arc::new(SyncQueue::default());
+        let engine = Engine::from_config(&cfg, store.clone(), routes.clone())
+            .map(Arc::new)
+            .map_err(|e| e.to_string());
         let control = Arc::new(
             Control::new(routes.clone(), store.clone(), sessions.clone())
-                .with_sync_queue(sync_queue.clone()),
+                .with_sync_queue(sync_queue.clone())
+                .with_engine(engine.as_ref().ok().cloned(), cfg.cutover.clone()),
         );
         Ok(Shared {
             cfg,
@@ -205,6 +214,7 @@ impl Shared {
             shutdown: Shutdown::new(),
             sync_queue,
             control,
+            engine,
             metrics,
         })
     }
@@ -223,6 +233,8 @@ impl Shared {
             legacy: proxy_backend(cfg, Route::Legacy)?,
             new: proxy_backend(cfg, Route::New)?,
             sessions: self.sessions.clone(),
+            holds: self.control.holds().clone(),
+            hold: cfg.cutover.hold(),
             auth_delay: AuthDelay::new(
                 Duration::from_millis(limits.auth_failure_delay_ms),
                 Duration::from_millis(limits.auth_failure_delay_max_ms),
@@ -331,9 +343,9 @@ impl Shared {
         Ok(())
     }
 
-    fn start_sync(&self, tasks: &mut Tasks, engine: Result<Arc<Engine>, SyncError>) {
-        let engine = match engine {
-            Ok(engine) => engine,
+    fn start_sync(&self, tasks: &mut Tasks) {
+        let engine = match &self.engine {
+            Ok(engine) => engine.clone(),
             Err(e) => return tracing::warn!(error = %e, "sync engine disabled"),
         };
         let schedule = Schedule {

@@ -105,7 +105,7 @@ fn check_config_reports_the_schema_and_users_per_state() {
         let url = format!("sqlite://{}", dir.path().join("etc/var/state.db").display());
         let rt = tokio::runtime::Runtime::new().unwrap();
         rt.block_on(async {
-            use mailferry::store::{Open, UserState};
+            use mailferry::store::{Change, Open, UserState};
             let store = mailferry::store::open(&url, Open::CreateIfMissing)
                 .await
                 .unwrap();
@@ -114,7 +114,10 @@ fn check_config_reports_the_schema_and_users_per_state() {
                 ("b@x", UserState::Syncing),
                 ("c@x", UserState::New),
             ] {
-                store.set_user_state(user, state, None).await.unwrap();
+                store
+                    .change_state(user, &Change::forced(state, "test"))
+                    .await
+                    .unwrap();
             }
         });
         let out = cli_in(dir.path(), &config, &["check-config"]);

@@ -8,7 +8,7 @@ use std::path::Path;
 use std::process::Output;
 
 use mailferry::store::sync::{FolderState, UidRow};
-use mailferry::store::{self, UserState};
+use mailferry::store::{self, Change, UserState};
 use support::corpus::{self, Spec};
 use support::deadline::within;
 use support::postgres::Postgres;
@@ -103,11 +103,17 @@ fn migrations_and_user_state() {
                 UserState::Legacy
             );
             store
-                .set_user_state("a@example.org", UserState::Syncing, None)
+                .change_state("a@example.org", &Change::forced(UserState::Syncing, "test"))
                 .await
                 .unwrap();
             store
-                .set_user_state("a@example.org", UserState::Failed, Some("boom"))
+                .change_state(
+                    "a@example.org",
+                    &Change {
+                        last_error: Some("boom"),
+                        ..Change::forced(UserState::Failed, "test")
+                    },
+                )
                 .await
                 .unwrap();
             let u = store.user("a@example.org").await.unwrap().expect("user");
@@ -115,7 +121,7 @@ fn migrations_and_user_state() {
             assert_eq!(u.last_error.as_deref(), Some("boom"));
             assert!(u.updated_at > 0);
             store
-                .set_user_state("b@example.org", UserState::Syncing, None)
+                .change_state("b@example.org", &Change::forced(UserState::Syncing, "test"))
                 .await
                 .unwrap();
             assert_eq!(

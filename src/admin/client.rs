@@ -14,6 +14,7 @@ use super::{ApiError, RouteBody};
 use crate::control::{RouteChange, StateChange, UserView};
 use crate::route::Route;
 use crate::secret::Secret;
+use crate::store::Event;
 
 /// How long the server may take to accept the connection.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -79,6 +80,19 @@ impl AdminClient {
             .await
     }
 
+    /// `POST /api/users/{email}/cutover` (or `/rollback`): the sequence begins; follow it
+    /// with `show_user`.
+    pub async fn start(&self, email: &str, rollback: bool) -> Result<StateChange, ClientError> {
+        let rest = if rollback { "/rollback" } else { "/cutover" };
+        self.call(Method::POST, &user_path(email, rest), None).await
+    }
+
+    /// `GET /api/users/{email}/events`: the user's audit log.
+    pub async fn events(&self, email: &str) -> Result<Vec<Event>, ClientError> {
+        self.call(Method::GET, &user_path(email, "/events"), None)
+            .await
+    }
+
     /// Sends one request with the bearer token; a 200 is read as `T`, anything else as the
     /// server's `ApiError` (or none, when its body is not one).
     async fn call<T: DeserializeOwned>(
@@ -103,6 +117,7 @@ impl AdminClient {
             .header("host", addr.to_string())
             .header("authorization", format!("Bearer {}", self.token.expose()))
             .header("content-type", "application/json")
+            .header(super::ACTOR_HEADER, "cli")
             .body(Full::new(Bytes::from(body.unwrap_or_default())))
             .map_err(|e| ClientError::Http(e.to_string()))?;
         let resp = tokio::time::timeout(REPLY_TIMEOUT, sender.send_request(req))
@@ -159,6 +174,9 @@ mod tests {
             known: true,
             state: UserState::Syncing,
             last_error: None,
+            updated_at: Some(1_700_000_000),
+            wave: Some("w1".into()),
+            evidence: None,
             sessions: 2,
             sync: SyncProgress {
                 messages_copied: 3,

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::{Path, Request, State};
-use axum::http::{header, StatusCode};
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
@@ -16,6 +16,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 use sha2::{Digest, Sha256};
 
+use crate::control::cutover::Direction;
+use crate::control::machine::Actor;
 use crate::control::{Control, ControlError};
 use crate::route::{Route, RouteCache};
 use crate::secret::Secret;
@@ -87,6 +89,9 @@ pub fn router(state: Arc<AdminState>) -> Router {
         .route("/api/users/{email}/route", put(set_route))
         .route("/api/users/{email}/state", put(set_state))
         .route("/api/users/{email}/migrate", post(migrate))
+        .route("/api/users/{email}/cutover", post(cutover))
+        .route("/api/users/{email}/rollback", post(rollback))
+        .route("/api/users/{email}/events", get(events))
         .layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
@@ -135,7 +140,25 @@ fn token_matches(given: &[u8], expected: &[u8]) -> bool {
 }
 
 fn error(e: ControlError) -> Response {
-    refuse(StatusCode::SERVICE_UNAVAILABLE, e.to_string())
+    let status = match e {
+        ControlError::Conflict(_) => StatusCode::CONFLICT,
+        _ => StatusCode::SERVICE_UNAVAILABLE,
+    };
+    refuse(status, e.to_string())
+}
+
+/// The header by which our CLI names itself in the audit log; other clients are `api`.
+pub const ACTOR_HEADER: &str = "x-mailferry-actor";
+
+fn actor(headers: &HeaderMap) -> Actor {
+    Actor::from_header(headers.get(ACTOR_HEADER).and_then(|v| v.to_str().ok()))
+}
+
+fn answer<T: Serialize>(result: Result<T, ControlError>) -> Response {
+    match result {
+        Ok(v) => Json(v).into_response(),
+        Err(e) => error(e),
+    }
 }
 
 async fn show_user(State(state): State<Arc<AdminState>>, Path(email): Path<String>) -> Response {
@@ -155,12 +178,15 @@ pub struct RouteBody {
 async fn set_route(
     State(state): State<Arc<AdminState>>,
     Path(email): Path<String>,
+    headers: HeaderMap,
     Json(body): Json<RouteBody>,
 ) -> Response {
-    match state.control.set_route(&email, body.route).await {
-        Ok(change) => Json(change).into_response(),
-        Err(e) => error(e),
-    }
+    answer(
+        state
+            .control
+            .set_route(&email, body.route, &actor(&headers))
+            .await,
+    )
 }
 
 #[derive(Deserialize)]
@@ -173,6 +199,7 @@ struct StateBody {
 async fn set_state(
     State(state): State<Arc<AdminState>>,
     Path(email): Path<String>,
+    headers: HeaderMap,
     Json(body): Json<StateBody>,
 ) -> Response {
     let Ok(new_state) = body.state.parse::<crate::store::UserState>() else {
@@ -181,19 +208,48 @@ async fn set_state(
             format!("unknown state {:?}", body.state),
         );
     };
-    match state.control.set_state(&email, new_state).await {
-        Ok(change) => Json(change).into_response(),
-        Err(e) => error(e),
-    }
+    let actor = actor(&headers);
+    answer(state.control.set_state(&email, new_state, &actor).await)
 }
 
 /// `user migrate`: state `syncing`, background sync starts.
-async fn migrate(State(state): State<Arc<AdminState>>, Path(email): Path<String>) -> Response {
-    match state.control.migrate(&email).await {
-        Ok(change) => Json(change).into_response(),
-        Err(ControlError::Conflict(msg)) => refuse(StatusCode::CONFLICT, msg),
-        Err(e) => error(e),
-    }
+async fn migrate(
+    State(state): State<Arc<AdminState>>,
+    Path(email): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    answer(state.control.migrate(&email, &actor(&headers)).await)
+}
+
+/// `user cutover`: step 1 before the answer, the rest in the background (`GET` the user to
+/// follow it).
+async fn cutover(
+    State(state): State<Arc<AdminState>>,
+    Path(email): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    let actor = actor(&headers);
+    answer(state.control.start(&email, Direction::Cutover, actor).await)
+}
+
+/// `user rollback`: as `cutover`, the other way.
+async fn rollback(
+    State(state): State<Arc<AdminState>>,
+    Path(email): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    let actor = actor(&headers);
+    answer(
+        state
+            .control
+            .start(&email, Direction::Rollback, actor)
+            .await,
+    )
+}
+
+/// `user events`: the audit log.
+async fn events(State(state): State<Arc<AdminState>>, Path(email): Path<String>) -> Response {
+    answer(state.control.events(&email).await)
 }
 
 async fn render_metrics(State(state): State<Arc<AdminState>>) -> impl IntoResponse {

@@ -1,16 +1,25 @@
-//! State changes requested by operators: the only place that writes routes and kicks sessions.
+//! State changes requested by operators: the only place that writes routes and states and
+//! kicks sessions. `machine.rs` says which transitions exist, `cutover.rs` runs the cutover
+//! and rollback sequences, `holds.rs` holds logins while they run.
 
+pub mod cutover;
+pub mod holds;
 pub mod inflight;
+pub mod machine;
 pub mod sessions;
 
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
+use crate::config::CutoverConfig;
 use crate::route::{DirectoryError, Route, RouteCache};
 use crate::store::sync::SyncProgress;
-use crate::store::{StateStore, StoreError, UserState};
+use crate::store::{Change, StateStore, StoreError, UserState};
+use crate::sync::gate::Evidence;
 use crate::sync::scheduler::SyncQueue;
+use crate::sync::Engine;
+use machine::{Actor, Step};
 use sessions::SessionRegistry;
 
 /// Failures of a control operation.
@@ -25,6 +34,9 @@ pub enum ControlError {
     /// The requested transition is not allowed from the user's current state.
     #[error("{0}")]
     Conflict(String),
+    /// What was asked needs something this server does not have (the sync engine).
+    #[error("{0}")]
+    Unavailable(String),
 }
 
 /// What an operator sees of a user (the admin API writes it, the CLI reads it).
@@ -44,6 +56,12 @@ pub struct UserView {
     pub sessions: usize,
     /// Sync progress: messages and bytes copied of total, folders, last pass, last error.
     pub sync: SyncProgress,
+    /// Seconds since the epoch of the last state change.
+    pub updated_at: Option<i64>,
+    /// The wave the user was imported into.
+    pub wave: Option<String>,
+    /// What the last cutover's verification gate compared and found.
+    pub evidence: Option<Evidence>,
 }
 
 /// The result of a route change.
@@ -75,8 +93,14 @@ pub struct Control {
     sessions: Arc<SessionRegistry>,
     /// LMTP deliveries in flight and the node-local cutover flag, shared with the LMTP proxy.
     deliveries: Arc<inflight::Deliveries>,
+    /// Logins held while their user is being moved, shared with the IMAP proxy.
+    holds: Arc<holds::Holds>,
     /// The sync scheduler's queue (absent when the sync engine is not configured).
     sync: Option<Arc<SyncQueue>>,
+    /// The sync engine, for the final delta, the gate and the reverse delta.
+    engine: Option<Arc<Engine>>,
+    /// `[cutover]`.
+    cutover: CutoverConfig,
 }
 
 /// Reason sent in the BYE of a kicked session.
@@ -94,7 +118,10 @@ impl Control {
             store,
             sessions,
             deliveries: Arc::new(inflight::Deliveries::default()),
+            holds: Arc::new(holds::Holds::default()),
             sync: None,
+            engine: None,
+            cutover: CutoverConfig::default(),
         }
     }
 
@@ -104,24 +131,70 @@ impl Control {
         self
     }
 
+    /// Connects the sync engine, which cutovers and rollbacks need, and their settings.
+    pub fn with_engine(mut self, engine: Option<Arc<Engine>>, cutover: CutoverConfig) -> Self {
+        self.engine = engine;
+        self.cutover = cutover;
+        self
+    }
+
+    /// The LMTP in-flight registry and cutover flags (the LMTP proxy checks them per recipient).
+    pub fn deliveries(&self) -> &Arc<inflight::Deliveries> {
+        &self.deliveries
+    }
+
+    /// The logins held while users are moved (the IMAP proxy waits on them).
+    pub fn holds(&self) -> &Arc<holds::Holds> {
+        &self.holds
+    }
+
+    /// Applies `step` to `email`'s state with its audit event; the store checks the state it
+    /// starts from. Returns the state now in force.
+    async fn transition(
+        &self,
+        email: &str,
+        step: Step,
+        route: Route,
+        note: Note<'_>,
+    ) -> Result<UserState, ControlError> {
+        let current = self.store.user_state(email).await?;
+        let to = step.to(current, route);
+        let actor = note.actor.to_string();
+        let change = Change {
+            from: Some(step.from()),
+            to,
+            last_error: note.error,
+            actor: &actor,
+            reason: note.reason,
+            outcome: if note.error.is_some() { "failed" } else { "ok" },
+        };
+        match self.store.change_state(email, &change).await {
+            Ok(()) => {
+                tracing::info!(user = %email, from = %current, to = %to, actor = %actor, reason = note.reason, "state changed");
+                Ok(to)
+            }
+            Err(StoreError::Conflict { found }) => Err(ControlError::Conflict(format!(
+                "{email} is in state {found}; {} needs {}",
+                note.what,
+                names(step.from())
+            ))),
+            Err(e) => Err(e.into()),
+        }
+    }
+
     /// `user migrate`: puts `email` in `syncing` (from `legacy` or `failed`; idempotent), so the
     /// scheduler runs its initial and then incremental passes.
-    pub async fn migrate(&self, email: &str) -> Result<StateChange, ControlError> {
+    pub async fn migrate(&self, email: &str, actor: &Actor) -> Result<StateChange, ControlError> {
         let email = crate::route::normalize_user(email);
-        let current = self.store.user_state(&email).await?;
-        match current {
-            UserState::Legacy | UserState::Failed => {
-                self.store
-                    .set_user_state(&email, UserState::Syncing, None)
-                    .await?;
-                tracing::info!(user = %email, from = %current, "migration started: syncing");
-            }
-            UserState::Syncing => {}
-            other => {
-                return Err(ControlError::Conflict(format!(
-                    "{email} is in state {other}; migrate needs legacy or failed"
-                )))
-            }
+        let route = self.routes.lookup(&email).await?.route;
+        if route == Route::New {
+            return Err(ControlError::Conflict(format!(
+                "{email} is routed to new; migrate copies legacy to new"
+            )));
+        }
+        if self.store.user_state(&email).await? != UserState::Syncing {
+            let note = Note::new(actor, "migrate", "migration started");
+            self.transition(&email, Step::Migrate, route, note).await?;
         }
         if let Some(q) = &self.sync {
             q.wake();
@@ -133,25 +206,30 @@ impl Control {
         })
     }
 
-    /// The LMTP in-flight registry and cutover flags (the LMTP proxy checks them per recipient).
-    pub fn deliveries(&self) -> &Arc<inflight::Deliveries> {
-        &self.deliveries
-    }
-
-    /// Sets `email`'s migration state. Entering `cutover` raises this node's flag before the
-    /// store write, so LMTP defers at once; leaving it lowers the flag after the write, so no
-    /// delivery sees neither. Other nodes see the store state.
+    /// Sets `email`'s migration state directly (operators and tests), audited. Entering
+    /// `cutover` or `rollback` raises this node's flag before the store write, so LMTP defers
+    /// at once; leaving it lowers the flag after the write, so no delivery sees neither.
     pub async fn set_state(
         &self,
         email: &str,
         state: UserState,
+        actor: &Actor,
     ) -> Result<StateChange, ControlError> {
         let email = crate::route::normalize_user(email);
-        let entering = state == UserState::Cutover;
+        let entering = state.is_moving();
         if entering {
             self.deliveries.set_cutover(&email, true);
         }
-        let written = self.store.set_user_state(&email, state, None).await;
+        let actor_name = actor.to_string();
+        let change = Change {
+            from: None,
+            to: state,
+            last_error: None,
+            actor: &actor_name,
+            reason: "state set by an operator",
+            outcome: "ok",
+        };
+        let written = self.store.change_state(&email, &change).await;
         if let Err(e) = written {
             if entering {
                 self.deliveries.set_cutover(&email, false);
@@ -175,27 +253,114 @@ impl Control {
         self.routes.invalidate(&email);
         let lookup = self.routes.lookup(&email).await?;
         let record = self.store.user(&email).await?;
+        let evidence = self
+            .store
+            .evidence(&email)
+            .await?
+            .and_then(|j| serde_json::from_str(&j).ok());
         Ok(UserView {
             route: lookup.route,
             known: lookup.known,
             state: record.as_ref().map_or(UserState::Legacy, |r| r.state),
+            updated_at: record.as_ref().map(|r| r.updated_at),
+            wave: record.as_ref().and_then(|r| r.wave.clone()),
             last_error: record.and_then(|r| r.last_error),
             sessions: self.sessions.count(&email),
             sync: self.store.sync_progress(&email).await?,
+            evidence,
             email,
         })
     }
 
-    /// Forces `email` onto `route` now: directory write, cache invalidation, kick.
-    pub async fn set_route(&self, email: &str, route: Route) -> Result<RouteChange, ControlError> {
+    /// `email`'s audit log.
+    pub async fn events(&self, email: &str) -> Result<Vec<crate::store::Event>, ControlError> {
         let email = crate::route::normalize_user(email);
+        Ok(self.store.events(&email).await?)
+    }
+
+    /// `user route`: forces `email` onto `route` now (directory write, cache invalidation,
+    /// kick), and the state follows (a user forced to new is `new`). Refused while a cutover
+    /// or rollback runs: that sequence owns the route until it ends.
+    pub async fn set_route(
+        &self,
+        email: &str,
+        route: Route,
+        actor: &Actor,
+    ) -> Result<RouteChange, ControlError> {
+        let email = crate::route::normalize_user(email);
+        let current = self.store.user_state(&email).await?;
+        if current.is_moving() {
+            return Err(ControlError::Conflict(format!(
+                "{email} is in state {current}; wait for it to end before forcing the route"
+            )));
+        }
         self.routes.set_route(&email, route).await?;
         let kicked = self.sessions.kick_user(&email, MOVED);
+        let reason = format!("route forced to {route}");
+        let note = Note::new(actor, "user route", &reason);
+        self.transition(&email, Step::Force(route), route, note)
+            .await?;
         tracing::info!(user = %email, %route, kicked, "route changed");
         Ok(RouteChange {
             email,
             route,
             kicked,
         })
+    }
+
+    /// Finishes what a stopped server left in `cutover` or `rollback` (run before the
+    /// listeners open): the route, written last, says how far it got.
+    pub async fn recover(&self) -> Result<usize, ControlError> {
+        let mut n = 0;
+        for state in [UserState::Cutover, UserState::Rollback] {
+            for email in self.store.users_in(state).await? {
+                let route = self.routes.lookup(&email).await?.route;
+                let what = format!("interrupted {state} (the server stopped); route is {route}");
+                let error = (Step::Recover(state).to(state, route) == UserState::Failed)
+                    .then(|| format!("{what}: run it again"));
+                let note = Note {
+                    actor: &Actor::Server,
+                    what: "recovery",
+                    reason: &what,
+                    error: error.as_deref(),
+                };
+                self.transition(&email, Step::Recover(state), route, note)
+                    .await?;
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+}
+
+/// Why a transition is made, for its audit event and its refusal.
+#[derive(Clone, Copy)]
+struct Note<'a> {
+    actor: &'a Actor,
+    /// The request, as an operator names it (`user cutover`).
+    what: &'a str,
+    reason: &'a str,
+    /// Set when the transition records a failure: becomes `last_error`.
+    error: Option<&'a str>,
+}
+
+impl<'a> Note<'a> {
+    fn new(actor: &'a Actor, what: &'a str, reason: &'a str) -> Self {
+        Note {
+            actor,
+            what,
+            reason,
+            error: None,
+        }
+    }
+}
+
+/// `legacy, syncing or failed`.
+fn names(states: &[UserState]) -> String {
+    let names: Vec<&str> = states.iter().map(|s| s.as_str()).collect();
+    match names.split_last() {
+        Some((last, [])) => (*last).to_owned(),
+        Some((last, rest)) => format!("{} or {last}", rest.join(", ")),
+        None => String::new(),
     }
 }

@@ -19,6 +19,7 @@ use crate::backend::login::{self, ClientInfo, LoggedIn, PlainLogin};
 use crate::backend::reply::filter_capabilities;
 use crate::backend::target::BackendTarget;
 use crate::config::{BackendAuth, ProxyConfig};
+use crate::control::holds::{Holds, Waited};
 use crate::control::sessions::{Registration, SessionRegistry};
 use crate::limits::Limits;
 use crate::net::permits::AddressSlot;
@@ -47,6 +48,10 @@ pub struct ImapContext {
     pub new: BackendTarget,
     /// Live sessions, for kicks.
     pub sessions: Arc<SessionRegistry>,
+    /// Users whose logins wait while they are cut over or rolled back.
+    pub holds: Arc<Holds>,
+    /// `[cutover] hold_secs`.
+    pub hold: Duration,
     /// Failed-login delays.
     pub auth_delay: AuthDelay,
     /// Server shutdown.
@@ -228,8 +233,12 @@ impl PreAuthPhase {
                     // Not bounded by the deadline: the backend's own timeouts bound a login,
                     // and cutting one short would leave a backend session half made.
                     Event::Login(req) => match Box::pin(self.login(ctx, &req)).await {
-                        Ok((routed, backend)) => {
-                            return Some(routed.into_authed(ctx, self, &req, backend))
+                        Ok((routed, backend, registration)) => {
+                            let logged_in = LoggedInParts {
+                                backend,
+                                registration,
+                            };
+                            return Some(routed.into_authed(ctx, self, &req, logged_in));
                         }
                         Err(refusal) => {
                             let reply = refusal.reply(&req.tag);
@@ -292,19 +301,51 @@ impl PreAuthPhase {
         }
     }
 
-    /// Routes and logs in; on failure says why, for the client's reply.
+    /// Routes and logs in; on failure says why, for the client's reply. The session is
+    /// registered before the route is looked up, so that a route change from then on kicks
+    /// this login too: a login kicked before its splice waits out the user's hold and routes
+    /// again instead of going on to the backend the user is leaving.
     async fn login(
         &mut self,
         ctx: &ImapContext,
         req: &LoginRequest,
-    ) -> Result<(Routed, LoggedIn), Refusal> {
+    ) -> Result<(Routed, LoggedIn, Registration), Refusal> {
         tracing::Span::current().record("user", req.user.as_str());
-        let routed = Routed::lookup(ctx, req).await?;
+        let mut registration = ctx.sessions.register(&req.user);
+        for _ in 0..MAX_ROUTINGS {
+            if ctx.holds.wait(&req.user, ctx.hold).await == Waited::StillHeld {
+                info!(
+                    hold_secs = ctx.hold.as_secs(),
+                    "login held too long: user still being moved"
+                );
+                return Err(Refusal::BeingMoved);
+            }
+            if registration.kick.is_kicked() {
+                registration = ctx.sessions.register(&req.user);
+            }
+            let routed = Routed::lookup(ctx, req).await?;
+            let backend = self.authenticate(ctx, req, &routed).await?;
+            if !registration.kick.is_kicked() {
+                return Ok((routed, backend, registration));
+            }
+            info!(backend = %routed.route, "user moved during the login; routing again");
+            logout(backend, &ctx.limits).await;
+        }
+        Err(Refusal::BeingMoved)
+    }
+
+    /// The backend login of a routed user, with the failed-login delay.
+    async fn authenticate(
+        &mut self,
+        ctx: &ImapContext,
+        req: &LoginRequest,
+        routed: &Routed,
+    ) -> Result<LoggedIn, Refusal> {
         match Box::pin(routed.authenticate(ctx, req, &self.info)).await {
             Ok(backend) => {
                 ctx.auth_delay.succeeded(self.info.peer.ip());
                 metrics::counter!("mailferry_logins_total", "result" => "ok", "backend" => routed.route.as_str()).increment(1);
-                Ok((routed, backend))
+                Ok(backend)
             }
             Err(BackendError::AuthFailed { .. }) => {
                 self.failures += 1;
@@ -320,6 +361,9 @@ impl PreAuthPhase {
         }
     }
 }
+
+/// How many times one login is routed when the user keeps being moved while it logs in.
+const MAX_ROUTINGS: usize = 3;
 
 /// STARTTLS on a plain connection; bytes read before the handshake are dropped.
 async fn start_tls(ctx: &ImapContext, conn: Conn, deadline: Instant) -> Option<Conn> {
@@ -353,6 +397,8 @@ enum Refusal {
     DirectoryUnavailable,
     /// The backend could not be reached or broke the protocol (logged).
     BackendUnavailable,
+    /// The user is being cut over or rolled back and was still held after `hold_secs`.
+    BeingMoved,
     /// The backend refused the login with its own status (logged), e.g. `NO [UNAVAILABLE] ...`.
     BackendSaid(String),
 }
@@ -386,6 +432,9 @@ impl Refusal {
             Refusal::BackendUnavailable => {
                 format!("{tag} NO [UNAVAILABLE] Backend temporarily unavailable.\r\n")
             }
+            Refusal::BeingMoved => {
+                format!("{tag} NO [UNAVAILABLE] Mailbox is being moved, try again shortly.\r\n")
+            }
             Refusal::BackendSaid(text) => format!("{tag} {text}\r\n"),
         }
     }
@@ -394,6 +443,13 @@ impl Refusal {
     fn closes(&self) -> bool {
         matches!(self, Refusal::AuthFailed { close: true })
     }
+}
+
+/// What a successful login hands the splice: the backend session and the registration made
+/// before the route lookup.
+struct LoggedInParts {
+    backend: LoggedIn,
+    registration: Registration,
 }
 
 /// A login whose backend is known.
@@ -455,8 +511,12 @@ impl Routed {
         ctx: &ImapContext,
         pre: PreAuthPhase,
         req: &LoginRequest,
-        backend: LoggedIn,
+        parts: LoggedInParts,
     ) -> BackendAuthed {
+        let LoggedInParts {
+            backend,
+            registration,
+        } = parts;
         if let Some(on_login) = &ctx.on_login {
             on_login(&self.user, own_password(req));
         }
@@ -467,7 +527,7 @@ impl Routed {
             backend: backend.conn,
             route: self.route,
             reply: format!("{} OK [CAPABILITY {caps}] {}\r\n", req.tag, backend.text),
-            registration: ctx.sessions.register(&self.user),
+            registration,
             user: self.user,
         }
     }

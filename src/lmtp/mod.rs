@@ -23,7 +23,7 @@ use crate::config::Config;
 use crate::control::inflight::Deliveries;
 use crate::route::{Route, RouteCache};
 use crate::shutdown::Shutdown;
-use crate::store::{StateStore, StoreError, UserState};
+use crate::store::{StateStore, StoreError};
 use client::{BackendPool, ClientTimeouts};
 use server::ServerLimits;
 
@@ -98,7 +98,7 @@ impl StateCache {
         {
             return Ok(false);
         }
-        if store.user_state(user).await? == UserState::Cutover {
+        if store.user_state(user).await?.is_moving() {
             self.clear_until.remove(user);
             return Ok(true);
         }
@@ -182,6 +182,7 @@ impl LmtpContext {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::{Change, UserState};
 
     #[tokio::test]
     async fn state_cache_keeps_only_not_in_cutover() {
@@ -194,24 +195,24 @@ mod tests {
         .unwrap();
         let cache = StateCache::new(Duration::from_secs(3600));
         store
-            .set_user_state("a@x", UserState::Syncing, None)
+            .change_state("a@x", &Change::forced(UserState::Syncing, "test"))
             .await
             .unwrap();
         assert!(!cache.is_cutover(&*store, "a@x").await.unwrap());
         // Within the TTL the store is not asked again (another node's cutover waits for it).
         store
-            .set_user_state("a@x", UserState::Cutover, None)
+            .change_state("a@x", &Change::forced(UserState::Cutover, "test"))
             .await
             .unwrap();
         assert!(!cache.is_cutover(&*store, "a@x").await.unwrap());
         // "In cutover" is never cached: its end is seen at once.
         store
-            .set_user_state("b@x", UserState::Cutover, None)
+            .change_state("b@x", &Change::forced(UserState::Cutover, "test"))
             .await
             .unwrap();
         assert!(cache.is_cutover(&*store, "b@x").await.unwrap());
         store
-            .set_user_state("b@x", UserState::New, None)
+            .change_state("b@x", &Change::forced(UserState::New, "test"))
             .await
             .unwrap();
         assert!(!cache.is_cutover(&*store, "b@x").await.unwrap());

@@ -79,6 +79,29 @@ const MIGRATIONS: &[&[&str]] = &[
         at BIGINT NOT NULL,
         PRIMARY KEY (email, folder))",
     ],
+    &[
+        // The audit log: who asked, what came of it, and a clock fine enough to order one
+        // cutover's events.
+        "ALTER TABLE events ADD COLUMN at_ms BIGINT",
+        "ALTER TABLE events ADD COLUMN actor TEXT",
+        "ALTER TABLE events ADD COLUMN outcome TEXT",
+        // The verification gate's evidence of each user's last cutover (JSON).
+        "CREATE TABLE IF NOT EXISTS cutover_evidence (
+        email TEXT PRIMARY KEY,
+        at BIGINT NOT NULL,
+        clean BIGINT NOT NULL,
+        evidence TEXT NOT NULL)",
+        // Rollback: a message of new being appended to legacy, not yet acknowledged (a retry
+        // matches it on legacy by content hash instead of appending it twice).
+        "CREATE TABLE IF NOT EXISTS reverse_pending (
+        email TEXT NOT NULL,
+        source_name TEXT NOT NULL,
+        target_uid BIGINT NOT NULL,
+        hash TEXT NOT NULL,
+        at BIGINT NOT NULL,
+        PRIMARY KEY (email, source_name, target_uid))",
+        "CREATE INDEX IF NOT EXISTS users_wave ON users (wave, state)",
+    ],
 ];
 
 /// Key of the PostgreSQL advisory lock serialising migrations (any constant unique to us).

@@ -20,7 +20,7 @@ use sqlx::AnyPool;
 
 use self::leases::LeaseTaken;
 use self::sync::{FolderState, SyncProgress, UidRow};
-pub use users::{StoreSummary, UserRecord, UserState};
+pub use users::{Change, Event, StoreSummary, UserRecord, UserState};
 
 /// Failures of the state store.
 #[derive(Debug, thiserror::Error)]
@@ -45,6 +45,12 @@ pub enum StoreError {
     Missing {
         /// The SQLite file, or the database URL without its password.
         path: String,
+    },
+    /// A state change found the user in a state it does not apply to (nothing was written).
+    #[error("the user is in state {found}")]
+    Conflict {
+        /// The user's state.
+        found: UserState,
     },
     /// The store was written by a newer mailferry: this binary must not touch it.
     #[error(
@@ -87,13 +93,29 @@ pub trait StateStore: Send + Sync + 'static {
     /// The state of `email`; users the store does not know are `legacy`.
     fn user_state<'a>(&'a self, email: &'a str) -> StoreFuture<'a, UserState>;
 
-    /// Records a transition (and its audit event); `error` becomes `last_error`.
-    fn set_user_state<'a>(
+    /// Records a transition and its audit event; refused (`Conflict`) when `change.from` is
+    /// set and the user is in none of its states.
+    fn change_state<'a>(&'a self, email: &'a str, change: &'a Change<'a>) -> StoreFuture<'a, ()>;
+
+    /// Records an audit event that changes no state.
+    fn add_event<'a>(&'a self, email: &'a str, change: &'a Change<'a>) -> StoreFuture<'a, ()>;
+
+    /// `email`'s audit log, oldest first.
+    fn events<'a>(&'a self, email: &'a str) -> StoreFuture<'a, Vec<Event>>;
+
+    /// Users in `state`, by address.
+    fn users_in(&self, state: UserState) -> StoreFuture<'_, Vec<String>>;
+
+    /// Keeps the evidence (JSON) of `email`'s last verification gate.
+    fn put_evidence<'a>(
         &'a self,
         email: &'a str,
-        state: UserState,
-        error: Option<&'a str>,
+        clean: bool,
+        evidence: &'a str,
     ) -> StoreFuture<'a, ()>;
+
+    /// The evidence (JSON) of `email`'s last verification gate, if any.
+    fn evidence<'a>(&'a self, email: &'a str) -> StoreFuture<'a, Option<String>>;
 
     /// Users in state `syncing`, for the scheduler.
     fn syncing_users(&self) -> StoreFuture<'_, Vec<String>>;
@@ -330,13 +352,33 @@ impl StateStore for SqlStore {
         Box::pin(SqlStore::user_state(self, email))
     }
 
-    fn set_user_state<'a>(
+    fn change_state<'a>(&'a self, email: &'a str, change: &'a Change<'a>) -> StoreFuture<'a, ()> {
+        Box::pin(SqlStore::change_state(self, email, change))
+    }
+
+    fn add_event<'a>(&'a self, email: &'a str, change: &'a Change<'a>) -> StoreFuture<'a, ()> {
+        Box::pin(SqlStore::add_event(self, email, change))
+    }
+
+    fn events<'a>(&'a self, email: &'a str) -> StoreFuture<'a, Vec<Event>> {
+        Box::pin(SqlStore::events(self, email))
+    }
+
+    fn users_in(&self, state: UserState) -> StoreFuture<'_, Vec<String>> {
+        Box::pin(SqlStore::users_in(self, state))
+    }
+
+    fn put_evidence<'a>(
         &'a self,
         email: &'a str,
-        state: UserState,
-        error: Option<&'a str>,
+        clean: bool,
+        evidence: &'a str,
     ) -> StoreFuture<'a, ()> {
-        Box::pin(SqlStore::set_user_state(self, email, state, error))
+        Box::pin(SqlStore::put_evidence(self, email, clean, evidence))
+    }
+
+    fn evidence<'a>(&'a self, email: &'a str) -> StoreFuture<'a, Option<String>> {
+        Box::pin(SqlStore::evidence(self, email))
     }
 
     fn syncing_users(&self) -> StoreFuture<'_, Vec<String>> {
@@ -574,9 +616,14 @@ fn prepare_url(url: &str, mode: Open) -> Result<Prepared, StoreError> {
 
 /// Seconds since the epoch, as stored in every timestamp column.
 pub fn now() -> i64 {
+    now_ms() / 1000
+}
+
+/// Milliseconds since the epoch (audit events are ordered by it).
+pub fn now_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
+        .map(|d| d.as_millis() as i64)
         .unwrap_or(0)
 }
 

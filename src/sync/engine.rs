@@ -165,7 +165,23 @@ impl Engine {
     async fn pass_inner(&self, email: &str, progress: &Progress) -> Result<PassReport, SyncError> {
         let _l = self.legacy_pace.acquire().await;
         let _n = self.new_pace.acquire().await;
-        // Users' own passwords only where a backend has no master user.
+        let (mut src, mut tgt) = self.logins(email).await?;
+        let pass = Pass {
+            engine: self,
+            user: email,
+            src: &mut src,
+            tgt: &mut tgt,
+            report: PassReport::default(),
+            progress,
+        };
+        let result = pass.run().await;
+        tokio::join!(src.logout(), tgt.logout());
+        result
+    }
+
+    /// Logs in to legacy and new as `email`: through the master users, or where a backend has
+    /// none with the password captured at the user's last proxy login.
+    pub(crate) async fn logins(&self, email: &str) -> Result<(Client, Client), SyncError> {
         let own = (!self.legacy.has_master() || !self.new.has_master())
             .then(|| self.captured.get(email))
             .flatten();
@@ -179,18 +195,7 @@ impl Engine {
                 self.captured.forget(email);
             }
         }
-        let (mut src, mut tgt) = logins?;
-        let pass = Pass {
-            engine: self,
-            user: email,
-            src: &mut src,
-            tgt: &mut tgt,
-            report: PassReport::default(),
-            progress,
-        };
-        let result = pass.run().await;
-        tokio::join!(src.logout(), tgt.logout());
-        result
+        logins
     }
 }
 

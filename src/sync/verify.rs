@@ -57,7 +57,7 @@ fn separator(list: &[ListEntry]) -> char {
     list.iter().find_map(|e| e.delimiter).unwrap_or('/')
 }
 
-async fn compare(
+pub(crate) async fn compare(
     src: &mut Client,
     tgt: &mut Client,
     rules: &Rules,
