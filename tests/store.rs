@@ -124,7 +124,7 @@ fn check_config_reports_the_schema_and_users_per_state() {
         let t = text(&out);
         // The backends are unreachable: a problem (exit 1), but the store is reported.
         assert_eq!(out.status.code(), Some(1), "{t}");
-        assert!(t.contains("schema version 4, 2 syncing, 1 new"), "{t}");
+        assert!(t.contains("schema version 5, 2 syncing, 1 new"), "{t}");
     });
 }
 
