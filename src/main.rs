@@ -103,6 +103,28 @@ enum UserCommand {
         /// The user's login.
         email: String,
     },
+    /// Move the user to new: defer LMTP, hold logins, kick sessions, final delta sync,
+    /// verification gate, route new (DESIGN.md §2).
+    Cutover {
+        /// The user's login.
+        email: String,
+        /// Wait for the outcome: exit 0 when the user is on new, 1 when the cutover failed.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Move the user back to legacy, carrying what happened on new since the cutover.
+    Rollback {
+        /// The user's login.
+        email: String,
+        /// Wait for the outcome: exit 0 when the user is on legacy, 1 when it failed.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// The user's audit log: every transition, who asked, why, and the outcome.
+    Events {
+        /// The user's login.
+        email: String,
+    },
 }
 
 fn parse_route(s: &str) -> Result<Route, String> {
@@ -391,13 +413,7 @@ async fn verify(cfg: &Config, email: &str, json: bool) -> Result<ExitCode> {
 }
 
 async fn user(cfg: &Config, action: UserCommand, json: bool) -> Result<ExitCode> {
-    let addr = cfg
-        .listen
-        .admin
-        .context("listen.admin is not set: the CLI talks to the server through it")?;
-    let token = read_secret(&cfg.resolve(&cfg.admin.token_file))
-        .with_context(|| format!("reading {}", cfg.admin.token_file.display()))?;
-    let admin = AdminClient::new(addr, token);
+    let admin = admin_client(cfg)?;
     let shown = match action {
         UserCommand::Show { email } => admin
             .show_user(&email)
@@ -411,18 +427,103 @@ async fn user(cfg: &Config, action: UserCommand, json: bool) -> Result<ExitCode>
             .migrate(&email)
             .await
             .map(|c| print_view(&c, json, print_migrated)),
+        UserCommand::Cutover { email, wait } => {
+            return moving(&admin, &email, false, wait, json).await;
+        }
+        UserCommand::Rollback { email, wait } => {
+            return moving(&admin, &email, true, wait, json).await;
+        }
+        UserCommand::Events { email } => admin
+            .events(&email)
+            .await
+            .map(|e| print_view(&e, json, print_events)),
     };
     match shown {
         Ok(printed) => {
             printed?;
             Ok(ExitCode::SUCCESS)
         }
-        Err(e @ ClientError::Refused { status, .. }) => {
+        Err(e) => refused(e),
+    }
+}
+
+/// The admin API of the server named by the config.
+fn admin_client(cfg: &Config) -> Result<AdminClient> {
+    let addr = cfg
+        .listen
+        .admin
+        .context("listen.admin is not set: the CLI talks to the server through it")?;
+    let token = read_secret(&cfg.resolve(&cfg.admin.token_file))
+        .with_context(|| format!("reading {}", cfg.admin.token_file.display()))?;
+    Ok(AdminClient::new(addr, token))
+}
+
+/// Exit code of a refused request: 2 for a wrong token, 1 when the server said no.
+fn refused(e: ClientError) -> Result<ExitCode> {
+    match e {
+        e @ ClientError::Refused { status, .. } => {
             eprintln!("mailferry: {e}");
             Ok(ExitCode::from(if status == 401 { 2 } else { 1 }))
         }
-        Err(e) => Err(e.into()),
+        e => Err(e.into()),
     }
+}
+
+/// How often `--wait` asks the server how a sequence goes.
+const WAIT_POLL: std::time::Duration = std::time::Duration::from_millis(200);
+
+/// `user cutover` / `user rollback`: starts the sequence; with `wait`, follows it to its end,
+/// one line per state, and exits 0 when the user arrived, 1 when the sequence failed.
+async fn moving(
+    admin: &AdminClient,
+    email: &str,
+    rollback: bool,
+    wait: bool,
+    json: bool,
+) -> Result<ExitCode> {
+    let started = match admin.start(email, rollback).await {
+        Ok(c) => c,
+        Err(e) => return refused(e),
+    };
+    if !wait {
+        print_view(&started, json, |c| {
+            println!("{}: {} started", c.email, c.state)
+        })?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    let mut last = None;
+    let view = loop {
+        let view = admin.show_user(email).await?;
+        if !json && last != Some(view.state) {
+            println!("{}: {}", view.email, view.state);
+            last = Some(view.state);
+        }
+        if !view.state.is_moving() {
+            break view;
+        }
+        tokio::time::sleep(WAIT_POLL).await;
+    };
+    let arrived = view.route == if rollback { Route::Legacy } else { Route::New }
+        && view.state != mailferry::store::UserState::Failed;
+    if json {
+        println!("{}", serde_json::to_string(&view)?);
+    } else if let Some(e) = view.last_error.as_deref().filter(|_| !arrived) {
+        println!("{}: failed: {e}", view.email);
+    } else if let Some(ev) = view.evidence.as_ref().filter(|_| !rollback) {
+        println!(
+            "{}: on {}; gate ({}) clean: {} folders, {} messages",
+            view.email,
+            view.route,
+            ev.mode,
+            ev.folders.len(),
+            ev.legacy_messages
+        );
+    }
+    Ok(if arrived {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
 }
 
 /// Prints what the server answered: as JSON with `--json`, else for a human.
@@ -481,6 +582,28 @@ fn print_user(v: &UserView) {
     for w in &p.warnings {
         println!("warning:    {w}");
     }
+}
+
+fn print_events(events: &Vec<mailferry::store::Event>) {
+    for e in events {
+        let at = utc_time(e.at_ms);
+        let from = e.from.map_or("-".to_owned(), |s| s.to_string());
+        println!(
+            "{at}  {from:>8} -> {:<8}  {:<10} {:<7} {}",
+            e.to.as_str(),
+            e.actor,
+            e.outcome,
+            e.reason
+        );
+    }
+}
+
+/// `2026-12-06 07:31:02.123Z` from milliseconds since the epoch.
+fn utc_time(ms: i64) -> String {
+    chrono::DateTime::from_timestamp_millis(ms).map_or_else(
+        || ms.to_string(),
+        |t| t.format("%Y-%m-%d %H:%M:%S%.3fZ").to_string(),
+    )
 }
 
 fn print_route_change(c: &RouteChange) {

@@ -1,7 +1,8 @@
 //! The cutover's verification gate (DESIGN.md §2, step 5): after the final delta, before the
 //! route changes, checks that everything on legacy is on new. `counts`: every legacy folder
 //! is synced, every legacy message has a confirmed new UID in the UID map, every mapped new
-//! UID exists on new, and the per-folder counts agree. `full` also compares every message's
+//! UID exists on new, and new holds at least as many messages as legacy (more is noted, not
+//! refused: a new platform may greet its users with a message of its own). `full` also compares every message's
 //! content hash, flags and date (`verify`). The result is the evidence stored with the user.
 
 use std::collections::{HashMap, HashSet};
@@ -30,6 +31,10 @@ pub struct Evidence {
     pub new_messages: u64,
     /// What differed, for a human; empty when the gate is clean.
     pub differences: Vec<String>,
+    /// What was found that loses nothing (mail on new the sync did not put there, such as a
+    /// welcome message of the new platform), for a human.
+    #[serde(default)]
+    pub notes: Vec<String>,
 }
 
 impl Evidence {
@@ -175,8 +180,13 @@ impl Engine {
         }
         let count = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
         let (l, n) = (count(legacy.len()), count(on_new.len()));
-        if l != n {
+        if n < l {
             d.push(format!("{name:?}: {l} messages on legacy, {n} on new"));
+        } else if n > mapped {
+            ev.notes.push(format!(
+                "{name:?}: {} message(s) on new that the sync did not copy (kept)",
+                n - mapped
+            ));
         }
         ev.legacy_messages += u64::from(l);
         ev.new_messages += u64::from(n);

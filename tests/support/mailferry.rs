@@ -29,6 +29,8 @@ pub struct Options {
     pub imap_at: Vec<(&'static str, SocketAddr)>,
     /// `--log-format` of `serve`: "human" or "json".
     pub log_format: &'static str,
+    /// Backends whose LMTP address is replaced (e.g. by a `relay.rs` relay).
+    pub lmtp_at: Vec<(&'static str, SocketAddr)>,
 }
 
 impl Default for Options {
@@ -42,6 +44,7 @@ impl Default for Options {
             no_master: false,
             imap_at: Vec::new(),
             log_format: "human",
+            lmtp_at: Vec::new(),
         }
     }
 }
@@ -65,7 +68,24 @@ pub struct Mailferry {
     /// Where stderr (the log) goes.
     pub log_path: PathBuf,
     child: Option<Child>,
+    log_format: &'static str,
     _dir: tempfile::TempDir,
+}
+
+/// Starts `serve` on `config`, appending its log to `log_path`.
+fn spawn_serve(config: &std::path::Path, log_path: &std::path::Path, format: &str) -> Child {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log_path)
+        .unwrap();
+    command(config, &["--log-format", format, "serve"])
+        .env("MAILFERRY_LOG", "info,mailferry=debug")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("spawn mailferry")
 }
 
 /// Path of the binary under test: Cargo names it for integration tests; examples and
@@ -96,6 +116,11 @@ fn backend_toml(
         .find(|(n, _)| *n == name)
         .map(|(_, a)| *a)
         .unwrap_or(if tls == "implicit" { d.imaps } else { d.imap });
+    let lmtp = opts
+        .lmtp_at
+        .iter()
+        .find(|(n, _)| *n == name)
+        .map_or(d.lmtp, |(_, a)| *a);
     let master = secret.map_or(String::new(), |s| {
         format!(
             "master_user = \"{MASTER_USER}\"\nmaster_password_file = \"{}\"\n",
@@ -105,7 +130,6 @@ fn backend_toml(
     format!(
         "[backends.{name}]\nimap = \"{imap}\"\nimap_tls = \"{tls}\"\nca_file = \"{ca}\"\nlmtp = \"{lmtp}\"\nauth = \"{auth}\"\n{master}\n",
         ca = d.cert.cert_pem.display(),
-        lmtp = d.lmtp,
     )
 }
 
@@ -174,14 +198,7 @@ impl Mailferry {
         let config = dir.path().join("mailferry.toml");
         std::fs::write(&config, text).unwrap();
         let log_path = dir.path().join("mailferry.log");
-        let log = std::fs::File::create(&log_path).unwrap();
-        let child = command(&config, &["--log-format", opts.log_format, "serve"])
-            .env("MAILFERRY_LOG", "info,mailferry=debug")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("spawn mailferry");
+        let child = spawn_serve(&config, &log_path, opts.log_format);
         let mut m = Mailferry {
             imap,
             imaps,
@@ -192,6 +209,7 @@ impl Mailferry {
             token,
             log_path,
             child: Some(child),
+            log_format: opts.log_format,
             _dir: dir,
         };
         m.wait_listening(&[imap, imaps, admin]);
@@ -241,6 +259,22 @@ impl Mailferry {
     /// Process id.
     pub fn pid(&self) -> u32 {
         self.child.as_ref().map_or(0, |c| c.id())
+    }
+
+    /// Kills the server with SIGKILL, as a crash or an OOM killer would, and reaps it.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts the server again on the same config, store and ports (after `kill9` or
+    /// `terminate`); returns once it listens.
+    pub fn respawn(&mut self) {
+        assert!(self.child.is_none(), "the server still runs");
+        self.child = Some(spawn_serve(&self.config, &self.log_path, self.log_format));
+        self.wait_listening(&[self.imap, self.imaps, self.admin]);
     }
 
     /// Sends SIGTERM and waits for exit (up to `wait`); returns whether it exited.
