@@ -2,6 +2,8 @@
 //! is not true or failed, 2 usage or connection error.
 #![forbid(unsafe_code)]
 
+mod cli;
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -80,6 +82,46 @@ enum Command {
     Verify {
         /// The user's login.
         email: String,
+    },
+    /// Load users from a file: `email[,wave]` per line (`#` comments and blank lines allowed).
+    Import {
+        /// The file.
+        file: PathBuf,
+        /// The wave of lines that name none.
+        #[arg(long)]
+        wave: Option<String>,
+    },
+    /// Groups of users migrated and cut over together.
+    Wave {
+        #[command(subcommand)]
+        action: WaveCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum WaveCommand {
+    /// Every wave with its users per state.
+    List,
+    /// A wave's users, totals per state, copy progress, speed and ETA.
+    Show {
+        /// Wave name.
+        name: String,
+    },
+    /// Every user of the wave starts syncing.
+    Migrate {
+        /// Wave name.
+        name: String,
+    },
+    /// Cut the wave's users over, `[cutover] wave_concurrency` at a time.
+    Cutover {
+        /// Wave name.
+        name: String,
+        /// Follow the cutover to its end: exit 0 when every user is on new.
+        #[arg(long)]
+        wait: bool,
+        /// Also users whose sync has not caught up (else they are skipped and reported).
+        #[arg(long)]
+        all: bool,
     },
 }
 
@@ -207,6 +249,53 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             let cfg = Config::load(&cli.config)?;
             verify(&cfg, &email, json).await
         }
+        Command::Import { file, wave } => {
+            let admin = admin_client(&Config::load(&cli.config)?)?;
+            cli::waves::import_file(&admin, &file, wave.as_deref(), json).await
+        }
+        Command::Wave { action } => {
+            let admin = admin_client(&Config::load(&cli.config)?)?;
+            wave(&admin, action, json).await
+        }
+    }
+}
+
+async fn wave(admin: &AdminClient, action: WaveCommand, json: bool) -> Result<ExitCode> {
+    use cli::waves::{print_list, print_started, print_wave, wait_cutover};
+    let shown = match action {
+        WaveCommand::List => admin
+            .waves()
+            .await
+            .map(|w| print_view(&w, json, |w| print_list(w))),
+        WaveCommand::Show { name } => admin
+            .wave(&name)
+            .await
+            .map(|w| print_view(&w, json, print_wave)),
+        WaveCommand::Migrate { name } => admin
+            .wave_start(&name, None)
+            .await
+            .map(|s| print_view(&s, json, print_started)),
+        WaveCommand::Cutover { name, wait, all } => {
+            let started = match admin.wave_start(&name, Some(all)).await {
+                Ok(s) => s,
+                Err(e) => return refused(e),
+            };
+            if !wait {
+                print_view(&started, json, print_started)?;
+                return Ok(ExitCode::SUCCESS);
+            }
+            if !json {
+                print_started(&started);
+            }
+            return wait_cutover(admin, &name, json).await;
+        }
+    };
+    match shown {
+        Ok(printed) => {
+            printed?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => refused(e),
     }
 }
 
@@ -578,9 +667,35 @@ fn print_user(v: &UserView) {
         )
     });
     println!("last pass:  {ago}");
+    println!(
+        "delta lag:  {} messages pending",
+        p.messages_total.saturating_sub(p.messages_copied)
+    );
     println!("sync error: {}", or_dash(&p.last_error));
     for w in &p.warnings {
         println!("warning:    {w}");
+    }
+    println!("wave:       {}", or_dash(&v.wave));
+    if let Some(at) = v.updated_at {
+        println!("changed:    {}", utc_time(at * 1000));
+    }
+    if let Some(ev) = &v.evidence {
+        let verdict = if ev.differences.is_empty() {
+            "clean".to_owned()
+        } else {
+            format!("{} difference(s)", ev.differences.len())
+        };
+        println!(
+            "gate:       {verdict} ({}, {}): {} folders, {} messages on legacy, {} on new",
+            ev.mode,
+            utc_time(ev.at * 1000),
+            ev.folders.len(),
+            ev.legacy_messages,
+            ev.new_messages
+        );
+        for d in ev.differences.iter().chain(&ev.notes) {
+            println!("  - {d}");
+        }
     }
 }
 

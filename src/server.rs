@@ -138,12 +138,15 @@ pub async fn serve(
     shared.start_lmtp(&mut tasks).await?;
     shared.start_admin(&mut tasks, admin_token).await?;
     shared.start_sync(&mut tasks);
-    let upkeep = shared.metrics.clone();
+    let (upkeep, control) = (shared.metrics.clone(), shared.control.clone());
     tasks.spawn(async move {
         let mut tick = tokio::time::interval(METRICS_UPKEEP_EVERY);
         loop {
             tick.tick().await;
             upkeep.run_upkeep();
+            if let Err(e) = control.publish_gauges().await {
+                tracing::debug!(error = %e, "user gauges not updated");
+            }
         }
     });
 

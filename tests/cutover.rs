@@ -461,3 +461,119 @@ fn a_live_cutover_under_idle_and_a_stream_of_deliveries_loses_nothing() {
         );
     });
 }
+
+#[test]
+fn a_wave_of_fifty_imported_users_migrates_and_cuts_over() {
+    within(300, || {
+        let b = Backends::start();
+        let users: Vec<String> = (0..50).map(|i| format!("wave{i:02}@example.org")).collect();
+        b.legacy.add_users(&users, "wavepw");
+        b.new.add_users(&users, "wavepw");
+        for u in &users {
+            b.legacy.save(u, "INBOX", &message(&format!("hello-{u}")));
+        }
+        let m = Mailferry::start(&b, Options::default());
+        let dir = tempfile::tempdir().unwrap();
+        let csv = dir.path().join("users.csv");
+        let mut text = String::from("# wave 1 of the pilot\n\n");
+        for u in &users {
+            text.push_str(&format!("{u}\n"));
+        }
+        text.push_str("not an address\n");
+        std::fs::write(&csv, &text).unwrap();
+        let csv = csv.to_str().unwrap();
+        let out = m.cli(&["import", csv, "--wave", "w1"]);
+        assert_eq!(out.status.code(), Some(1), "{}", text_of(&out));
+        let said = text_of(&out);
+        assert!(
+            said.contains("50 added") && said.contains("rejected line 53"),
+            "{said}"
+        );
+        let again = text_of(&m.cli(&["import", csv, "--wave", "w1"]));
+        assert!(
+            again.contains("0 added") && again.contains("50 unchanged"),
+            "{again}"
+        );
+        let list = text_of(&m.cli(&["wave", "list"]));
+        assert!(list.contains("w1") && list.contains("50 legacy"), "{list}");
+
+        let out = m.cli(&["wave", "migrate", "w1"]);
+        assert!(out.status.success(), "{}", text_of(&out));
+        let deadline = Instant::now() + Duration::from_secs(120);
+        let view = loop {
+            let v = wave_view(&m);
+            if v["caught_up"] == 50 {
+                break v;
+            }
+            assert!(Instant::now() < deadline, "{v}\n{}", m.log());
+            thread::sleep(Duration::from_millis(200));
+        };
+        assert_eq!(view["states"]["syncing"], 50, "{view}");
+        assert!(view["messages_copied"].as_u64() >= Some(50), "{view}");
+
+        let out = m.cli(&["wave", "cutover", "w1", "--wait"]);
+        assert_eq!(out.status.code(), Some(0), "{}\n{}", text_of(&out), m.log());
+        let view = wave_view(&m);
+        assert_eq!(view["states"]["new"], 50, "{view}");
+        assert_eq!(view["cutover"]["done"], 50, "{view}");
+        assert_eq!(view["cutover"]["failed"], 0, "{view}");
+        for u in users.iter().step_by(7) {
+            let needle = format!("Subject: hello-{u}\r\n");
+            let n = b
+                .new
+                .messages(u, "INBOX")
+                .iter()
+                .filter(|m| String::from_utf8_lossy(m).contains(&needle))
+                .count();
+            assert_eq!(n, 1, "{u}");
+            let out = m.cli(&["user", "events", u, "--json"]);
+            let ev: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+            let trail: Vec<String> = ev
+                .iter()
+                .map(|e| {
+                    format!(
+                        "{}:{}",
+                        e["to"].as_str().unwrap(),
+                        e["actor"].as_str().unwrap()
+                    )
+                })
+                .collect();
+            assert_eq!(
+                trail,
+                ["syncing:wave:w1", "cutover:wave:w1", "new:wave:w1"],
+                "{u}"
+            );
+        }
+        let human = text_of(&m.cli(&["wave", "show", "w1"]));
+        assert!(human.contains("users:      50 (50 new)"), "{human}");
+        let metrics = metrics(&m);
+        assert!(
+            metrics.contains(r#"mailferry_cutovers_total{kind="cutover",outcome="ok"} 50"#),
+            "{metrics}"
+        );
+    });
+}
+
+fn wave_view(m: &Mailferry) -> serde_json::Value {
+    let out = m.cli(&["wave", "show", "w1", "--json"]);
+    assert!(out.status.success(), "{}", text_of(&out));
+    serde_json::from_slice(&out.stdout).expect("wave json")
+}
+
+fn text_of(out: &std::process::Output) -> String {
+    text(out)
+}
+
+/// The server's `/metrics` page.
+fn metrics(m: &Mailferry) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(m.admin).expect("admin");
+    write!(
+        s,
+        "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}

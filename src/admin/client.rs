@@ -10,10 +10,12 @@ use hyper::{Method, Request};
 use hyper_util::rt::TokioIo;
 use serde::de::DeserializeOwned;
 
-use super::{ApiError, RouteBody};
+use super::{ApiError, ImportBody, RouteBody, WaveCutoverBody};
+use crate::control::waves::{WaveStarted, WaveView};
 use crate::control::{RouteChange, StateChange, UserView};
 use crate::route::Route;
 use crate::secret::Secret;
+use crate::store::waves::Imported;
 use crate::store::Event;
 
 /// How long the server may take to accept the connection.
@@ -91,6 +93,43 @@ impl AdminClient {
     pub async fn events(&self, email: &str) -> Result<Vec<Event>, ClientError> {
         self.call(Method::GET, &user_path(email, "/events"), None)
             .await
+    }
+
+    /// `POST /api/import`.
+    pub async fn import(&self, body: &ImportBody) -> Result<Imported, ClientError> {
+        let body = serde_json::to_vec(body).map_err(|e| ClientError::Http(e.to_string()))?;
+        self.call(Method::POST, "/api/import", Some(body)).await
+    }
+
+    /// `GET /api/waves`.
+    pub async fn waves(&self) -> Result<Vec<WaveView>, ClientError> {
+        self.call(Method::GET, "/api/waves", None).await
+    }
+
+    /// `GET /api/waves/{name}`.
+    pub async fn wave(&self, name: &str) -> Result<WaveView, ClientError> {
+        let path = format!("/api/waves/{}", segment(name));
+        self.call(Method::GET, &path, None).await
+    }
+
+    /// `POST /api/waves/{name}/migrate` or `/cutover`.
+    pub async fn wave_start(
+        &self,
+        name: &str,
+        cutover: Option<bool>,
+    ) -> Result<WaveStarted, ClientError> {
+        let (rest, body) = match cutover {
+            None => ("migrate", None),
+            Some(all) => (
+                "cutover",
+                Some(
+                    serde_json::to_vec(&WaveCutoverBody { all })
+                        .map_err(|e| ClientError::Http(e.to_string()))?,
+                ),
+            ),
+        };
+        let path = format!("/api/waves/{}/{rest}", segment(name));
+        self.call(Method::POST, &path, body).await
     }
 
     /// Sends one request with the bearer token; a 200 is read as `T`, anything else as the

@@ -92,6 +92,11 @@ pub fn router(state: Arc<AdminState>) -> Router {
         .route("/api/users/{email}/cutover", post(cutover))
         .route("/api/users/{email}/rollback", post(rollback))
         .route("/api/users/{email}/events", get(events))
+        .route("/api/import", post(import))
+        .route("/api/waves", get(list_waves))
+        .route("/api/waves/{name}", get(show_wave))
+        .route("/api/waves/{name}/migrate", post(wave_migrate))
+        .route("/api/waves/{name}/cutover", post(wave_cutover))
         .layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
@@ -250,6 +255,50 @@ async fn rollback(
 /// `user events`: the audit log.
 async fn events(State(state): State<Arc<AdminState>>, Path(email): Path<String>) -> Response {
     answer(state.control.events(&email).await)
+}
+
+/// Body of `POST /api/import`: (address, wave) per user.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ImportBody {
+    /// The users, as read from the file.
+    pub users: Vec<(String, Option<String>)>,
+}
+
+/// Body of `POST /api/waves/{name}/cutover`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct WaveCutoverBody {
+    /// Also users whose sync has not caught up.
+    #[serde(default)]
+    pub all: bool,
+}
+
+/// `mailferry import`.
+async fn import(State(state): State<Arc<AdminState>>, Json(body): Json<ImportBody>) -> Response {
+    answer(state.control.import(body.users).await)
+}
+
+/// `wave list`.
+async fn list_waves(State(state): State<Arc<AdminState>>) -> Response {
+    answer(state.control.waves().await)
+}
+
+/// `wave show`.
+async fn show_wave(State(state): State<Arc<AdminState>>, Path(name): Path<String>) -> Response {
+    answer(state.control.wave(&name).await)
+}
+
+/// `wave migrate`.
+async fn wave_migrate(State(state): State<Arc<AdminState>>, Path(name): Path<String>) -> Response {
+    answer(state.control.wave_migrate(&name).await)
+}
+
+/// `wave cutover`: started in the background; `wave show` follows it.
+async fn wave_cutover(
+    State(state): State<Arc<AdminState>>,
+    Path(name): Path<String>,
+    Json(body): Json<WaveCutoverBody>,
+) -> Response {
+    answer(state.control.wave_cutover(&name, body.all).await)
 }
 
 async fn render_metrics(State(state): State<Arc<AdminState>>) -> impl IntoResponse {

@@ -7,6 +7,7 @@ pub mod holds;
 pub mod inflight;
 pub mod machine;
 pub mod sessions;
+pub mod waves;
 
 use std::sync::Arc;
 
@@ -101,6 +102,8 @@ pub struct Control {
     engine: Option<Arc<Engine>>,
     /// `[cutover]`.
     cutover: CutoverConfig,
+    /// The last `wave cutover` of each wave run by this server.
+    wave_jobs: dashmap::DashMap<String, Arc<std::sync::Mutex<waves::WaveJob>>>,
 }
 
 /// Reason sent in the BYE of a kicked session.
@@ -122,6 +125,7 @@ impl Control {
             sync: None,
             engine: None,
             cutover: CutoverConfig::default(),
+            wave_jobs: dashmap::DashMap::new(),
         }
     }
 

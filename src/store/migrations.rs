@@ -101,6 +101,12 @@ const MIGRATIONS: &[&[&str]] = &[
         at BIGINT NOT NULL,
         PRIMARY KEY (email, source_name, target_uid))",
         "CREATE INDEX IF NOT EXISTS users_wave ON users (wave, state)",
+        // Waves: when each was imported, migrated and cut over (throughput and ETA).
+        "CREATE TABLE IF NOT EXISTS waves (
+        name TEXT PRIMARY KEY,
+        created_at BIGINT NOT NULL,
+        migrate_at BIGINT,
+        cutover_at BIGINT)",
     ],
 ];
 

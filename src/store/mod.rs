@@ -8,6 +8,7 @@ pub mod leases;
 mod migrations;
 pub mod sync;
 pub mod users;
+pub mod waves;
 
 use std::future::Future;
 use std::path::Path;
@@ -20,6 +21,7 @@ use sqlx::AnyPool;
 
 use self::leases::LeaseTaken;
 use self::sync::{FolderState, SyncProgress, UidRow};
+use self::waves::{Imported, WaveMark, WaveTimes};
 pub use users::{Change, Event, StoreSummary, UserRecord, UserState};
 
 /// Failures of the state store.
@@ -116,6 +118,24 @@ pub trait StateStore: Send + Sync + 'static {
 
     /// The evidence (JSON) of `email`'s last verification gate, if any.
     fn evidence<'a>(&'a self, email: &'a str) -> StoreFuture<'a, Option<String>>;
+
+    /// Adds users (normalized address, wave) in one transaction (`waves.rs`).
+    fn import_users<'a>(
+        &'a self,
+        users: &'a [(String, Option<String>)],
+    ) -> StoreFuture<'a, Imported>;
+
+    /// The users of `wave`, by address.
+    fn wave_members<'a>(&'a self, wave: &'a str) -> StoreFuture<'a, Vec<UserRecord>>;
+
+    /// Every wave with its number of users.
+    fn waves(&self) -> StoreFuture<'_, Vec<(String, i64)>>;
+
+    /// A wave's timestamps, if the wave exists.
+    fn wave_times<'a>(&'a self, wave: &'a str) -> StoreFuture<'a, Option<WaveTimes>>;
+
+    /// Records that `wave migrate` or `wave cutover` ran now.
+    fn mark_wave<'a>(&'a self, wave: &'a str, mark: WaveMark) -> StoreFuture<'a, ()>;
 
     /// Users in state `syncing`, for the scheduler.
     fn syncing_users(&self) -> StoreFuture<'_, Vec<String>>;
@@ -379,6 +399,29 @@ impl StateStore for SqlStore {
 
     fn evidence<'a>(&'a self, email: &'a str) -> StoreFuture<'a, Option<String>> {
         Box::pin(SqlStore::evidence(self, email))
+    }
+
+    fn import_users<'a>(
+        &'a self,
+        users: &'a [(String, Option<String>)],
+    ) -> StoreFuture<'a, Imported> {
+        Box::pin(SqlStore::import_users(self, users))
+    }
+
+    fn wave_members<'a>(&'a self, wave: &'a str) -> StoreFuture<'a, Vec<UserRecord>> {
+        Box::pin(SqlStore::wave_members(self, wave))
+    }
+
+    fn waves(&self) -> StoreFuture<'_, Vec<(String, i64)>> {
+        Box::pin(SqlStore::waves(self))
+    }
+
+    fn wave_times<'a>(&'a self, wave: &'a str) -> StoreFuture<'a, Option<WaveTimes>> {
+        Box::pin(SqlStore::wave_times(self, wave))
+    }
+
+    fn mark_wave<'a>(&'a self, wave: &'a str, mark: WaveMark) -> StoreFuture<'a, ()> {
+        Box::pin(SqlStore::mark_wave(self, wave, mark))
     }
 
     fn syncing_users(&self) -> StoreFuture<'_, Vec<String>> {
