@@ -56,16 +56,6 @@ fn eventually(secs: u64, mut f: impl FnMut() -> bool) -> bool {
     }
 }
 
-fn show(m: &Mailferry, user: &str) -> serde_json::Value {
-    let out = m.cli(&["user", "show", user, "--json"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).expect("user show --json")
-}
-
 // ---------------------------------------------------------------------------------------
 // a scripted backend that misbehaves before any credentials are due
 
@@ -161,7 +151,7 @@ fn preauth_greeting_is_refused_and_gets_no_credentials() {
         assert_eq!(no, "NO [UNAVAILABLE] Backend temporarily unavailable.");
         let (_, bad) = c.cmd("SELECT INBOX");
         assert_eq!(bad, "BAD SELECT is not allowed before login.");
-        assert_eq!(show(&proxy, "alice@example.org")["sessions"], 0);
+        assert_eq!(proxy.show("alice@example.org")["sessions"], 0);
         drop(c);
         let conns = fake.ended(1, Duration::from_secs(30));
         for conn in &conns {
@@ -226,7 +216,7 @@ fn plain_authzid_of_another_user_is_refused_and_never_reaches_their_mailbox() {
         let (_, bad) = c.cmd("SELECT INBOX");
         assert_eq!(bad, "BAD SELECT is not allowed before login.");
         for victim in ["carol@example.org", "bob@example.org"] {
-            assert_eq!(show(&proxy, victim)["sessions"], 0, "{victim}");
+            assert_eq!(proxy.show(victim)["sessions"], 0, "{victim}");
         }
         // The same credentials without the authzid are good: the refusals were about it.
         let (_, ok) = c.cmd(&format!(
@@ -235,7 +225,7 @@ fn plain_authzid_of_another_user_is_refused_and_never_reaches_their_mailbox() {
         ));
         assert!(ok.starts_with("OK [CAPABILITY"), "{ok}\n{}", proxy.log());
         assert_eq!(c.inbox_subjects(), vec!["legacy marker"]);
-        assert_eq!(show(&proxy, "alice@example.org")["sessions"], 1);
+        assert_eq!(proxy.show("alice@example.org")["sessions"], 1);
 
         // Neither backend ever started a session for a victim. Dovecot logs asynchronously:
         // alice's login, which came last, is in the log once everything before it is.

@@ -20,37 +20,6 @@ use support::Backends;
 const USER: &str = "alice@example.org";
 const PASSWORD: &str = "alicepw";
 
-fn show(m: &Mailferry, user: &str) -> serde_json::Value {
-    let out = m.cli(&["user", "show", user, "--json"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).expect("json")
-}
-
-/// Polls `user show` until `pred` holds.
-fn wait_for(
-    m: &Mailferry,
-    what: &str,
-    pred: impl Fn(&serde_json::Value) -> bool,
-) -> serde_json::Value {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let v = show(m, USER);
-        if pred(&v) {
-            return v;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{what}: last view {v}\n{}",
-            m.log()
-        );
-        thread::sleep(Duration::from_millis(50));
-    }
-}
-
 /// Backends with `USER`'s mail on legacy only (new's INBOX emptied), and a proxy whose
 /// scheduler has copied it; `extra` is appended to the proxy's config.
 fn migrated(b: &Backends, opts: Options) -> Mailferry {
@@ -68,7 +37,7 @@ fn migrated(b: &Backends, opts: Options) -> Mailferry {
     let m = Mailferry::start(b, opts);
     let out = m.cli(&["user", "migrate", USER]);
     assert!(out.status.success(), "{}", text(&out));
-    wait_for(&m, "initial pass", |v| {
+    m.wait_for(USER, "initial pass", |v| {
         v["sync"]["passes"].as_u64() >= Some(1)
             && v["sync"]["messages_copied"] == v["sync"]["messages_total"]
     });
@@ -126,7 +95,7 @@ fn a_login_during_the_cutover_is_held_and_lands_on_new() {
         thread::sleep(Duration::from_millis(500));
         let out = m.cli(&["user", "cutover", USER]);
         assert!(out.status.success(), "{}", text(&out));
-        assert_eq!(show(&m, USER)["state"], "cutover");
+        assert_eq!(m.show(USER)["state"], "cutover");
         // Deferred, not lost, while the cutover runs.
         let deferred = lmtp_deliver(m.lmtp, "mta@example.net", &[USER], &message("deferred"));
         assert!(
@@ -158,7 +127,7 @@ fn a_login_during_the_cutover_is_held_and_lands_on_new() {
         let (mut c, ok, waited) = login.join().unwrap();
         assert!(ok.starts_with("OK"), "{ok}\n{}", m.log());
         assert!(waited >= Duration::from_millis(500), "{waited:?}");
-        let v = wait_for(&m, "cutover done", |v| v["state"] != "cutover");
+        let v = m.wait_for(USER, "cutover done", |v| v["state"] != "cutover");
         assert_eq!(v["state"], "new", "{v}");
         assert_eq!(v["route"], "new");
         // The held login went to new: it sees the delivery the final delta carried over.
@@ -196,7 +165,7 @@ fn a_cutover_with_new_down_fails_on_legacy_and_a_retry_succeeds() {
         b.new.stop();
         let out = m.cli(&["user", "cutover", USER, "--wait"]);
         assert_eq!(out.status.code(), Some(1), "{}", text(&out));
-        let v = show(&m, USER);
+        let v = m.show(USER);
         assert_eq!(
             (&v["state"], &v["route"]),
             (&"failed".into(), &"legacy".into()),
@@ -217,7 +186,7 @@ fn a_cutover_with_new_down_fails_on_legacy_and_a_retry_succeeds() {
         let out = m.cli(&["user", "cutover", USER, "--wait"]);
         assert_eq!(out.status.code(), Some(0), "{}\n{}", text(&out), m.log());
         assert_eq!(copies(&b.new, "while-failed"), 1);
-        let v = show(&m, USER);
+        let v = m.show(USER);
         assert_eq!((&v["state"], &v["route"]), (&"new".into(), &"new".into()));
         assert!(v["last_error"].is_null(), "{v}");
         let outcomes: Vec<String> = events(&m)
@@ -269,7 +238,7 @@ fn a_gate_that_finds_a_difference_fails_the_cutover_and_says_what() {
         assert!(out.status.success(), "{}", text(&out));
         let out = m.cli(&["user", "cutover", USER, "--wait"]);
         assert_eq!(out.status.code(), Some(1), "{}", text(&out));
-        let v = show(&m, USER);
+        let v = m.show(USER);
         assert_eq!(
             (&v["state"], &v["route"]),
             (&"failed".into(), &"legacy".into()),
@@ -322,14 +291,14 @@ fn a_server_killed_mid_cutover_leaves_the_user_whole_on_one_side() {
         assert!(out.status.success(), "{}", text(&out));
         thread::sleep(Duration::from_millis(800));
         assert_eq!(
-            show(&m, USER)["state"],
+            m.show(USER)["state"],
             "cutover",
             "still copying when killed"
         );
         m.kill9();
         relay.set_delay(Duration::ZERO);
         m.respawn();
-        let v = show(&m, USER);
+        let v = m.show(USER);
         assert_eq!(
             (&v["state"], &v["route"]),
             (&"failed".into(), &"legacy".into()),
@@ -453,7 +422,7 @@ fn a_live_cutover_under_idle_and_a_stream_of_deliveries_loses_nothing() {
                 .count();
             assert_eq!(n, 1, "{s} accepted, so exactly once on new");
         }
-        let v = show(&m, USER);
+        let v = m.show(USER);
         assert_eq!(v["evidence"]["mode"], "full");
         assert!(
             v["evidence"]["differences"].as_array().unwrap().is_empty(),
@@ -576,4 +545,73 @@ fn metrics(m: &Mailferry) -> String {
     let mut out = String::new();
     s.read_to_string(&mut out).unwrap();
     out
+}
+
+#[test]
+fn a_rollback_returns_the_user_to_legacy_with_what_happened_on_new() {
+    within(240, || {
+        let b = Backends::start();
+        let m = migrated(&b, Options::default());
+        let out = m.cli(&["user", "cutover", USER, "--wait"]);
+        assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+        // On new: mail arrives by LMTP and by the client's APPEND; the client flags one copied
+        // message and deletes another.
+        for s in ["while-on-new-1", "while-on-new-2"] {
+            let r = lmtp_deliver(m.lmtp, "mta@example.net", &[USER], &message(s));
+            assert!(r.all_delivered(), "{r:?}");
+        }
+        let mut c = Client::plain(m.imap);
+        assert!(c.login(USER, PASSWORD).starts_with("OK"));
+        let note = message("appended-on-new");
+        c.send(format!("a1 APPEND INBOX (\\Seen $Note) {{{}}}\r\n", note.len()).as_bytes());
+        assert!(c.line().starts_with("+"));
+        c.send(&note);
+        c.send(b"\r\n");
+        let ok = loop {
+            let line = c.line();
+            if line.starts_with("a1 ") {
+                break line;
+            }
+        };
+        assert!(ok.starts_with("a1 OK"), "{ok}");
+        let (_, ok) = c.cmd("SELECT INBOX");
+        assert!(ok.contains("OK"), "{ok}");
+        let (_, ok) = c.cmd("STORE 1 +FLAGS (\\Flagged $RolledBack)");
+        assert!(ok.contains("OK"), "{ok}");
+        let (_, ok) = c.cmd("STORE 2 +FLAGS (\\Deleted)");
+        assert!(ok.contains("OK"), "{ok}");
+        let (_, ok) = c.cmd("EXPUNGE");
+        assert!(ok.contains("OK"), "{ok}");
+        let legacy_before = b.legacy.count(USER, "INBOX");
+
+        let out = m.cli(&["user", "rollback", USER, "--wait"]);
+        assert_eq!(out.status.code(), Some(0), "{}\n{}", text(&out), m.log());
+        let v = m.show(USER);
+        assert_eq!(
+            (&v["state"], &v["route"]),
+            (&"legacy".into(), &"legacy".into()),
+            "{v}"
+        );
+        for s in ["while-on-new-1", "while-on-new-2", "appended-on-new"] {
+            assert_eq!(copies(&b.legacy, s), 1, "{s} on legacy exactly once");
+        }
+        // Three arrived, one was deleted by the user.
+        assert_eq!(b.legacy.count(USER, "INBOX"), legacy_before + 3 - 1);
+        let out = m.cli(&["verify", USER]);
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "legacy and new agree: {}",
+            text(&out)
+        );
+        let mut again = Client::plain(m.imap);
+        assert!(again.login(USER, PASSWORD).starts_with("OK"));
+        let (lines, _) = again.cmd("SELECT INBOX");
+        assert!(lines.iter().any(|l| l.contains("$RolledBack")), "{lines:?}");
+        let trail: Vec<String> = events(&m)
+            .iter()
+            .map(|e| e["to"].as_str().unwrap().to_owned())
+            .collect();
+        assert_eq!(trail, ["syncing", "cutover", "new", "rollback", "legacy"]);
+    });
 }

@@ -53,11 +53,17 @@ fn shown(proxy: &Mailferry, user: &str) -> serde_json::Value {
     serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {body}"))
 }
 
-/// Every state-changing route of `admin::router`, with a body that would change something.
-const STATE_CHANGES: [(&str, &str, &str); 3] = [
-    ("PUT", "route", r#"{"route":"new"}"#),
-    ("POST", "migrate", ""),
-    ("PUT", "state", r#"{"state":"cutover"}"#),
+/// Every state-changing route of `admin::router` (`{user}` stands for the user), with a body
+/// that would change something. The first three are replayed with the token, in this order.
+const STATE_CHANGES: [(&str, &str, &str); 8] = [
+    ("POST", "/api/users/{user}/migrate", ""),
+    ("PUT", "/api/users/{user}/route", r#"{"route":"new"}"#),
+    ("PUT", "/api/users/{user}/state", r#"{"state":"cutover"}"#),
+    ("POST", "/api/users/{user}/cutover", ""),
+    ("POST", "/api/users/{user}/rollback", ""),
+    ("POST", "/api/import", r#"{"users":[["{user}","w1"]]}"#),
+    ("POST", "/api/waves/w1/migrate", ""),
+    ("POST", "/api/waves/w1/cutover", r#"{"all":true}"#),
 ];
 
 #[test]
@@ -77,16 +83,22 @@ fn admin_api_changes_nothing_without_the_right_token() {
             Some(String::new()),
             None,
         ];
-        for (method, what, body) in STATE_CHANGES {
-            let path = format!("/api/users/{user}/{what}");
+        for (method, path, body) in STATE_CHANGES {
+            let (path, body) = (path.replace("{user}", user), body.replace("{user}", user));
             for token in &wrong {
-                let (status, resp) = http(proxy.admin, method, &path, token.as_deref(), body);
+                let (status, resp) = http(proxy.admin, method, &path, token.as_deref(), &body);
                 assert_eq!(status, 401, "{method} {path} with {token:?}: {resp}");
             }
         }
         let view = shown(&proxy, user);
         assert_eq!(view["route"], "legacy", "{view}");
         assert_eq!(view["state"], "legacy", "{view}");
+        let (status, waves) = http(proxy.admin, "GET", "/api/waves", Some(t), "");
+        assert_eq!(status, 200, "{waves}");
+        assert!(
+            waves.ends_with("\r\n\r\n[]"),
+            "no wave was imported: {waves}"
+        );
         assert_eq!(view["sessions"], 1, "{view}");
         let (_, ok) = live.cmd("NOOP");
         assert!(
@@ -96,8 +108,8 @@ fn admin_api_changes_nothing_without_the_right_token() {
 
         // The same requests with the token do change things: the 401s above were the token's.
         let bob = "bob@example.org";
-        for (method, what, body) in STATE_CHANGES {
-            let path = format!("/api/users/{bob}/{what}");
+        for (method, path, body) in &STATE_CHANGES[..3] {
+            let path = path.replace("{user}", bob);
             let (status, resp) = http(proxy.admin, method, &path, Some(t), body);
             assert_eq!(status, 200, "{method} {path}: {resp}");
         }

@@ -134,7 +134,7 @@ fn migrations_and_user_state() {
             "mailferry",
             "SELECT COUNT(*), MAX(version) FROM schema_version",
         );
-        assert_eq!(versions.trim(), "4|4", "{versions}");
+        assert_eq!(versions.trim(), "5|5", "{versions}");
         // Several nodes starting at once on an empty database: each version applied once.
         let url = pg.create_database("race");
         rt().block_on(async {
@@ -149,7 +149,7 @@ fn migrations_and_user_state() {
             }
         });
         let versions = pg.psql("race", "SELECT COUNT(*), MAX(version) FROM schema_version");
-        assert_eq!(versions.trim(), "4|4", "{versions}");
+        assert_eq!(versions.trim(), "5|5", "{versions}");
         let events = pg.psql(
             "mailferry",
             "SELECT from_state || '>' || to_state FROM events WHERE email = 'a@example.org' ORDER BY at, to_state DESC",

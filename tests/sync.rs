@@ -71,6 +71,15 @@ impl Env {
             sqlx::any::install_default_drivers();
             let pool = sqlx::AnyPool::connect(&url).await.unwrap();
             for sql in [
+                // Version 5.
+                "ALTER TABLE events DROP COLUMN at_ms",
+                "ALTER TABLE events DROP COLUMN actor",
+                "ALTER TABLE events DROP COLUMN outcome",
+                "DROP TABLE cutover_evidence",
+                "DROP TABLE reverse_pending",
+                "DROP INDEX users_wave",
+                "DROP TABLE waves",
+                // Versions 4 and 3.
                 "ALTER TABLE sync_uids DROP COLUMN pending_at",
                 "DROP TABLE sync_leases",
                 "DROP TABLE sync_warnings",

@@ -5,8 +5,6 @@ mod support;
 
 use support::deadline::within;
 
-use std::time::{Duration, Instant};
-
 use support::client::Client;
 use support::corpus::{self, Spec};
 use support::mailferry::{run_cli, with_master_users, Mailferry, Options};
@@ -15,40 +13,8 @@ use support::Backends;
 const USER: &str = "bob@example.org";
 const PASSWORD: &str = "bobpw";
 
-fn show(m: &Mailferry, user: &str) -> serde_json::Value {
-    let out = m.cli(&["user", "show", user, "--json"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).expect("json")
-}
-
 fn copied(v: &serde_json::Value) -> u64 {
     v["sync"]["messages_copied"].as_u64().unwrap_or(0)
-}
-
-/// Polls `user show` until `pred` holds (the scheduler works in the background).
-fn wait_for(
-    m: &Mailferry,
-    user: &str,
-    what: &str,
-    pred: impl Fn(&serde_json::Value) -> bool,
-) -> serde_json::Value {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let v = show(m, user);
-        if pred(&v) {
-            return v;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{what}: last view {v}\n{}",
-            m.log()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }
 
 #[test]
@@ -74,7 +40,7 @@ fn migrate_syncs_in_the_background_and_a_login_bumps_the_next_pass() {
                 ..Options::default()
             },
         );
-        assert_eq!(show(&m, USER)["state"], "legacy");
+        assert_eq!(m.show(USER)["state"], "legacy");
 
         let out = m.cli(&["user", "migrate", USER]);
         assert!(
@@ -84,7 +50,7 @@ fn migrate_syncs_in_the_background_and_a_login_bumps_the_next_pass() {
         );
         assert!(String::from_utf8_lossy(&out.stdout).contains("syncing"));
         let total = c.messages.len() as u64 + 1; // plus the harness's legacy marker
-        let v = wait_for(&m, USER, "initial pass", |v| {
+        let v = m.wait_for(USER, "initial pass", |v| {
             copied(v) == total && v["sync"]["passes"].as_u64() >= Some(1)
         });
         assert_eq!(v["state"], "syncing");
@@ -119,7 +85,7 @@ fn migrate_syncs_in_the_background_and_a_login_bumps_the_next_pass() {
         let login = client.login(USER, PASSWORD);
         assert!(login.contains("OK"), "{login}");
         let want = total + more.messages.len() as u64;
-        wait_for(&m, USER, "bumped pass", |v| copied(v) == want);
+        m.wait_for(USER, "bumped pass", |v| copied(v) == want);
         let out = m.cli(&["verify", USER]);
         assert_eq!(
             out.status.code(),
@@ -162,7 +128,7 @@ fn captured_credentials_sync_a_user_without_master_users() {
             },
         );
         assert!(m.cli(&["user", "migrate", CAROL]).status.success());
-        let v = wait_for(&m, CAROL, "a pass without credentials", |v| {
+        let v = m.wait_for(CAROL, "a pass without credentials", |v| {
             v["sync"]["last_error"].is_string()
         });
         let err = v["sync"]["last_error"].as_str().unwrap_or_default();
@@ -173,7 +139,7 @@ fn captured_credentials_sync_a_user_without_master_users() {
         let login = client.login(CAROL, CAROL_PW);
         assert!(login.contains("OK"), "{login}");
         let total = c.messages.len() as u64 + 1; // plus the harness's legacy marker
-        let v = wait_for(&m, CAROL, "pass with the captured password", |v| {
+        let v = m.wait_for(CAROL, "pass with the captured password", |v| {
             copied(v) == total && v["sync"]["last_error"].is_null()
         });
         assert_eq!(v["state"], "syncing");
@@ -223,14 +189,14 @@ fn a_cli_pass_beside_servers_pass_is_refused_and_a_user_routed_to_new_is_not_syn
         );
         let config = with_master_users(&m);
         assert!(m.cli(&["user", "migrate", USER]).status.success());
-        wait_for(&m, USER, "the pass has started", |v| copied(v) > 0);
+        m.wait_for(USER, "the pass has started", |v| copied(v) > 0);
         let out = run_cli(&config, &["sync", USER, "--once", "--quiet"], 60);
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(1), "{err}");
         assert!(err.contains("pass in progress"), "{err}");
 
         let total = c.messages.len() as u64 + 1;
-        wait_for(&m, USER, "initial pass", |v| copied(v) == total);
+        m.wait_for(USER, "initial pass", |v| copied(v) == total);
         m.route(USER, "new");
         let more = corpus::generate(&Spec {
             seed: 22,
@@ -241,7 +207,7 @@ fn a_cli_pass_beside_servers_pass_is_refused_and_a_user_routed_to_new_is_not_syn
         });
         corpus::load(&b.legacy, USER, &more);
         // Passes are due every second: they run, and refuse.
-        let v = wait_for(&m, USER, "a refused pass", |v| {
+        let v = m.wait_for(USER, "a refused pass", |v| {
             v["sync"]["last_error"]
                 .as_str()
                 .is_some_and(|e| e.contains("routed to new"))

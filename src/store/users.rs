@@ -183,8 +183,22 @@ async fn insert_event(
     Ok(())
 }
 
-/// A `users` row as selected by `SqlStore::user`.
-type UserRow = (String, String, Option<String>, Option<String>, i64);
+/// A `users` row: email, state, wave, last_error, updated_at.
+pub(super) type UserRow = (String, String, Option<String>, Option<String>, i64);
+
+impl UserRecord {
+    /// The record of a `users` row selected as `email, state, wave, last_error, updated_at`.
+    pub(super) fn from_row(row: UserRow) -> Result<UserRecord, StoreError> {
+        let (email, state, wave, last_error, updated_at) = row;
+        Ok(UserRecord {
+            email,
+            state: state.parse()?,
+            wave,
+            last_error,
+            updated_at,
+        })
+    }
+}
 
 impl SqlStore {
     /// The record of `email`, if the store has one.
@@ -195,16 +209,7 @@ impl SqlStore {
         .bind(email)
         .fetch_optional(self.pool())
         .await?;
-        row.map(|(email, state, wave, last_error, updated_at)| {
-            Ok(UserRecord {
-                email,
-                state: state.parse()?,
-                wave,
-                last_error,
-                updated_at,
-            })
-        })
-        .transpose()
+        row.map(UserRecord::from_row).transpose()
     }
 
     /// The state of `email`; users the store does not know are `legacy`.

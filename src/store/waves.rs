@@ -3,7 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::users::UserRecord;
+use super::users::{UserRecord, UserRow};
 use super::{now_ms, SqlStore, StoreError};
 
 /// What an import changed.
@@ -36,8 +36,6 @@ pub enum WaveMark {
     /// `wave cutover` ran.
     Cutover,
 }
-
-type Row = (String, String, Option<String>, Option<String>, i64);
 
 impl SqlStore {
     /// Adds `users` (normalized address, wave) in one transaction; a user already known keeps
@@ -94,23 +92,13 @@ impl SqlStore {
 
     /// The users of `wave`, by address.
     pub async fn wave_members(&self, wave: &str) -> Result<Vec<UserRecord>, StoreError> {
-        let rows: Vec<Row> = sqlx::query_as(
+        let rows: Vec<UserRow> = sqlx::query_as(
             "SELECT email, state, wave, last_error, updated_at FROM users WHERE wave = $1 ORDER BY email",
         )
         .bind(wave)
         .fetch_all(self.pool())
         .await?;
-        rows.into_iter()
-            .map(|(email, state, wave, last_error, updated_at)| {
-                Ok(UserRecord {
-                    email,
-                    state: state.parse()?,
-                    wave,
-                    last_error,
-                    updated_at,
-                })
-            })
-            .collect()
+        rows.into_iter().map(UserRecord::from_row).collect()
     }
 
     /// Every wave with its number of users, by name.

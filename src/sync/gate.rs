@@ -9,9 +9,9 @@ use std::collections::{HashMap, HashSet};
 
 use serde::{Deserialize, Serialize};
 
-use super::client::{Client, ListEntry};
+use super::client::Client;
 use super::engine::Engine;
-use super::mailboxes::{Folder, Mapper};
+use super::verify::{list_both, map_folders};
 use super::SyncError;
 use crate::config::GateMode;
 use crate::store::sync::FolderState;
@@ -118,18 +118,8 @@ impl Engine {
         src: &mut Client,
         tgt: &mut Client,
     ) -> Result<Vec<String>, SyncError> {
-        let (sl, tl) = tokio::try_join!(src.list(), tgt.list())?;
-        let sep = |l: &[ListEntry]| l.iter().find_map(|e| e.delimiter).unwrap_or('/');
-        let (ssep, tsep) = (sep(&sl), sep(&tl));
-        let source: Vec<Folder> = sl
-            .iter()
-            .map(|e| Folder::from_list(e, ssep))
-            .filter(|f| f.selectable)
-            .collect();
-        let target: Vec<Folder> = tl.iter().map(|e| Folder::from_list(e, tsep)).collect();
-        let mapper = Mapper::new(&source, &target, tsep, self.rules.clone());
-        Ok(mapper
-            .map_all(&source)
+        let (source, target, tsep) = list_both(src, tgt).await?;
+        Ok(map_folders(&source, &target, tsep, &self.rules)
             .into_iter()
             .map(|(f, _)| f.raw.clone())
             .collect())

@@ -57,26 +57,46 @@ fn separator(list: &[ListEntry]) -> char {
     list.iter().find_map(|e| e.delimiter).unwrap_or('/')
 }
 
+/// Both sides' folders: legacy's selectable ones, all of new's, and new's separator.
+pub(crate) async fn list_both(
+    src: &mut Client,
+    tgt: &mut Client,
+) -> Result<(Vec<Folder>, Vec<Folder>, char), SyncError> {
+    let (sl, tl) = tokio::try_join!(src.list(), tgt.list())?;
+    let (ssep, tsep) = (separator(&sl), separator(&tl));
+    let source = sl
+        .iter()
+        .map(|e| Folder::from_list(e, ssep))
+        .filter(|f| f.selectable)
+        .collect();
+    let target = tl.iter().map(|e| Folder::from_list(e, tsep)).collect();
+    Ok((source, target, tsep))
+}
+
+/// The legacy folders the sync copies (not excluded by the rules), each with the wire name
+/// it has on new.
+pub(crate) fn map_folders<'a>(
+    source: &'a [Folder],
+    target: &[Folder],
+    tsep: char,
+    rules: &Rules,
+) -> Vec<(&'a Folder, String)> {
+    let mapper = Mapper::new(source, target, tsep, rules.clone());
+    mapper
+        .map_all(source)
+        .into_iter()
+        .map(|(f, p)| (f, encode_path(&p, tsep)))
+        .collect()
+}
+
 pub(crate) async fn compare(
     src: &mut Client,
     tgt: &mut Client,
     rules: &Rules,
 ) -> Result<VerifyReport, SyncError> {
     let mut report = VerifyReport::default();
-    let (sl, tl) = tokio::try_join!(src.list(), tgt.list())?;
-    let (ssep, tsep) = (separator(&sl), separator(&tl));
-    let source: Vec<Folder> = sl
-        .iter()
-        .map(|e| Folder::from_list(e, ssep))
-        .filter(|f| f.selectable)
-        .collect();
-    let target: Vec<Folder> = tl.iter().map(|e| Folder::from_list(e, tsep)).collect();
-    let mapper = Mapper::new(&source, &target, tsep, rules.clone());
-    let mapped: Vec<(&Folder, String)> = mapper
-        .map_all(&source)
-        .into_iter()
-        .map(|(f, p)| (f, encode_path(&p, tsep)))
-        .collect();
+    let (source, target, tsep) = list_both(src, tgt).await?;
+    let mapped = map_folders(&source, &target, tsep, rules);
     let by_name: HashMap<&str, &Folder> = target.iter().map(|f| (f.raw.as_str(), f)).collect();
     for (f, t) in &mapped {
         match by_name.get(t.as_str()) {

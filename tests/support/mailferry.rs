@@ -240,6 +240,40 @@ impl Mailferry {
             .expect("run mailferry CLI")
     }
 
+    /// `mailferry user show USER --json`, asserting success.
+    pub fn show(&self, user: &str) -> serde_json::Value {
+        let out = self.cli(&["user", "show", user, "--json"]);
+        assert!(
+            out.status.success(),
+            "user show {user}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).expect("user show --json")
+    }
+
+    /// Polls `user show` until `pred` holds (the server works in the background), at most
+    /// 60 s; `what` names the wait in the failure.
+    pub fn wait_for(
+        &self,
+        user: &str,
+        what: &str,
+        pred: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let v = self.show(user);
+            if pred(&v) {
+                return v;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{what}: last view {v}\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// `mailferry user route USER ROUTE`, asserting success.
     pub fn route(&self, user: &str, route: &str) {
         let out = self.cli(&["user", "route", user, route]);
