@@ -375,6 +375,65 @@ fn an_append_a_killed_pass_left_unrecorded_is_found_not_repeated() {
 }
 
 #[test]
+fn folders_created_on_new_come_back_and_deleted_ones_stay_on_legacy() {
+    within(180, || {
+        let env = Env::new();
+        let (legacy, new) = (env.legacy(), env.new_side());
+        legacy.create_mailbox(USER, "Old");
+        put(legacy, "Old", &[msg("old-1", &[], DATE)]);
+        env.forward();
+        let mut s = Session::open(new, USER);
+        s.ok("DELETE \"Old\"");
+        s.ok("CREATE \"Reports/2025\"");
+        s.ok("SUBSCRIBE \"Reports/2025\"");
+        s.close();
+        put(
+            new,
+            "Reports/2025",
+            &[
+                msg("q1", &["\\Seen"], "31-Mar-2025 12:00:00 +0200"),
+                msg("q2", &[], DATE),
+            ],
+        );
+
+        let r = env.reverse();
+        assert_eq!(r.folders_created, 1, "{r}");
+        assert_eq!(r.appended, 2, "{r}");
+        assert!(
+            r.warnings
+                .iter()
+                .any(|w| w.starts_with("Old: deleted on new")),
+            "{r}"
+        );
+        assert_eq!(subjects(legacy, "Reports.2025"), ["q1", "q2"]);
+        assert_eq!(
+            with_subject(legacy, "Reports.2025", "q1")[0].flags,
+            ["\\Seen"]
+        );
+        assert_eq!(
+            subjects(legacy, "Old"),
+            ["old-1"],
+            "nothing deleted on legacy"
+        );
+        let mut s = Session::open(legacy, USER);
+        let lsub = s.ok("LSUB \"\" \"Reports*\"");
+        s.close();
+        assert!(
+            lsub.lines.iter().any(|l| l.ends_with(" Reports.2025")),
+            "subscribed as on new: {:?}",
+            lsub.lines
+        );
+
+        let again = env.reverse();
+        assert!(nothing_done(&again), "{again}");
+        assert_eq!(subjects(legacy, "Reports.2025"), ["q1", "q2"]);
+        // The forward sync knows the folder: no duplicates on new.
+        env.forward();
+        assert_eq!(subjects(new, "Reports/2025"), ["q1", "q2"]);
+    });
+}
+
+#[test]
 fn after_a_uidvalidity_change_on_new_arrivals_come_back_and_nothing_is_expunged() {
     within(180, || {
         let env = Env::new();

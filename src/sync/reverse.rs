@@ -3,14 +3,15 @@
 //! (`folder.rs`): mail that arrived on new is appended with its flags, keywords and
 //! INTERNALDATE and gets a UID map row, so that no later pass copies it again either way
 //! (`arrivals.rs`); flag changes are set; messages the user expunged on new are expunged on
-//! legacy, and only those the map pairs with a message gone from new. A folder deleted on
-//! new is kept.
+//! legacy, and only those the map pairs with a message gone from new. Folders created on new
+//! are created on legacy and copied (`created.rs`); a folder deleted on new is kept.
 //!
 //! Crash safety: the intent of each APPEND is durable before it goes out
 //! (`store::reverse`); a rerun first matches the intents on legacy by content hash, so a pass
 //! killed anywhere and run again leaves no duplicate on legacy.
 
 mod arrivals;
+mod created;
 mod folder;
 
 use std::fmt;
@@ -21,6 +22,8 @@ use tracing::{info, warn, Instrument};
 
 use super::client::{Client, ListEntry};
 use super::engine::Engine;
+use super::mailboxes::Folder;
+use super::pass::separator;
 use super::SyncError;
 use crate::route::Route;
 use crate::store::sync::FolderState;
@@ -28,7 +31,7 @@ use crate::store::sync::FolderState;
 /// What a reverse pass carried back to legacy.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct ReverseReport {
-    /// Folders carried back.
+    /// Folders carried back (those of the UID map, and those created on new).
     pub folders: usize,
     /// Messages that arrived on new, appended to legacy.
     pub appended: u64,
@@ -41,7 +44,7 @@ pub struct ReverseReport {
     pub flag_updates: u64,
     /// Legacy messages expunged because the user expunged them on new.
     pub expunged: u64,
-    /// Folders created on legacy because they were created on new (none yet).
+    /// Folders created on legacy because they were created on new.
     pub folders_created: usize,
     /// What was left alone, for the operator (`folder: why`).
     pub warnings: Vec<String>,
@@ -133,19 +136,34 @@ struct Reverse<'a> {
 struct Lists {
     legacy: Vec<ListEntry>,
     new: Vec<ListEntry>,
+    legacy_sep: char,
+    new_sep: char,
 }
 
 impl Lists {
     fn selectable(list: &[ListEntry], name: &str) -> bool {
         list.iter().any(|e| e.name == name && e.selectable())
     }
+
+    /// The selectable folders of one side, decoded.
+    fn folders(list: &[ListEntry], sep: char) -> Vec<Folder> {
+        list.iter()
+            .map(|e| Folder::from_list(e, sep))
+            .filter(|f| f.selectable)
+            .collect()
+    }
 }
 
 impl Reverse<'_> {
-    /// The folders of the UID map; returns what was done.
+    /// The folders of the UID map, then those created on new; returns what was done.
     async fn run(mut self) -> Result<ReverseReport, SyncError> {
         let (legacy, new) = tokio::try_join!(self.legacy.list(), self.new.list())?;
-        let lists = Lists { legacy, new };
+        let lists = Lists {
+            legacy_sep: separator(&legacy),
+            new_sep: separator(&new),
+            legacy,
+            new,
+        };
         let mut states = self.engine.store.sync_folders(self.user).await?;
         states.sort_by(|a, b| a.source_name.cmp(&b.source_name));
         for st in &states {
@@ -153,6 +171,7 @@ impl Reverse<'_> {
                 folder::carry_back(&mut self, st.clone(), false).await?;
             }
         }
+        created::carry_created(&mut self, &lists, &states).await?;
         Ok(self.report)
     }
 
