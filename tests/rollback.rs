@@ -40,7 +40,12 @@ fn backend_toml(name: &str, d: &Dovecot, secret: &Path) -> String {
 impl Env {
     /// Both backends, new's INBOX emptied of the harness's marker so both sides can agree.
     fn new() -> Env {
-        let backends = Backends::start();
+        Env::with_legacy_conf("")
+    }
+
+    /// As `new`, with `legacy_conf` added to legacy's dovecot.conf.
+    fn with_legacy_conf(legacy_conf: &str) -> Env {
+        let backends = Backends::start_with(legacy_conf, "");
         let out = backends
             .new
             .doveadm(&["expunge", "-u", USER, "mailbox", "INBOX", "all"]);
@@ -478,6 +483,52 @@ fn after_a_uidvalidity_change_on_new_arrivals_come_back_and_nothing_is_expunged(
         let again = env.reverse();
         assert_eq!((again.appended, again.expunged), (0, 0), "{again}");
         assert_eq!(with_subject(legacy, "INBOX", "arrived").len(), 1);
+    });
+}
+
+/// What legacy advertises after login when it offers none of LITERAL+ (nor LITERAL-),
+/// MULTIAPPEND and UIDPLUS: Dovecot's own list otherwise.
+const PLAIN_APPEND_CAPS: &str = "IMAP4rev1 SASL-IR LOGIN-REFERRALS ID ENABLE IDLE SORT \
+     SEARCHRES WITHIN ESEARCH LIST-STATUS BINARY MOVE NAMESPACE UNSELECT CHILDREN \
+     LIST-EXTENDED I18NLEVEL=1 CONDSTORE QRESYNC ESORT THREAD=REFERENCES SPECIAL-USE";
+
+#[test]
+fn a_legacy_without_literal_plus_or_uidplus_gets_each_arrival_once() {
+    within(180, || {
+        let env = Env::with_legacy_conf(&format!("imap_capability = {PLAIN_APPEND_CAPS}\n"));
+        let (legacy, new) = (env.legacy(), env.new_side());
+        put(legacy, "INBOX", &[msg("a", &[], DATE), msg("b", &[], DATE)]);
+        env.forward();
+        let arrivals = [
+            msg("arrival-1", &["\\Seen"], "03-Mar-2023 08:15:00 +0100"),
+            msg("arrival-2", &["$Work"], "04-Mar-2023 08:15:00 +0100"),
+        ];
+        put(new, "INBOX", &arrivals);
+        let b = uid_of(new, "b");
+        in_inbox(
+            new,
+            &[
+                format!("UID STORE {b} +FLAGS.SILENT (\\Deleted)"),
+                format!("UID EXPUNGE {b}"),
+            ],
+        );
+
+        // One synchronizing APPEND at a time; no APPENDUID: recorded by content.
+        let r = env.reverse();
+        assert_eq!((r.appended, r.matched, r.expunged), (2, 0, 0), "{r}");
+        assert!(
+            r.warnings.iter().any(|w| w.contains("UIDPLUS")),
+            "b is kept on legacy, and said so: {r}"
+        );
+        for subject in ["a", "b", "arrival-1", "arrival-2"] {
+            assert_eq!(with_subject(legacy, "INBOX", subject).len(), 1, "{subject}");
+        }
+        let left = env.rt.block_on(env.store.reverse_pending(USER, "INBOX"));
+        assert_eq!(left.expect("intents").len(), 0, "every APPEND recorded");
+
+        let again = env.reverse();
+        assert_eq!((again.appended, again.matched), (0, 0), "{again}");
+        assert_eq!(env.forward().appended, 0);
     });
 }
 

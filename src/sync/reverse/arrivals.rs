@@ -309,13 +309,15 @@ async fn record_appended(
     replies: Vec<Reply>,
 ) -> Result<bool, SyncError> {
     let (mut rows, mut refused, mut unconfirmed) = (Vec::new(), Vec::new(), false);
+    // APPENDUID is UIDPLUS's: a server that does not offer it may not mean it.
+    let uidplus = rev.legacy.has("UIDPLUS");
     for (a, reply) in batch.into_iter().zip(replies) {
         let size = a.body.len() as u64;
         match reply {
             Ok(info) => {
                 rev.report.appended += 1;
                 rev.report.appended_bytes += size;
-                match appended_uid(&info, v.legacy.uidvalidity) {
+                match appended_uid(&info, v.legacy.uidvalidity).filter(|_| uidplus) {
                     Some(l) => rows.push(pair(l, a.uid, a.hash, size)),
                     None => unconfirmed = true,
                 }

@@ -89,9 +89,10 @@ pub(super) async fn carry_back(
     };
     v.read_sides(rev).await?;
     v.forget_gone_from_legacy(rev).await?;
-    v.resolve_pending(rev, pending).await?;
+    rev.report.matched += v.resolve_pending(rev, pending).await?;
     if arrivals::carry_arrivals(rev, &mut v).await? {
-        // Appended without APPENDUID: their intents are matched by content now.
+        // Appended without APPENDUID (counted as appended): their intents are matched by
+        // content now.
         v.rescan_legacy(rev).await?;
         let left = store.reverse_pending(rev.user, &v.st.source_name).await?;
         v.resolve_pending(rev, left).await?;
@@ -247,14 +248,15 @@ impl Visit {
     }
 
     /// Intents a dead pass left: each found on legacy by content becomes a map row, the
-    /// others are dropped (their message is appended again if new still has it).
+    /// others are dropped (their message is appended again if new still has it). Returns how
+    /// many were found.
     async fn resolve_pending(
         &mut self,
         rev: &mut Reverse<'_>,
         pending: Vec<ReversePending>,
-    ) -> Result<(), SyncError> {
+    ) -> Result<u64, SyncError> {
         if pending.is_empty() {
-            return Ok(());
+            return Ok(0);
         }
         let pool = self.pool(rev.legacy).await?;
         let (mut found, mut lost) = (Vec::new(), Vec::new());
@@ -268,9 +270,9 @@ impl Visit {
         let name = &self.st.source_name;
         store.confirm_reverse(rev.user, name, &found).await?;
         store.forget_reverse_pending(rev.user, name, &lost).await?;
-        rev.report.matched += found.len() as u64;
+        let n = found.len() as u64;
         self.record(found);
-        Ok(())
+        Ok(n)
     }
 
     /// The legacy messages the map does not account for (no row, or a forward APPEND left
