@@ -6,6 +6,7 @@
 mod intents;
 pub mod leases;
 mod migrations;
+pub mod reverse;
 pub mod sync;
 pub mod users;
 pub mod waves;
@@ -20,6 +21,7 @@ use sqlx::any::AnyPoolOptions;
 use sqlx::AnyPool;
 
 use self::leases::LeaseTaken;
+use self::reverse::ReversePending;
 use self::sync::{FolderState, SyncProgress, UidRow};
 use self::waves::{Imported, WaveMark, WaveTimes};
 pub use users::{Change, Event, StoreSummary, UserRecord, UserState};
@@ -243,6 +245,37 @@ pub trait StateStore: Send + Sync + 'static {
         folder: &'a str,
         warning: &'a str,
     ) -> StoreFuture<'a, ()>;
+    /// The rollback intents of one folder of `email` (see `reverse.rs`), in new UID order.
+    fn reverse_pending<'a>(
+        &'a self,
+        email: &'a str,
+        source_name: &'a str,
+    ) -> StoreFuture<'a, Vec<ReversePending>>;
+
+    /// Records messages of new (new UID, content hash) about to be appended to legacy.
+    fn add_reverse_pending<'a>(
+        &'a self,
+        email: &'a str,
+        source_name: &'a str,
+        rows: &'a [(u32, String)],
+    ) -> StoreFuture<'a, ()>;
+
+    /// Records the UID map rows of messages now on legacy and drops their rollback intents, in
+    /// one transaction.
+    fn confirm_reverse<'a>(
+        &'a self,
+        email: &'a str,
+        source_name: &'a str,
+        rows: &'a [UidRow],
+    ) -> StoreFuture<'a, ()>;
+
+    /// Drops rollback intents whose message did not reach legacy.
+    fn forget_reverse_pending<'a>(
+        &'a self,
+        email: &'a str,
+        source_name: &'a str,
+        target_uids: &'a [u32],
+    ) -> StoreFuture<'a, ()>;
 }
 
 /// Opens and migrates the state store at `url` (`sqlite://` or `postgres://`), ready to
@@ -362,7 +395,8 @@ impl SqlStore {
     }
 }
 
-/// Each operation delegates to the inherent method of the same name (`users.rs`, `sync.rs`).
+/// Each operation delegates to the inherent method of the same name (`users.rs`, `sync.rs`,
+/// `leases.rs`, `reverse.rs`).
 impl StateStore for SqlStore {
     fn user<'a>(&'a self, email: &'a str) -> StoreFuture<'a, Option<UserRecord>> {
         Box::pin(SqlStore::user(self, email))
@@ -553,6 +587,50 @@ impl StateStore for SqlStore {
         warning: &'a str,
     ) -> StoreFuture<'a, ()> {
         Box::pin(SqlStore::put_sync_warning(self, email, folder, warning))
+    }
+    fn reverse_pending<'a>(
+        &'a self,
+        email: &'a str,
+        source_name: &'a str,
+    ) -> StoreFuture<'a, Vec<ReversePending>> {
+        Box::pin(SqlStore::reverse_pending(self, email, source_name))
+    }
+
+    fn add_reverse_pending<'a>(
+        &'a self,
+        email: &'a str,
+        source_name: &'a str,
+        rows: &'a [(u32, String)],
+    ) -> StoreFuture<'a, ()> {
+        Box::pin(SqlStore::add_reverse_pending(
+            self,
+            email,
+            source_name,
+            rows,
+        ))
+    }
+
+    fn confirm_reverse<'a>(
+        &'a self,
+        email: &'a str,
+        source_name: &'a str,
+        rows: &'a [UidRow],
+    ) -> StoreFuture<'a, ()> {
+        Box::pin(SqlStore::confirm_reverse(self, email, source_name, rows))
+    }
+
+    fn forget_reverse_pending<'a>(
+        &'a self,
+        email: &'a str,
+        source_name: &'a str,
+        target_uids: &'a [u32],
+    ) -> StoreFuture<'a, ()> {
+        Box::pin(SqlStore::forget_reverse_pending(
+            self,
+            email,
+            source_name,
+            target_uids,
+        ))
     }
 }
 

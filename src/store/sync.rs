@@ -568,7 +568,7 @@ async fn write_intent(
 }
 
 /// Inserts (or replaces) UID map rows of one folder within `tx`.
-async fn insert_rows(
+pub(super) async fn insert_rows(
     tx: &mut sqlx::Transaction<'_, sqlx::Any>,
     email: &str,
     source_name: &str,

@@ -152,9 +152,20 @@ impl Engine {
         if !force && self.routes.lookup(email).await?.route == Route::New {
             return Err(SyncError::RoutedToNew);
         }
+        self.under_lease(email, self.pass_inner(email, progress))
+            .await
+    }
+
+    /// Runs `work` (a pass of `email`, either way) under the user's lease, so that no other
+    /// pass of the user runs meanwhile in the cluster; stops it if the lease is lost.
+    pub(crate) async fn under_lease<T>(
+        &self,
+        email: &str,
+        work: impl std::future::Future<Output = Result<T, SyncError>>,
+    ) -> Result<T, SyncError> {
         let lease = self.leases.take(&*self.store, email).await?;
         let result = tokio::select! {
-            r = self.pass_inner(email, progress) => r,
+            r = work => r,
             // Dropping the pass mid-copy is what a crash does: the next pass resumes.
             lost = lease.keep(&*self.store, email) => Err(lost),
         };

@@ -486,6 +486,6 @@ fn unchanged(
 }
 
 /// The hierarchy separator of a listing (`/` when it names none).
-fn separator(list: &[ListEntry]) -> char {
+pub(super) fn separator(list: &[ListEntry]) -> char {
     list.iter().find_map(|e| e.delimiter).unwrap_or('/')
 }

@@ -16,7 +16,7 @@ use crate::store::sync::{FolderState, UidRow};
 
 /// How long after a pending row was written an APPEND of a killed process may still be
 /// committed by the server (it had received the whole command before the process died).
-const LATE_COMMIT_GRACE_SECS: i64 = 5;
+pub(super) const LATE_COMMIT_GRACE_SECS: i64 = 5;
 /// The least time a recovery watches the target before it gives up on unmatched rows.
 const LATE_COMMIT_RESCAN: std::time::Duration = std::time::Duration::from_secs(1);
 /// Between two looks at the target while a late commit may still come.
@@ -25,7 +25,7 @@ const RESCAN_EVERY: std::time::Duration = std::time::Duration::from_millis(250);
 /// Fetches `(UID, content hash, size)` of the messages in `range`, streaming (one body in
 /// memory at a time). With `also_sha256`, each message is listed a second time under its bare
 /// SHA-256, the hash older versions recorded.
-async fn hashes(
+pub(crate) async fn hashes(
     c: &mut Client,
     range: &str,
     min_uid: u32,

@@ -35,6 +35,7 @@ use append::Appender;
 use confirm::{Completions, Confirm};
 use fetch::{Fetcher, Holding};
 use msg::Msg;
+pub(crate) use msg::{append_command, message_head};
 
 /// Messages per FETCH command.
 const FETCH_MESSAGES: usize = 200;

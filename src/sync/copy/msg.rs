@@ -76,20 +76,39 @@ impl Msg {
     /// ` (flags) "date" {n+}\r\n`, to follow the command head or the previous message of a
     /// MULTIAPPEND; the body goes after it (`literal_plus`), or after the continuation.
     pub fn encode(&self, out: &mut Vec<u8>, literal_plus: bool) {
-        out.extend_from_slice(b" (");
-        out.extend_from_slice(self.flags.join(" ").as_bytes());
-        out.extend_from_slice(b") ");
-        if let Some(d) = &self.date {
-            out.extend_from_slice(proto::quote(d).as_bytes());
-            out.push(b' ');
-        }
-        let plus = if literal_plus { "+" } else { "" };
-        out.extend_from_slice(format!("{{{}{plus}}}\r\n", self.size).as_bytes());
+        message_head(
+            out,
+            &self.flags,
+            self.date.as_deref(),
+            self.size,
+            literal_plus,
+        );
     }
 }
 
+/// ` (flags) "date" {size+}\r\n`: one message of an APPEND, after the command head or the
+/// previous message of a MULTIAPPEND; its `size` bytes go after it (`literal_plus`), or after
+/// the continuation.
+pub(crate) fn message_head(
+    out: &mut Vec<u8>,
+    flags: &[String],
+    date: Option<&str>,
+    size: u64,
+    literal_plus: bool,
+) {
+    out.extend_from_slice(b" (");
+    out.extend_from_slice(flags.join(" ").as_bytes());
+    out.extend_from_slice(b") ");
+    if let Some(d) = date {
+        out.extend_from_slice(proto::quote(d).as_bytes());
+        out.push(b' ');
+    }
+    let plus = if literal_plus { "+" } else { "" };
+    out.extend_from_slice(format!("{{{size}{plus}}}\r\n").as_bytes());
+}
+
 /// `tag APPEND "mailbox"`: what every APPEND starts with, before its messages.
-pub(super) fn append_command(out: &mut Vec<u8>, tag: &str, mbox: &str) {
+pub(crate) fn append_command(out: &mut Vec<u8>, tag: &str, mbox: &str) {
     out.extend_from_slice(tag.as_bytes());
     out.extend_from_slice(b" APPEND ");
     out.extend_from_slice(mbox.as_bytes());
