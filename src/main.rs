@@ -680,22 +680,27 @@ fn print_user(v: &UserView) {
         println!("changed:    {}", utc_time(at * 1000));
     }
     if let Some(ev) = &v.evidence {
-        let verdict = if ev.differences.is_empty() {
-            "clean".to_owned()
-        } else {
-            format!("{} difference(s)", ev.differences.len())
-        };
-        println!(
-            "gate:       {verdict} ({}, {}): {} folders, {} messages on legacy, {} on new",
-            ev.mode,
-            utc_time(ev.at * 1000),
-            ev.folders.len(),
-            ev.legacy_messages,
-            ev.new_messages
-        );
-        for d in ev.differences.iter().chain(&ev.notes) {
-            println!("  - {d}");
-        }
+        print_evidence(ev);
+    }
+}
+
+/// The verification gate's evidence, as `user show` prints it.
+fn print_evidence(ev: &mailferry::sync::gate::Evidence) {
+    let verdict = if ev.differences.is_empty() {
+        "clean".to_owned()
+    } else {
+        format!("{} difference(s)", ev.differences.len())
+    };
+    println!(
+        "gate:       {verdict} ({}, {}): {} folders, {} messages on legacy, {} on new",
+        ev.mode,
+        utc_time(ev.at * 1000),
+        ev.folders.len(),
+        ev.legacy_messages,
+        ev.new_messages
+    );
+    for d in ev.differences.iter().chain(&ev.notes) {
+        println!("  - {d}");
     }
 }
 

@@ -57,6 +57,29 @@ pub struct FolderCount {
     pub mapped: u32,
 }
 
+/// Checks that every legacy UID has a confirmed copy present on new; returns how many do.
+fn check_map(
+    name: &str,
+    legacy: &[u32],
+    map: &HashMap<u32, Option<u32>>,
+    on_new: &HashSet<u32>,
+    d: &mut Vec<String>,
+) -> u32 {
+    let mut mapped = 0;
+    for uid in legacy {
+        match map.get(uid) {
+            Some(Some(t)) if *t > 0 && on_new.contains(t) => mapped += 1,
+            Some(Some(0)) => d.push(format!("{name:?}: legacy UID {uid} could not be copied")),
+            Some(Some(t)) => d.push(format!(
+                "{name:?}: legacy UID {uid} was copied as new UID {t}, which is gone from new"
+            )),
+            Some(None) => d.push(format!("{name:?}: legacy UID {uid}: APPEND not confirmed")),
+            None => d.push(format!("{name:?}: legacy UID {uid} not copied")),
+        }
+    }
+    mapped
+}
+
 /// Differences listed in the evidence before the rest are summed up in one line.
 const MAX_LISTED: usize = 50;
 
@@ -156,18 +179,7 @@ impl Engine {
             .into_iter()
             .map(|r| (r.source_uid, r.target_uid))
             .collect();
-        let mut mapped = 0u32;
-        for uid in &legacy {
-            match map.get(uid) {
-                Some(Some(t)) if *t > 0 && on_new.contains(t) => mapped += 1,
-                Some(Some(0)) => d.push(format!("{name:?}: legacy UID {uid} could not be copied")),
-                Some(Some(t)) => d.push(format!(
-                    "{name:?}: legacy UID {uid} was copied as new UID {t}, which is gone from new"
-                )),
-                Some(None) => d.push(format!("{name:?}: legacy UID {uid}: APPEND not confirmed")),
-                None => d.push(format!("{name:?}: legacy UID {uid} not copied")),
-            }
-        }
+        let mapped = check_map(name, &legacy, &map, &on_new, d);
         let count = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
         let (l, n) = (count(legacy.len()), count(on_new.len()));
         if n < l {
