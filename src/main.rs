@@ -582,6 +582,28 @@ fn print_user(v: &UserView) {
     for w in &p.warnings {
         println!("warning:    {w}");
     }
+    if let Some(ev) = &v.evidence {
+        print_evidence(ev);
+    }
+}
+
+/// What the last cutover's verification gate compared and found.
+fn print_evidence(ev: &mailferry::sync::gate::Evidence) {
+    println!(
+        "gate:       {} at {}: {}, {} folders, {} messages on legacy, {} on new",
+        ev.mode,
+        utc_time(ev.at.saturating_mul(1000)),
+        if ev.clean() { "clean" } else { "DIFFERENT" },
+        ev.folders.len(),
+        ev.legacy_messages,
+        ev.new_messages
+    );
+    for d in &ev.differences {
+        println!("difference: {d}");
+    }
+    for n in &ev.notes {
+        println!("gate note:  {n}");
+    }
 }
 
 fn print_events(events: &Vec<mailferry::store::Event>) {
