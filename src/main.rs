@@ -684,23 +684,22 @@ fn print_user(v: &UserView) {
     }
 }
 
-/// The verification gate's evidence, as `user show` prints it.
+/// What the last cutover's verification gate compared and found.
 fn print_evidence(ev: &mailferry::sync::gate::Evidence) {
-    let verdict = if ev.differences.is_empty() {
-        "clean".to_owned()
-    } else {
-        format!("{} difference(s)", ev.differences.len())
-    };
     println!(
-        "gate:       {verdict} ({}, {}): {} folders, {} messages on legacy, {} on new",
+        "gate:       {} at {}: {}, {} folders, {} messages on legacy, {} on new",
         ev.mode,
-        utc_time(ev.at * 1000),
+        utc_time(ev.at.saturating_mul(1000)),
+        if ev.clean() { "clean" } else { "DIFFERENT" },
         ev.folders.len(),
         ev.legacy_messages,
         ev.new_messages
     );
-    for d in ev.differences.iter().chain(&ev.notes) {
-        println!("  - {d}");
+    for d in &ev.differences {
+        println!("difference: {d}");
+    }
+    for n in &ev.notes {
+        println!("gate note:  {n}");
     }
 }
 
