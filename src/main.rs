@@ -480,11 +480,11 @@ async fn verify(cfg: &Config, email: &str, json: bool) -> Result<ExitCode> {
             } else {
                 println!(
                     "{email}: {} difference(s) ({} folders, {} messages on legacy):",
-                    r.differences.len(),
+                    r.differences.len() + r.extras.len(),
                     r.folders,
                     r.messages
                 );
-                for d in &r.differences {
+                for d in r.differences.iter().chain(&r.extras) {
                     println!("  - {d}");
                 }
             }

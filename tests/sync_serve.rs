@@ -206,7 +206,22 @@ fn a_cli_pass_beside_servers_pass_is_refused_and_a_user_routed_to_new_is_not_syn
             ..Spec::default()
         });
         corpus::load(&b.legacy, USER, &more);
-        // Passes are due every second: they run, and refuse.
+        // Forced to new, the user is `new`: the scheduler, whose passes are due every second,
+        // no longer syncs them.
+        let passes = m.show(USER)["sync"]["passes"].clone();
+        assert_eq!(m.show(USER)["state"], "new");
+        std::thread::sleep(std::time::Duration::from_secs(3));
+        let v = m.show(USER);
+        assert_eq!(v["sync"]["passes"], passes, "{v}");
+        assert!(v["sync"]["last_error"].is_null(), "{v}");
+        // Set back to `syncing` while routed to new (as a flip made outside mailferry would
+        // leave it): the passes run, and refuse.
+        let (status, body) = m.api(
+            "PUT",
+            &format!("/api/users/{USER}/state"),
+            r#"{"state":"syncing"}"#,
+        );
+        assert_eq!(status, 200, "{body}");
         let v = m.wait_for(USER, "a refused pass", |v| {
             v["sync"]["last_error"]
                 .as_str()

@@ -175,6 +175,10 @@ impl Control {
         match self.store.change_state(email, &change).await {
             Ok(()) => {
                 tracing::info!(user = %email, from = %current, to = %to, actor = %actor, reason = note.reason, "state changed");
+                // The scheduler syncs exactly the users in `syncing`: it looks again now.
+                if let Some(q) = &self.sync {
+                    q.wake();
+                }
                 Ok(to)
             }
             Err(StoreError::Conflict { found }) => Err(ControlError::Conflict(format!(

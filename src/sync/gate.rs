@@ -131,6 +131,7 @@ impl Engine {
         if mode == GateMode::Full {
             let full = super::verify::compare(src, tgt, &self.rules).await?;
             ev.differences.extend(full.differences);
+            ev.notes.extend(full.extras);
         }
         Ok(ev)
     }

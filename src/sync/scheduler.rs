@@ -15,6 +15,7 @@ use tracing::{debug, warn};
 
 use super::{Engine, PassReport, SyncError};
 use crate::shutdown::Shutdown;
+use crate::store::UserState;
 
 /// Bumps kept until the scheduler next looks. Every proxy login bumps, syncing or not, and the
 /// scheduler may not be running at all (no master credentials): past this, bumps are dropped
@@ -143,7 +144,8 @@ struct Scheduler {
     rerun: HashSet<String>,
     /// Bumped by a login: before anyone due.
     front: VecDeque<String>,
-    tasks: JoinSet<(String, Result<PassReport, SyncError>)>,
+    /// Each pass's user and outcome (`None`: the user was no longer syncing).
+    tasks: JoinSet<(String, Option<Result<PassReport, SyncError>>)>,
 }
 
 impl Scheduler {
@@ -197,7 +199,13 @@ impl Scheduler {
             self.running.insert(user.clone());
             let e = self.engine.clone();
             self.tasks.spawn(async move {
-                let r = e.pass(&user, None, false).await;
+                // Asked again now: the set read from the store may be seconds old, and a user
+                // cut over or forced to a route meanwhile is not synced.
+                let r = match e.store.user_state(&user).await {
+                    Ok(UserState::Syncing) => Some(e.pass(&user, None, false).await),
+                    Ok(_) => None,
+                    Err(err) => Some(Err(err.into())),
+                };
                 (user, r)
             });
         }
@@ -216,8 +224,15 @@ impl Scheduler {
 
     /// A pass ended: the user's next one is due after the interval, sooner after a transient
     /// failure (backing off), at once if a login bumped the user meanwhile.
-    fn finished(&mut self, user: String, result: Result<PassReport, SyncError>) {
+    fn finished(&mut self, user: String, result: Option<Result<PassReport, SyncError>>) {
         self.running.remove(&user);
+        let Some(result) = result else {
+            debug!(user = %user, "not syncing any more: no pass");
+            self.users.remove(&user);
+            self.due.remove(&user);
+            self.rerun.remove(&user);
+            return;
+        };
         let next = match result {
             Ok(_) => {
                 self.failures.remove(&user);

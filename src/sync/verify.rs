@@ -18,14 +18,19 @@ pub struct VerifyReport {
     pub folders: usize,
     /// Messages on legacy in compared folders.
     pub messages: usize,
-    /// Readable differences; empty when both sides agree.
+    /// Readable differences: what legacy has and new has not, or has otherwise.
     pub differences: Vec<String>,
+    /// What exists only on new (folders, messages): a difference for `verify`, which asks
+    /// whether both sides are equal; a note for the cutover's gate, which asks whether
+    /// anything would be lost.
+    #[serde(default)]
+    pub extras: Vec<String>,
 }
 
 impl VerifyReport {
     /// Whether both sides agree.
     pub fn same(&self) -> bool {
-        self.differences.is_empty()
+        self.differences.is_empty() && self.extras.is_empty()
     }
 }
 
@@ -119,7 +124,7 @@ pub(crate) async fn compare(
     for tf in target.iter().filter(|t| t.selectable) {
         if !mapped.iter().any(|(_, t)| t == &tf.raw) {
             report
-                .differences
+                .extras
                 .push(format!("folder {:?} exists only on new", tf.raw));
         }
     }
@@ -130,7 +135,7 @@ pub(crate) async fn compare(
         report.folders += 1;
         let (s, n) = tokio::try_join!(signatures(src, &f.raw), signatures(tgt, t))?;
         report.messages += s.len();
-        diff_folder(&f.raw, &s, &n, &mut report.differences);
+        diff_folder(&f.raw, &s, &n, &mut report);
     }
     Ok(report)
 }
@@ -170,14 +175,18 @@ fn short(h: &str) -> &str {
     &h[..h.len().min(12)]
 }
 
-fn diff_folder(name: &str, s: &[Sig], n: &[Sig], out: &mut Vec<String>) {
-    if s.len() != n.len() {
-        out.push(format!(
-            "{name:?}: {} messages on legacy, {} on new",
-            s.len(),
-            n.len()
-        ));
+fn diff_folder(name: &str, s: &[Sig], n: &[Sig], report: &mut VerifyReport) {
+    let counts = format!(
+        "{name:?}: {} messages on legacy, {} on new",
+        s.len(),
+        n.len()
+    );
+    if s.len() > n.len() {
+        report.differences.push(counts);
+    } else if n.len() > s.len() {
+        report.extras.push(counts);
     }
+    let out = &mut report.differences;
     let group = |v: &[Sig]| {
         let mut m: BTreeMap<String, Vec<Sig>> = BTreeMap::new();
         for x in v {
@@ -221,7 +230,7 @@ fn diff_folder(name: &str, s: &[Sig], n: &[Sig], out: &mut Vec<String>) {
     for (h, b) in &gn {
         let a = gs.get(h).map_or(0, Vec::len);
         if b.len() > a {
-            out.push(format!(
+            report.extras.push(format!(
                 "{name:?}: message sha256 {} (new UID {}) extra on new ({} on legacy, {} on new)",
                 short(h),
                 b[0].uid,
@@ -322,16 +331,19 @@ mod tests {
             date: Some(1),
             uid,
         };
-        let mut out = Vec::new();
+        let mut r = VerifyReport::default();
         diff_folder(
             "INBOX",
             &[sig("aa", &[], 1), sig("bb", &["\\seen"], 2)],
             &[sig("bb", &[], 7), sig("cc", &[], 8)],
-            &mut out,
+            &mut r,
         );
-        assert_eq!(out.len(), 3, "{out:#?}");
+        let out = &r.differences;
+        assert_eq!(out.len(), 2, "{out:#?}");
         assert!(out.iter().any(|l| l.contains("missing on new")));
-        assert!(out.iter().any(|l| l.contains("extra on new")));
         assert!(out.iter().any(|l| l.contains("flags")));
+        assert_eq!(r.extras.len(), 1, "{r:#?}");
+        assert!(r.extras[0].contains("extra on new"));
+        assert!(!r.same());
     }
 }
