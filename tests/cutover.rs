@@ -96,6 +96,22 @@ fn a_login_during_the_cutover_is_held_and_lands_on_new() {
         let out = m.cli(&["user", "cutover", USER]);
         assert!(out.status.success(), "{}", text(&out));
         assert_eq!(m.show(USER)["state"], "cutover");
+        // A second operator (or a script run twice) cannot start another sequence, nor force
+        // the route, while this one runs.
+        for args in [
+            &["user", "cutover", USER][..],
+            &["user", "rollback", USER],
+            &["user", "route", USER, "new"],
+            &["user", "migrate", USER],
+        ] {
+            let out = m.cli(args);
+            assert_eq!(out.status.code(), Some(1), "{args:?}: {}", text(&out));
+            let said = text(&out);
+            assert!(
+                said.contains("state cutover") || said.contains("routed to legacy"),
+                "{args:?}: {said}"
+            );
+        }
         // Deferred, not lost, while the cutover runs.
         let deferred = lmtp_deliver(m.lmtp, "mta@example.net", &[USER], &message("deferred"));
         assert!(
@@ -462,6 +478,16 @@ fn a_wave_of_fifty_imported_users_migrates_and_cuts_over() {
         assert!(
             again.contains("0 added") && again.contains("50 unchanged"),
             "{again}"
+        );
+        let missing = m.cli(&["import", "/nonexistent/users.csv"]);
+        assert_eq!(missing.status.code(), Some(2), "{}", text_of(&missing));
+        assert!(text_of(&missing).contains("/nonexistent/users.csv"));
+        let nosuch = m.cli(&["wave", "cutover", "nosuch", "--wait"]);
+        assert_eq!(nosuch.status.code(), Some(1), "{}", text_of(&nosuch));
+        assert!(
+            text_of(&nosuch).contains("no wave named"),
+            "{}",
+            text_of(&nosuch)
         );
         let list = text_of(&m.cli(&["wave", "list"]));
         assert!(list.contains("w1") && list.contains("50 legacy"), "{list}");

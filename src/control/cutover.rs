@@ -82,7 +82,30 @@ pub struct Begun {
     actor: Actor,
     /// Released when the sequence ends, whichever way.
     _hold: Hold,
+    /// This node's record that the sequence runs; dropped last.
+    _claim: Claim,
     started: Instant,
+}
+
+/// A user being moved by this node; at most one sequence per user holds one.
+struct Claim {
+    moving: Arc<dashmap::DashSet<String>>,
+    email: String,
+}
+
+impl Claim {
+    fn take(control: &Control, email: &str) -> Option<Claim> {
+        control.moving.insert(email.to_owned()).then(|| Claim {
+            moving: control.moving.clone(),
+            email: email.to_owned(),
+        })
+    }
+}
+
+impl Drop for Claim {
+    fn drop(&mut self) {
+        self.moving.remove(&self.email);
+    }
 }
 
 /// Why a step of a sequence failed.
@@ -163,6 +186,13 @@ impl Control {
                 direction.from()
             )));
         }
+        // Only the sequence that owns the user's flag and hold may lower them: a second request
+        // while one runs is refused before it touches either.
+        let Some(claim) = Claim::take(self, &email) else {
+            return Err(ControlError::Conflict(format!(
+                "{email} is being moved already (state cutover or rollback); wait for it to end"
+            )));
+        };
         // Before the state: a delivery or login that looks between the two must already wait.
         self.deliveries.set_cutover(&email, true);
         let hold = self.holds.hold(&email);
@@ -180,6 +210,7 @@ impl Control {
             direction,
             actor,
             _hold: hold,
+            _claim: claim,
             started: Instant::now(),
         })
     }

@@ -104,6 +104,8 @@ pub struct Control {
     cutover: CutoverConfig,
     /// The last `wave cutover` of each wave run by this server.
     wave_jobs: dashmap::DashMap<String, Arc<std::sync::Mutex<waves::WaveJob>>>,
+    /// Users a cutover or rollback of this node is moving (`cutover::Claim`).
+    moving: Arc<dashmap::DashSet<String>>,
 }
 
 /// Reason sent in the BYE of a kicked session.
@@ -126,6 +128,7 @@ impl Control {
             engine: None,
             cutover: CutoverConfig::default(),
             wave_jobs: dashmap::DashMap::new(),
+            moving: Arc::default(),
         }
     }
 
@@ -224,6 +227,11 @@ impl Control {
         actor: &Actor,
     ) -> Result<StateChange, ControlError> {
         let email = crate::route::normalize_user(email);
+        if self.moving.contains(&email) {
+            return Err(ControlError::Conflict(format!(
+                "{email} is being moved (state cutover or rollback); wait for it to end"
+            )));
+        }
         let entering = state.is_moving();
         if entering {
             self.deliveries.set_cutover(&email, true);
