@@ -175,17 +175,18 @@ fn short(h: &str) -> &str {
     &h[..h.len().min(12)]
 }
 
-fn diff_folder(name: &str, s: &[Sig], n: &[Sig], report: &mut VerifyReport) {
-    let counts = format!(
-        "{name:?}: {} messages on legacy, {} on new",
-        s.len(),
-        n.len()
-    );
-    if s.len() > n.len() {
-        report.differences.push(counts);
-    } else if n.len() > s.len() {
-        report.extras.push(counts);
+/// Fewer messages on new is a difference, more an extra.
+fn diff_counts(name: &str, s: usize, n: usize, report: &mut VerifyReport) {
+    let counts = format!("{name:?}: {s} messages on legacy, {n} on new");
+    match s.cmp(&n) {
+        std::cmp::Ordering::Greater => report.differences.push(counts),
+        std::cmp::Ordering::Less => report.extras.push(counts),
+        std::cmp::Ordering::Equal => {}
     }
+}
+
+fn diff_folder(name: &str, s: &[Sig], n: &[Sig], report: &mut VerifyReport) {
+    diff_counts(name, s.len(), n.len(), report);
     let out = &mut report.differences;
     let group = |v: &[Sig]| {
         let mut m: BTreeMap<String, Vec<Sig>> = BTreeMap::new();
