@@ -132,6 +132,9 @@ pub async fn serve(
         Ok(n) => info!(users = n, "finished sequences a stopped server left"),
         Err(e) => tracing::warn!(error = %e, "cannot finish the sequences a stopped server left"),
     }
+    if let Err(e) = crate::sync::free_dead_local(&*shared.store).await {
+        tracing::warn!(error = %e, "cannot free the sync leases of dead local processes");
+    }
     let captured = shared.engine.as_ref().ok().map(|e| e.captured.clone());
     let mut tasks = tokio::task::JoinSet::new();
     shared.start_imap(&mut tasks, captured).await?;

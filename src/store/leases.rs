@@ -88,6 +88,18 @@ impl SqlStore {
         tx.commit().await?;
         Ok(())
     }
+
+    /// The leases whose holder starts with `prefix` (`host:`), as (user, holder).
+    pub async fn leases_held_by(&self, prefix: &str) -> Result<Vec<(String, String)>, StoreError> {
+        let rows: Vec<(String, String)> =
+            sqlx::query_as("SELECT email, holder FROM sync_leases ORDER BY email")
+                .fetch_all(self.pool())
+                .await?;
+        Ok(rows
+            .into_iter()
+            .filter(|(_, h)| h.starts_with(prefix))
+            .collect())
+    }
 }
 
 #[cfg(test)]

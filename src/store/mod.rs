@@ -238,6 +238,9 @@ pub trait StateStore: Send + Sync + 'static {
     /// Gives `holder`'s lease of `email` up.
     fn release_lease<'a>(&'a self, email: &'a str, holder: &'a str) -> StoreFuture<'a, ()>;
 
+    /// The leases whose holder starts with `prefix`, as (user, holder).
+    fn leases_held_by<'a>(&'a self, prefix: &'a str) -> StoreFuture<'a, Vec<(String, String)>>;
+
     /// Records (or replaces) a warning about one folder of `email`, shown by `user show`.
     fn put_sync_warning<'a>(
         &'a self,
@@ -574,6 +577,10 @@ impl StateStore for SqlStore {
         secs: i64,
     ) -> StoreFuture<'a, bool> {
         Box::pin(SqlStore::renew_lease(self, email, holder, secs))
+    }
+
+    fn leases_held_by<'a>(&'a self, prefix: &'a str) -> StoreFuture<'a, Vec<(String, String)>> {
+        Box::pin(SqlStore::leases_held_by(self, prefix))
     }
 
     fn release_lease<'a>(&'a self, email: &'a str, holder: &'a str) -> StoreFuture<'a, ()> {

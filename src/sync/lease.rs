@@ -17,11 +17,35 @@ pub(crate) struct Leases {
     secs: i64,
 }
 
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_else(|_| "localhost".into())
+}
+
+/// Gives up the leases held by processes of this host that are gone (a `serve` or `sync
+/// --once` killed with SIGKILL), so that a restarted server need not wait for them to lapse.
+/// A holder whose process id is alive again (reused) keeps its lease until it lapses.
+pub async fn free_dead_local(store: &dyn StateStore) -> Result<usize, SyncError> {
+    let host = format!("{}:", hostname());
+    let mut freed = 0;
+    for (user, holder) in store.leases_held_by(&host).await? {
+        let pid = holder[host.len()..].split(':').next().unwrap_or_default();
+        let alive = pid.parse::<u32>().is_ok_and(|p| {
+            p == std::process::id() || std::path::Path::new(&format!("/proc/{p}")).exists()
+        });
+        if !alive {
+            store.release_lease(&user, &holder).await?;
+            tracing::info!(user = %user, holder = %holder, "freed the sync lease of a dead process");
+            freed += 1;
+        }
+    }
+    Ok(freed)
+}
+
 impl Leases {
     pub(crate) fn new(secs: u64) -> Leases {
-        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-            .map(|h| h.trim().to_owned())
-            .unwrap_or_else(|_| "localhost".into());
+        let host = hostname();
         Leases {
             prefix: format!("{host}:{}", std::process::id()),
             next: AtomicU64::new(1),

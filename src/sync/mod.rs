@@ -27,6 +27,7 @@ pub mod throttle;
 pub mod verify;
 
 pub use engine::{pass_with_retry, Engine};
+pub use lease::free_dead_local;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
