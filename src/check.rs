@@ -43,7 +43,14 @@ pub async fn check_config(path: &Path) -> Result<Report, CheckError> {
     let mut problems = problems(&cfg).await;
     let url = cfg.state_url();
     let store = match crate::server::open_directory(&cfg, Open::Existing).await {
-        Ok((store, _)) => store.summary().await,
+        Ok((store, routes)) => {
+            // The LDAP directory connects, binds and finds its base here; the embedded one
+            // asks the store, which is checked below.
+            if let Err(e) = routes.directory().ping().await {
+                problems.push(format!("directory: {e}"));
+            }
+            store.summary().await
+        }
         Err(ServeError::Store(e)) => Err(e),
         Err(e) => {
             problems.push(format!("directory: {e}"));

@@ -2,6 +2,7 @@
 
 pub mod cache;
 pub mod embedded;
+pub mod ldap;
 
 use std::fmt;
 use std::future::Future;
@@ -70,6 +71,13 @@ pub enum DirectoryError {
     /// The user does not exist in the directory (writes to LDAP only).
     #[error("user {0} is not in the directory")]
     NoSuchUser(String),
+    /// The directory's search names several entries for one user (LDAP): no route can be
+    /// chosen without guessing.
+    #[error("directory lookup is ambiguous: {0}")]
+    Ambiguous(String),
+    /// The directory answered a write with an error (LDAP: an ACL, a schema violation).
+    #[error("directory refused the write: {0}")]
+    Refused(String),
 }
 
 /// Boxed future returned by directory methods (the trait is used as `dyn Directory`).
