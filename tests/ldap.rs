@@ -83,6 +83,29 @@ fn routes_come_from_the_attribute_over_starttls_and_ldaps_and_a_wrong_ca_is_refu
             );
             let check = run_cli(&p.config, &["check-config"], 30);
             assert!(check.status.success(), "{url}: {}", cli_text(&check));
+            // What the directory holds for one user, found by an alias.
+            let check = run_cli(
+                &p.config,
+                &["check-config", "--user", "A.Smith@example.org"],
+                30,
+            );
+            let text = cli_text(&check);
+            assert!(check.status.success(), "{text}");
+            assert!(
+                text.contains("uid=alice,ou=people,dc=example,dc=org")
+                    && text.contains("mailMigrationRoute [\"new\"]: route new"),
+                "{text}"
+            );
+            let check = run_cli(
+                &p.config,
+                &["check-config", "--user", "dave@example.org"],
+                30,
+            );
+            assert!(
+                cli_text(&check).contains("dave@example.org: no entry under ou=people"),
+                "{}",
+                cli_text(&check)
+            );
         }
 
         // Trusting another certificate: the TLS handshake fails, so nothing is looked up.
@@ -417,5 +440,71 @@ fn the_pool_reconnects_after_a_restart_and_reports_bind_and_base_problems() {
             assert!(e.to_string().contains("noSuchObject"), "{e}");
             assert!(bad_base.ping().await.is_err());
         });
+    });
+}
+
+/// `user migrate` and the initial pass of `email` (new's INBOX emptied first, as a fresh
+/// account would be).
+fn migrate(backends: &Backends, p: &Mailferry, email: &str) {
+    let out = backends
+        .new
+        .doveadm(&["expunge", "-u", email, "mailbox", "INBOX", "all"]);
+    assert!(out.status.success());
+    let out = p.cli(&["user", "migrate", email]);
+    assert!(out.status.success(), "{}", cli_text(&out));
+    p.wait_for(email, "initial pass", |v| {
+        v["sync"]["passes"].as_u64() >= Some(1)
+            && v["sync"]["messages_copied"] == v["sync"]["messages_total"]
+    });
+}
+
+#[test]
+fn a_cutover_writes_the_attribute_and_one_whose_write_is_refused_stays_on_legacy() {
+    within(180, || {
+        let slapd = directory_with_users();
+        let backends = Backends::start();
+        // The read-only account: every step runs, the route write is refused.
+        let reader = proxy(
+            &backends,
+            slapd.directory_toml_as(
+                &slapd.url(),
+                READER_DN,
+                &slapd.reader_secret(),
+                &slapd.cert.cert_pem,
+                "",
+            ),
+        );
+        migrate(&backends, &reader, "bob@example.org");
+        let out = reader.cli(&["user", "cutover", "bob@example.org", "--wait"]);
+        assert_eq!(out.status.code(), Some(1), "{}", cli_text(&out));
+        assert_eq!(slapd.route_of("bob").as_deref(), Some("legacy"));
+        let v = reader.show("bob@example.org");
+        assert_eq!(
+            (v["state"].as_str(), v["route"].as_str()),
+            (Some("failed"), Some("legacy")),
+            "{v}"
+        );
+        let error = v["last_error"].as_str().unwrap_or_default();
+        assert!(error.contains("insufficientAccessRights"), "{error}");
+        let mut c = Client::plain(reader.imap);
+        assert!(c.login("bob@example.org", "bobpw").starts_with("OK"));
+        assert_eq!(c.inbox_subjects(), vec!["legacy marker"]);
+
+        // The service account: carol (no attribute yet) ends on new, in LDAP too.
+        let writer = proxy(&backends, slapd.directory_toml(&slapd.url(), ""));
+        migrate(&backends, &writer, "carol@example.org");
+        let out = writer.cli(&["user", "cutover", "carol@example.org", "--wait"]);
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{}\n{}",
+            cli_text(&out),
+            writer.log()
+        );
+        assert_eq!(slapd.route_of("carol").as_deref(), Some("new"));
+        let mut c = Client::plain(writer.imap);
+        assert!(c.login("carol@example.org", "carolpw").starts_with("OK"));
+        assert_eq!(c.inbox_subjects(), vec!["legacy marker"]);
+        assert_eq!(writer.show("carol@example.org")["state"], "new");
     });
 }

@@ -248,4 +248,29 @@ impl Directory for LdapDirectory {
     fn ping(&self) -> DirFuture<'_, ()> {
         Box::pin(self.base_exists())
     }
+
+    fn describe<'a>(&'a self, user: &'a str) -> DirFuture<'a, String> {
+        Box::pin(async move {
+            let s = &self.settings;
+            let Some(entry) = self.entry(user).await? else {
+                return Ok(format!(
+                    "{user}: no entry under {} matches {}",
+                    s.base_dn,
+                    s.filter_for(user)
+                ));
+            };
+            let route = match self.route_of(&entry) {
+                Ok(r) => format!("route {r}"),
+                Err(e) => e.to_string(),
+            };
+            Ok(format!(
+                "{user}: {}, {} {:?}, {} {:?}: {route}",
+                entry.dn,
+                s.canonical_attribute,
+                entry.values(&s.canonical_attribute),
+                s.route_attribute,
+                entry.values(&s.route_attribute),
+            ))
+        })
+    }
 }

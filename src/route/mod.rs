@@ -91,6 +91,15 @@ pub trait Directory: Send + Sync + 'static {
     fn set_route<'a>(&'a self, user: &'a str, route: Route) -> DirFuture<'a, ()>;
     /// Cheap reachability check for /readyz and check-config.
     fn ping(&self) -> DirFuture<'_, ()>;
+    /// What the directory holds for `user`, in words (`check-config --user`).
+    fn describe<'a>(&'a self, user: &'a str) -> DirFuture<'a, String> {
+        Box::pin(async move {
+            Ok(match self.route(user).await? {
+                Some(route) => format!("{user}: route {route}"),
+                None => format!("{user}: not in the directory"),
+            })
+        })
+    }
 }
 
 /// Canonical form of a login name used as the key everywhere (directory, store, sessions).
