@@ -140,6 +140,7 @@ pub async fn serve(
     shared.start_lmtp(&mut tasks).await?;
     shared.start_admin(&mut tasks, admin_token).await?;
     shared.start_sync(&mut tasks);
+    shared.start_directory_watch(&mut tasks);
     let (upkeep, control) = (shared.metrics.clone(), shared.control.clone());
     tasks.spawn(async move {
         let mut tick = tokio::time::interval(METRICS_UPKEEP_EVERY);
@@ -222,6 +223,19 @@ impl Shared {
             engine,
             metrics,
         })
+    }
+
+    /// Follows route changes made in the directory by others (LDAP), if it reports them.
+    fn start_directory_watch(&self, tasks: &mut Tasks) {
+        let Some(mut changes) = self.routes.directory().clone().watch() else {
+            return;
+        };
+        let control = self.control.clone();
+        tasks.spawn(async move {
+            while let Some(change) = changes.recv().await {
+                control.directory_changed(&change);
+            }
+        });
     }
 
     /// The IMAP proxy's shared context; `captured` keeps users' passwords for the sync engine

@@ -508,3 +508,64 @@ fn a_cutover_writes_the_attribute_and_one_whose_write_is_refused_stays_on_legacy
         assert_eq!(writer.show("carol@example.org")["state"], "new");
     });
 }
+
+/// bob idles on legacy; an unrelated change to his entry kicks nothing; `ldapmodify` of his
+/// route attribute kicks the session within 5 s, and the next login and mail land on new,
+/// though the route cache keeps answers for 30 s.
+/// Returns the proxy's log.
+fn a_flip_in_ldap_kicks_and_reroutes(slapd: &Slapd, extra: &str) -> String {
+    let backends = Backends::start();
+    let p = proxy(&backends, slapd.directory_toml(&slapd.url(), extra));
+    let mut c = Client::plain(p.imap);
+    assert!(c.login("bob@example.org", "bobpw").starts_with("OK"));
+    assert_eq!(c.inbox_subjects(), vec!["legacy marker"]);
+    c.send(b"i1 IDLE\r\n");
+    assert!(c.line().starts_with("+ "), "IDLE continuation");
+
+    slapd.replace("bob", "cn", Some("Bob Unrelated"));
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(p.show("bob@example.org")["sessions"], 1, "{}", p.log());
+
+    let flipped = std::time::Instant::now();
+    slapd.set_route("bob", Some("new"));
+    let bye = c.line();
+    assert!(bye.starts_with("* BYE [UNAVAILABLE]"), "{bye}");
+    assert!(
+        flipped.elapsed() < Duration::from_secs(5),
+        "kicked after {:?}",
+        flipped.elapsed()
+    );
+
+    let mut again = Client::plain(p.imap);
+    assert!(again.login("bob@example.org", "bobpw").starts_with("OK"));
+    assert_eq!(again.inbox_subjects(), vec!["new marker"]);
+    let out = lmtp_deliver(p.lmtp, "", &["bob@example.org"], &message("after the flip"));
+    assert!(out.all_delivered(), "{out:?}");
+    assert_eq!(backends.new.count("bob@example.org", "INBOX"), 2);
+    assert_eq!(backends.legacy.count("bob@example.org", "INBOX"), 1);
+    p.log()
+}
+
+#[test]
+fn a_flip_made_with_ldapmodify_is_followed_through_syncrepl() {
+    within(120, || {
+        let slapd = directory_with_users();
+        let log = a_flip_in_ldap_kicks_and_reroutes(&slapd, "change_notification = \"syncrepl\"");
+        assert!(log.contains("persistent search started"), "{log}");
+        assert!(!log.contains("polling"), "{log}");
+    });
+}
+
+#[test]
+fn a_flip_made_with_ldapmodify_is_followed_by_polling_where_there_is_no_syncrepl() {
+    within(120, || {
+        let slapd = Slapd::start_without_syncprov();
+        slapd.add_user("bob", "bob@example.org", &[], Some("legacy"));
+        // auto: syncrepl refused by the server, polling every second.
+        let log = a_flip_in_ldap_kicks_and_reroutes(
+            &slapd,
+            "change_notification = \"auto\"\npoll_secs = 1",
+        );
+        assert!(log.contains("offers no syncrepl here: polling"), "{log}");
+    });
+}

@@ -11,9 +11,12 @@
 //! | found one entry with another value, or values that disagree | `Err(BadValue)` |
 //! | found several entries | `Err(Ambiguous)`: the filter does not name one user |
 //! | failed (no connection, TLS, bind, timeout, an error result) | `Err(Unavailable)` |
+//!
+//! Route changes made in LDAP by others are noticed by `watch` (syncrepl, else polling).
 
 mod pool;
 pub mod settings;
+pub mod watch;
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -21,7 +24,7 @@ use std::sync::Arc;
 use ldap3::{Mod, Scope, SearchOptions, SearchResult};
 use tracing::{debug, warn};
 
-use super::{DirFuture, Directory, DirectoryError, Route};
+use super::{DirFuture, Directory, DirectoryError, ExternalChange, Route};
 use crate::config::Config;
 pub use pool::RECONNECT_BACKOFF;
 use pool::{LdapFailure, Pool};
@@ -247,6 +250,10 @@ impl Directory for LdapDirectory {
 
     fn ping(&self) -> DirFuture<'_, ()> {
         Box::pin(self.base_exists())
+    }
+
+    fn watch(self: Arc<Self>) -> Option<tokio::sync::mpsc::Receiver<ExternalChange>> {
+        Some(watch::Watch::spawn(self))
     }
 
     fn describe<'a>(&'a self, user: &'a str) -> DirFuture<'a, String> {

@@ -8,6 +8,7 @@ use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
 use std::str::FromStr;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -80,6 +81,18 @@ pub enum DirectoryError {
     Refused(String),
 }
 
+/// A route change the directory noticed that mailferry did not make (LDAP: an `ldapmodify`
+/// seen through syncrepl or polling).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExternalChange {
+    /// Where it was seen (the LDAP entry's DN), for logs.
+    pub source: String,
+    /// The user's addresses as lookups key them (canonical first, then aliases).
+    pub users: Vec<String>,
+    /// The route the directory now gives.
+    pub route: Route,
+}
+
 /// Boxed future returned by directory methods (the trait is used as `dyn Directory`).
 pub type DirFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, DirectoryError>> + Send + 'a>>;
 
@@ -91,6 +104,12 @@ pub trait Directory: Send + Sync + 'static {
     fn set_route<'a>(&'a self, user: &'a str, route: Route) -> DirFuture<'a, ()>;
     /// Cheap reachability check for /readyz and check-config.
     fn ping(&self) -> DirFuture<'_, ()>;
+    /// Starts watching for route changes made outside mailferry; `None` when every change
+    /// goes through mailferry (the embedded directory). The watch ends when the receiver is
+    /// dropped.
+    fn watch(self: Arc<Self>) -> Option<tokio::sync::mpsc::Receiver<ExternalChange>> {
+        None
+    }
     /// What the directory holds for `user`, in words (`check-config --user`).
     fn describe<'a>(&'a self, user: &'a str) -> DirFuture<'a, String> {
         Box::pin(async move {

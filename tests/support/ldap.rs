@@ -70,6 +70,8 @@ pub struct Slapd {
     pub ldaps: SocketAddr,
     /// The server certificate; its PEM is the CA file that trusts it.
     pub cert: TestCert,
+    /// Whether the `syncprov` overlay (syncrepl) is configured.
+    pub syncprov: bool,
     dir: PathBuf,
     conf: PathBuf,
     log: PathBuf,
@@ -81,6 +83,16 @@ pub struct Slapd {
 impl Slapd {
     /// Starts slapd and loads the base tree; panics with the log if it does not come up.
     pub fn start() -> Slapd {
+        Self::start_with(true)
+    }
+
+    /// Like [`Slapd::start`], without the `syncprov` overlay: a server that offers no
+    /// syncrepl, as many deployments run.
+    pub fn start_without_syncprov() -> Slapd {
+        Self::start_with(false)
+    }
+
+    fn start_with(syncprov: bool) -> Slapd {
         ensure_installed();
         let tmp = tempfile::Builder::new()
             .prefix("mfldap")
@@ -101,6 +113,7 @@ impl Slapd {
             conf: dir.join("slapd.conf"),
             log: dir.join("slapd.log"),
             cert,
+            syncprov,
             dir,
             child: None,
             watchdog: None,
@@ -180,9 +193,14 @@ impl Slapd {
 
     /// Sets (or, with `None`, removes) the route attribute of `uid` with `ldapmodify`.
     pub fn set_route(&self, uid: &str, route: Option<&str>) {
-        let change = match route {
-            Some(r) => format!("replace: {ROUTE_ATTR}\n{ROUTE_ATTR}: {r}\n"),
-            None => format!("delete: {ROUTE_ATTR}\n"),
+        self.replace(uid, ROUTE_ATTR, route);
+    }
+
+    /// Replaces (or, with `None`, removes) an attribute of `uid` with `ldapmodify`.
+    pub fn replace(&self, uid: &str, attr: &str, value: Option<&str>) {
+        let change = match value {
+            Some(v) => format!("replace: {attr}\n{attr}: {v}\n"),
+            None => format!("delete: {attr}\n"),
         };
         let ldif = format!("dn: uid={uid},{PEOPLE_DN}\nchangetype: modify\n{change}");
         let out = self.tool("ldapmodify", &[], Some(&ldif));
@@ -272,9 +290,14 @@ impl Slapd {
              access to attrs=userPassword\n  by anonymous auth\n  by * none\n\
              access to attrs={ROUTE_ATTR}\n  by dn.exact=\"{BIND_DN}\" write\n  by users read\n  by * none\n\
              access to *\n  by users read\n  by * none\n\
-             overlay syncprov\nsyncprov-checkpoint 100 10\n",
+             {overlay}",
             cert = self.cert.cert_pem.display(),
             key = self.cert.key_pem.display(),
+            overlay = if self.syncprov {
+                "overlay syncprov\nsyncprov-checkpoint 100 10\n"
+            } else {
+                ""
+            },
         )
     }
 

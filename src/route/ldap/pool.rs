@@ -207,44 +207,49 @@ impl Pool {
         u128::from(self.last_open.load(Ordering::Relaxed)) > at
     }
 
-    /// Connects (with StartTLS or implicit TLS as configured) and binds.
     async fn open(&self) -> Result<Conn, LdapFailure> {
-        let s = &self.settings;
-        let mut cs = LdapConnSettings::new()
-            .set_conn_timeout(s.connect_timeout)
-            .set_starttls(s.transport == Transport::StartTls);
-        if let Some(tls) = &s.tls {
-            cs = cs.set_config(tls.clone());
-        }
-        let connect_err = |reason: String| LdapFailure::Connect {
-            url: s.url.clone(),
-            reason,
-        };
-        let (conn, mut ldap) = LdapConnAsync::with_settings(cs, &s.url)
-            .await
-            .map_err(|e| connect_err(describe(&e)))?;
         let id = self.opened.fetch_add(1, Ordering::Relaxed);
-        tokio::spawn(async move {
-            if let Err(e) = conn.drive().await {
-                debug!(connection = id, error = %e, "LDAP connection ended");
-            }
-        });
-        if let Some(bind) = &s.bind {
-            let sent = ldap.simple_bind(&bind.dn, bind.password.expose());
-            let refused = |reason: String| LdapFailure::Bind {
-                dn: bind.dn.clone(),
-                reason,
-            };
-            match tokio::time::timeout(s.reply_timeout, sent).await {
-                Err(_) => return Err(LdapFailure::Timeout(s.reply_timeout)),
-                Ok(Err(e)) => return Err(connect_err(describe(&e))),
-                Ok(Ok(r)) if r.rc != 0 => return Err(refused(r.to_string())),
-                Ok(Ok(_)) => {}
-            }
-        }
-        info!(connection = id, url = %s.url, "LDAP connection open");
+        let ldap = connect(&self.settings, id).await?;
+        info!(connection = id, url = %self.settings.url, "LDAP connection open");
         Ok(Conn { id, ldap })
     }
+}
+
+/// A new connection (with StartTLS or implicit TLS as configured), bound as the service
+/// account; `id` names it in logs. Its driver runs until the last handle is dropped.
+pub async fn connect(s: &LdapSettings, id: u64) -> Result<Ldap, LdapFailure> {
+    let mut cs = LdapConnSettings::new()
+        .set_conn_timeout(s.connect_timeout)
+        .set_starttls(s.transport == Transport::StartTls);
+    if let Some(tls) = &s.tls {
+        cs = cs.set_config(tls.clone());
+    }
+    let connect_err = |reason: String| LdapFailure::Connect {
+        url: s.url.clone(),
+        reason,
+    };
+    let (conn, mut ldap) = LdapConnAsync::with_settings(cs, &s.url)
+        .await
+        .map_err(|e| connect_err(describe(&e)))?;
+    tokio::spawn(async move {
+        if let Err(e) = conn.drive().await {
+            debug!(connection = id, error = %e, "LDAP connection ended");
+        }
+    });
+    if let Some(bind) = &s.bind {
+        let sent = ldap.simple_bind(&bind.dn, bind.password.expose());
+        let refused = |reason: String| LdapFailure::Bind {
+            dn: bind.dn.clone(),
+            reason,
+        };
+        match tokio::time::timeout(s.reply_timeout, sent).await {
+            Err(_) => return Err(LdapFailure::Timeout(s.reply_timeout)),
+            Ok(Err(e)) => return Err(connect_err(describe(&e))),
+            Ok(Ok(r)) if r.rc != 0 => return Err(refused(r.to_string())),
+            Ok(Ok(_)) => {}
+        }
+    }
+    Ok(ldap)
 }
 
 /// An ldap3 error in words an operator can act on (the TLS reason included).

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use rustls::ClientConfig;
 
-use crate::config::{Config, DirectoryKind, LdapConfig};
+use crate::config::{ChangeNotification, Config, DirectoryKind, LdapConfig};
 use crate::route::Route;
 use crate::secret::Secret;
 
@@ -112,6 +112,10 @@ pub struct LdapSettings {
     pub reply_timeout: Duration,
     /// Connections kept open (`[limits] directory_connections`).
     pub connections: usize,
+    /// How changes made outside mailferry are noticed.
+    pub notification: ChangeNotification,
+    /// Between two polls, when polling.
+    pub poll: Duration,
 }
 
 impl std::fmt::Debug for LdapSettings {
@@ -164,6 +168,8 @@ impl LdapSettings {
             connect_timeout: Duration::from_secs(limits.directory_connect_secs),
             reply_timeout: Duration::from_secs(limits.directory_reply_secs),
             connections: limits.directory_connections,
+            notification: ldap.change_notification,
+            poll: Duration::from_secs(ldap.poll_secs.max(1)),
         })
     }
 
