@@ -509,11 +509,11 @@ fn a_cutover_writes_the_attribute_and_one_whose_write_is_refused_stays_on_legacy
     });
 }
 
-/// bob idles on legacy; an unrelated change to his entry kicks nothing; `ldapmodify` of his
-/// route attribute kicks the session within 5 s, and the next login and mail land on new,
-/// though the route cache keeps answers for 30 s.
+/// bob idles on legacy; an unrelated change to his entry kicks nothing; slapd restarts (the
+/// watch reconnects by itself); `ldapmodify` of his route attribute kicks the session within
+/// 5 s, and the next login and mail land on new, though the route cache keeps answers for 30 s.
 /// Returns the proxy's log.
-fn a_flip_in_ldap_kicks_and_reroutes(slapd: &Slapd, extra: &str) -> String {
+fn a_flip_in_ldap_kicks_and_reroutes(slapd: &mut Slapd, extra: &str) -> String {
     let backends = Backends::start();
     let p = proxy(&backends, slapd.directory_toml(&slapd.url(), extra));
     let mut c = Client::plain(p.imap);
@@ -525,6 +525,7 @@ fn a_flip_in_ldap_kicks_and_reroutes(slapd: &Slapd, extra: &str) -> String {
     slapd.replace("bob", "cn", Some("Bob Unrelated"));
     std::thread::sleep(Duration::from_secs(3));
     assert_eq!(p.show("bob@example.org")["sessions"], 1, "{}", p.log());
+    slapd.restart();
 
     let flipped = std::time::Instant::now();
     slapd.set_route("bob", Some("new"));
@@ -549,8 +550,9 @@ fn a_flip_in_ldap_kicks_and_reroutes(slapd: &Slapd, extra: &str) -> String {
 #[test]
 fn a_flip_made_with_ldapmodify_is_followed_through_syncrepl() {
     within(120, || {
-        let slapd = directory_with_users();
-        let log = a_flip_in_ldap_kicks_and_reroutes(&slapd, "change_notification = \"syncrepl\"");
+        let mut slapd = directory_with_users();
+        let log =
+            a_flip_in_ldap_kicks_and_reroutes(&mut slapd, "change_notification = \"syncrepl\"");
         assert!(log.contains("persistent search started"), "{log}");
         assert!(!log.contains("polling"), "{log}");
     });
@@ -559,11 +561,11 @@ fn a_flip_made_with_ldapmodify_is_followed_through_syncrepl() {
 #[test]
 fn a_flip_made_with_ldapmodify_is_followed_by_polling_where_there_is_no_syncrepl() {
     within(120, || {
-        let slapd = Slapd::start_without_syncprov();
+        let mut slapd = Slapd::start_without_syncprov();
         slapd.add_user("bob", "bob@example.org", &[], Some("legacy"));
         // auto: syncrepl refused by the server, polling every second.
         let log = a_flip_in_ldap_kicks_and_reroutes(
-            &slapd,
+            &mut slapd,
             "change_notification = \"auto\"\npoll_secs = 1",
         );
         assert!(log.contains("offers no syncrepl here: polling"), "{log}");

@@ -77,21 +77,28 @@ impl Watch {
         let mode = self.dir.settings().notification;
         let mut persist = mode != ChangeNotification::Poll;
         info!(mode = ?mode, "watching LDAP for route changes");
+        // Warned once per outage; the retries of the same outage are debug lines.
+        let mut failing = false;
         loop {
             let round = if persist {
                 self.persist().await
             } else {
-                self.poll_forever().await
+                self.poll_round().await
             };
             match round {
-                Ok(()) => {}
+                Ok(()) => failing = false,
                 Err(WatchError::Closed) => return,
                 Err(WatchError::NoSyncrepl(why)) if mode == ChangeNotification::Auto => {
                     info!(reason = %why, "LDAP offers no syncrepl here: polling on modifyTimestamp");
                     persist = false;
                 }
                 Err(e) => {
-                    warn!(error = %e, "LDAP change notification interrupted; retrying");
+                    if failing {
+                        debug!(error = %e, "LDAP change notification still interrupted");
+                    } else {
+                        warn!(error = %e, "LDAP change notification interrupted; retrying");
+                    }
+                    failing = true;
                     tokio::time::sleep(RETRY_AFTER).await;
                 }
             }
@@ -144,18 +151,18 @@ impl Watch {
                     Err(e) => return Err(LdapFailure::Lost(e.to_string()).into()),
                 },
                 () = &mut renew => return Ok(()),
+                () = self.tx.closed() => return Err(WatchError::Closed),
             }
         }
     }
 
-    /// Polls every `poll_secs` until the receiver is gone or a poll fails.
-    async fn poll_forever(&mut self) -> Result<(), WatchError> {
-        let mut tick = tokio::time::interval(self.dir.settings().poll);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tick.tick().await;
-            self.poll_once().await?;
+    /// Waits `poll_secs`, then polls once.
+    async fn poll_round(&mut self) -> Result<(), WatchError> {
+        tokio::select! {
+            () = tokio::time::sleep(self.dir.settings().poll) => {}
+            () = self.tx.closed() => return Err(WatchError::Closed),
         }
+        self.poll_once().await
     }
 
     async fn poll_once(&mut self) -> Result<(), WatchError> {
