@@ -28,6 +28,8 @@ pub struct Report {
     pub problems: Vec<String>,
     /// The state store (redacted URL) and what it holds, or why it cannot be used.
     pub store: (String, Result<StoreSummary, StoreError>),
+    /// What the directory holds for the `--user` asked about (not a problem when absent).
+    pub found: Option<String>,
 }
 
 impl Report {
@@ -37,13 +39,31 @@ impl Report {
     }
 }
 
-/// Loads the configuration at `path` and checks everything it names.
-pub async fn check_config(path: &Path) -> Result<Report, CheckError> {
+/// Loads the configuration at `path` and checks everything it names; with `user`, also
+/// says what the directory holds for that user.
+pub async fn check_config(path: &Path, user: Option<&str>) -> Result<Report, CheckError> {
     let cfg = Config::load(path)?;
     let mut problems = problems(&cfg).await;
     let url = cfg.state_url();
+    let mut found = None;
     let store = match crate::server::open_directory(&cfg, Open::Existing).await {
-        Ok((store, _)) => store.summary().await,
+        Ok((store, routes)) => {
+            // The LDAP directory connects, binds and finds its base here; the embedded one
+            // asks the store, which is checked below.
+            let directory = routes.directory();
+            if let Err(e) = directory.ping().await {
+                problems.push(format!("directory: {e}"));
+            } else if let Some(user) = user {
+                match directory
+                    .describe(&crate::route::normalize_user(user))
+                    .await
+                {
+                    Ok(text) => found = Some(text),
+                    Err(e) => problems.push(format!("directory lookup of {user}: {e}")),
+                }
+            }
+            store.summary().await
+        }
         Err(ServeError::Store(e)) => Err(e),
         Err(e) => {
             problems.push(format!("directory: {e}"));
@@ -57,6 +77,7 @@ pub async fn check_config(path: &Path) -> Result<Report, CheckError> {
     Ok(Report {
         problems,
         store: (redacted(&url), store),
+        found,
     })
 }
 

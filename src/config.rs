@@ -260,8 +260,7 @@ impl Default for DirectoryConfig {
 pub enum DirectoryKind {
     /// `kind = "embedded"`, the default: a table in the state database.
     Embedded,
-    /// `kind = "ldap"`: an attribute in LDAP. Not implemented yet: `serve` and `check-config`
-    /// refuse it.
+    /// `kind = "ldap"`: an attribute in LDAP (`route::ldap`).
     Ldap(Box<LdapConfig>),
 }
 

@@ -61,6 +61,17 @@ pub struct Limits {
     pub half_close_secs: u64,
     /// Time a backend gets to answer the LOGOUT of a session the proxy or sync engine ends.
     pub logout_secs: u64,
+    /// Connecting to the LDAP directory: TCP, StartTLS and the TLS handshake together. A
+    /// directory on the same network answers in milliseconds; a login waits for this at most
+    /// once before it is answered `NO [UNAVAILABLE]`.
+    pub directory_connect_secs: u64,
+    /// One LDAP operation (bind, search, modify). OpenLDAP answers an indexed equality search
+    /// in well under a millisecond; 5 s is a directory in trouble, and the login gets
+    /// `NO [UNAVAILABLE]` (LMTP `451 4.3.0`) rather than waiting for the client to give up.
+    pub directory_reply_secs: u64,
+    /// LDAP connections kept open and reused. Each carries many operations at once (LDAP
+    /// multiplexes by message id), so a few serve thousands of logins a second.
+    pub directory_connections: usize,
 }
 
 impl Default for Limits {
@@ -87,6 +98,9 @@ impl Default for Limits {
             splice_buffer: 64 * 1024,
             half_close_secs: 10,
             logout_secs: 2,
+            directory_connect_secs: 5,
+            directory_reply_secs: 5,
+            directory_connections: 4,
         }
     }
 }
@@ -143,6 +157,12 @@ impl Limits {
             ("max_connections", self.max_connections),
             ("max_lmtp_connections", self.max_lmtp_connections),
             ("max_preauth_per_ip", self.max_preauth_per_ip),
+            ("directory_connections", self.directory_connections),
+            (
+                "directory_connect_secs",
+                self.directory_connect_secs as usize,
+            ),
+            ("directory_reply_secs", self.directory_reply_secs as usize),
         ] {
             if value == 0 {
                 p.push(format!("limits.{key} must be at least 1"));

@@ -55,8 +55,12 @@ enum LogFormat {
 enum Command {
     /// Run the IMAP and LMTP proxy, admin API and sync workers.
     Serve,
-    /// Validate the configuration, certificates, secrets and backend reachability.
-    CheckConfig,
+    /// Validate the configuration, certificates, secrets, directory and backend reachability.
+    CheckConfig {
+        /// Also look this user up in the directory and say what it holds (entry, route).
+        #[arg(long)]
+        user: Option<String>,
+    },
     /// Per-user operations.
     User {
         #[command(subcommand)]
@@ -220,13 +224,15 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             mailferry::server::serve(cfg, metrics).await?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::CheckConfig => match mailferry::check::check_config(&cli.config).await {
-            Ok(report) => Ok(print_check(&report)),
-            Err(e) => {
-                println!("{e}");
-                Ok(ExitCode::from(1))
+        Command::CheckConfig { user } => {
+            match mailferry::check::check_config(&cli.config, user.as_deref()).await {
+                Ok(report) => Ok(print_check(&report)),
+                Err(e) => {
+                    println!("{e}");
+                    Ok(ExitCode::from(1))
+                }
             }
-        },
+        }
         Command::User { action } => {
             let cfg = Config::load(&cli.config)?;
             user(&cfg, action, json).await
@@ -304,6 +310,9 @@ async fn wave(admin: &AdminClient, action: WaveCommand, json: bool) -> Result<Ex
 fn print_check(report: &mailferry::check::Report) -> ExitCode {
     for p in &report.problems {
         println!("- {p}");
+    }
+    if let Some(found) = &report.found {
+        println!("directory: {found}");
     }
     let (url, store) = &report.store;
     match store {

@@ -17,6 +17,7 @@ use crate::net::listener::{accept_loop, Admission};
 use crate::net::permits::AddressSlots;
 use crate::net::tls::{self, ReloadableServer};
 use crate::route::embedded::EmbeddedDirectory;
+use crate::route::ldap::{LdapDirectory, LdapSetupError};
 use crate::route::{Directory, Route, RouteCache};
 use crate::shutdown::Shutdown;
 use crate::store::{Open, SqlStore, StateStore};
@@ -60,6 +61,9 @@ pub enum ServeError {
     /// A configured feature is not available in this build.
     #[error("{0}")]
     Unsupported(String),
+    /// The LDAP directory's settings or files are unusable.
+    #[error(transparent)]
+    Directory(#[from] LdapSetupError),
 }
 
 /// The admin token, when the admin API listens: checked before anything binds, so that a
@@ -75,7 +79,9 @@ pub fn admin_token(cfg: &Config) -> Result<Option<crate::secret::Secret<String>>
 
 /// Opens the state store and the directory named by the config; `mode` says whether a
 /// missing store may be created (only `serve` does). The embedded directory keeps its table
-/// in the same SQL database as the state store.
+/// in the same SQL database as the state store; the LDAP directory checks its settings and
+/// files here and connects at its first lookup (a directory down at start-up answers
+/// `NO [UNAVAILABLE]` until it is back, without a restart).
 pub async fn open_directory(
     cfg: &Config,
     mode: Open,
@@ -83,11 +89,7 @@ pub async fn open_directory(
     let store = SqlStore::open(&cfg.state_url(), mode).await?;
     let directory: Arc<dyn Directory> = match cfg.directory.kind {
         DirectoryKind::Embedded => Arc::new(EmbeddedDirectory::new(store.pool().clone())),
-        DirectoryKind::Ldap(_) => {
-            return Err(ServeError::Unsupported(
-                "directory.kind = \"ldap\" is not implemented yet".into(),
-            ))
-        }
+        DirectoryKind::Ldap(_) => Arc::new(LdapDirectory::from_config(cfg)?),
     };
     let cache = Arc::new(RouteCache::new(
         directory,
@@ -141,6 +143,7 @@ pub async fn serve(
     shared.start_lmtp(&mut tasks).await?;
     shared.start_admin(&mut tasks, admin_token).await?;
     shared.start_sync(&mut tasks);
+    shared.start_directory_watch(&mut tasks);
     let (upkeep, control) = (shared.metrics.clone(), shared.control.clone());
     tasks.spawn(async move {
         let mut tick = tokio::time::interval(METRICS_UPKEEP_EVERY);
@@ -223,6 +226,19 @@ impl Shared {
             engine,
             metrics,
         })
+    }
+
+    /// Follows route changes made in the directory by others (LDAP), if it reports them.
+    fn start_directory_watch(&self, tasks: &mut Tasks) {
+        let Some(mut changes) = self.routes.directory().clone().watch() else {
+            return;
+        };
+        let control = self.control.clone();
+        tasks.spawn(async move {
+            while let Some(change) = changes.recv().await {
+                control.directory_changed(&change);
+            }
+        });
     }
 
     /// The IMAP proxy's shared context; `captured` keeps users' passwords for the sync engine

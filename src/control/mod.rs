@@ -324,6 +324,23 @@ impl Control {
         })
     }
 
+    /// A route change made in the directory by someone else (`Directory::watch`): the cache
+    /// forgets the user's addresses, and their sessions on the other backend are kicked, as
+    /// for `user route`. The state store is not touched: the directory is the authority for
+    /// the route, and `user show` reports both.
+    pub fn directory_changed(&self, change: &crate::route::ExternalChange) -> usize {
+        let mut kicked = 0;
+        for user in &change.users {
+            self.routes.invalidate(user);
+            kicked += self.sessions.kick_user_off(user, change.route, MOVED);
+        }
+        if kicked > 0 {
+            tracing::info!(source = %change.source, route = %change.route, kicked, "route changed in the directory");
+        }
+        metrics::counter!("mailferry_directory_changes_total").increment(1);
+        kicked
+    }
+
     /// Finishes what a stopped server left in `cutover` or `rollback` (run before the
     /// listeners open): the route, written last, says how far it got.
     pub async fn recover(&self) -> Result<usize, ControlError> {

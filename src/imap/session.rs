@@ -324,6 +324,7 @@ impl PreAuthPhase {
                 registration = ctx.sessions.register(&req.user);
             }
             let routed = Routed::lookup(ctx, req).await?;
+            registration.kick.routed(routed.route);
             let backend = self.authenticate(ctx, req, &routed).await?;
             if !registration.kick.is_kicked() {
                 return Ok((routed, backend, registration));

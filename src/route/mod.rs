@@ -2,11 +2,13 @@
 
 pub mod cache;
 pub mod embedded;
+pub mod ldap;
 
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
 use std::str::FromStr;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -70,6 +72,25 @@ pub enum DirectoryError {
     /// The user does not exist in the directory (writes to LDAP only).
     #[error("user {0} is not in the directory")]
     NoSuchUser(String),
+    /// The directory's search names several entries for one user (LDAP): no route can be
+    /// chosen without guessing.
+    #[error("directory lookup is ambiguous: {0}")]
+    Ambiguous(String),
+    /// The directory answered a write with an error (LDAP: an ACL, a schema violation).
+    #[error("directory refused the write: {0}")]
+    Refused(String),
+}
+
+/// A route change the directory noticed that mailferry did not make (LDAP: an `ldapmodify`
+/// seen through syncrepl or polling).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExternalChange {
+    /// Where it was seen (the LDAP entry's DN), for logs.
+    pub source: String,
+    /// The user's addresses as lookups key them (canonical first, then aliases).
+    pub users: Vec<String>,
+    /// The route the directory now gives.
+    pub route: Route,
 }
 
 /// Boxed future returned by directory methods (the trait is used as `dyn Directory`).
@@ -83,6 +104,21 @@ pub trait Directory: Send + Sync + 'static {
     fn set_route<'a>(&'a self, user: &'a str, route: Route) -> DirFuture<'a, ()>;
     /// Cheap reachability check for /readyz and check-config.
     fn ping(&self) -> DirFuture<'_, ()>;
+    /// Starts watching for route changes made outside mailferry; `None` when every change
+    /// goes through mailferry (the embedded directory). The watch ends when the receiver is
+    /// dropped.
+    fn watch(self: Arc<Self>) -> Option<tokio::sync::mpsc::Receiver<ExternalChange>> {
+        None
+    }
+    /// What the directory holds for `user`, in words (`check-config --user`).
+    fn describe<'a>(&'a self, user: &'a str) -> DirFuture<'a, String> {
+        Box::pin(async move {
+            Ok(match self.route(user).await? {
+                Some(route) => format!("{user}: route {route}"),
+                None => format!("{user}: not in the directory"),
+            })
+        })
+    }
 }
 
 /// Canonical form of a login name used as the key everywhere (directory, store, sessions).

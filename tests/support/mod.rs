@@ -1,4 +1,5 @@
-//! Shared integration-test support: real Dovecot backends and TLS helpers.
+//! Shared integration-test support: real Dovecot backends, OpenLDAP, PostgreSQL, Postfix and
+//! TLS helpers.
 //! Use with `mod support;` from a test crate.
 #![allow(dead_code)]
 
@@ -8,6 +9,7 @@ pub mod deadline;
 pub mod dovecot;
 pub mod fake;
 pub mod fds;
+pub mod ldap;
 pub mod mailferry;
 pub mod postfix;
 pub mod postgres;
