@@ -55,7 +55,7 @@ pub async fn check_config(path: &Path, user: Option<&str>) -> Result<Report, Che
                 problems.push(format!("directory: {e}"));
             } else if let Some(user) = user {
                 match directory
-                    .describe(&crate::route::normalize_user(user))
+                    .describe(&cfg.directory.identity().key(user))
                     .await
                 {
                     Ok(text) => found = Some(text),

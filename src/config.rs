@@ -242,6 +242,10 @@ pub struct DirectoryConfig {
     pub reject_unknown: bool,
     /// Seconds a looked-up route stays cached.
     pub cache_ttl_secs: u64,
+    /// Completes a bare login: `alice` → `alice@default_domain` (empty: none).
+    pub default_domain: String,
+    /// Routes `alice+news@` as `alice@` (empty: none; one character).
+    pub recipient_delimiter: String,
 }
 
 impl Default for DirectoryConfig {
@@ -251,7 +255,36 @@ impl Default for DirectoryConfig {
             default_route: Route::Legacy,
             reject_unknown: false,
             cache_ttl_secs: 30,
+            default_domain: String::new(),
+            recipient_delimiter: String::new(),
         }
+    }
+}
+
+impl DirectoryConfig {
+    /// What is wrong with `default_domain` and `recipient_delimiter`.
+    fn identity_problems(&self) -> Vec<String> {
+        let mut problems = Vec::new();
+        let d = self.recipient_delimiter.as_str();
+        if d.chars().count() > 1 || d.contains(['@', ' ', '"']) {
+            problems.push(format!(
+                "directory.recipient_delimiter {d:?}: one character (such as \"+\" or \"-\"), not '@'"
+            ));
+        }
+        let domain = self.default_domain.trim_start_matches('@');
+        let valid = |c: char| c.is_ascii_alphanumeric() || c == '.' || c == '-';
+        if !domain.is_empty() && (!domain.chars().all(valid) || !domain.contains('.')) {
+            problems.push(format!(
+                "directory.default_domain {:?}: a domain name such as \"example.org\"",
+                self.default_domain
+            ));
+        }
+        problems
+    }
+
+    /// How logins and recipients become user keys.
+    pub fn identity(&self) -> crate::route::Identity {
+        crate::route::Identity::new(&self.default_domain, &self.recipient_delimiter)
     }
 }
 
@@ -347,6 +380,8 @@ enum DirectoryKey {
     DefaultRoute,
     RejectUnknown,
     CacheTtlSecs,
+    DefaultDomain,
+    RecipientDelimiter,
     Url,
     Starttls,
     CaFile,
@@ -393,6 +428,8 @@ impl<'de> Visitor<'de> for DirectoryVisitor {
                 K::DefaultRoute => cfg.default_route = t.value()?,
                 K::RejectUnknown => cfg.reject_unknown = t.value()?,
                 K::CacheTtlSecs => cfg.cache_ttl_secs = t.value()?,
+                K::DefaultDomain => cfg.default_domain = t.value()?,
+                K::RecipientDelimiter => cfg.recipient_delimiter = t.value()?,
                 K::Url => ldap.url = t.ldap("url")?,
                 K::Starttls => ldap.starttls = t.ldap("starttls")?,
                 K::CaFile => ldap.ca_file = t.ldap("ca_file")?,
@@ -709,6 +746,7 @@ impl Config {
                 }
             }
         }
+        problems.extend(self.directory.identity_problems());
         if !(self.state.url.starts_with("sqlite:") || self.state.url.starts_with("postgres")) {
             problems.push("state.url must start with sqlite:// or postgres://".into());
         }

@@ -358,7 +358,7 @@ struct SyncOnce {
 
 async fn sync_once(cfg: &Config, email: &str, how: SyncOnce) -> Result<ExitCode> {
     use mailferry::sync::{pass_with_retry, Engine, Progress};
-    let email = mailferry::route::normalize_user(email);
+    let email = cfg.directory.identity().key(email);
     let (store, routes) = match mailferry::server::open_directory(cfg, Open::Existing).await {
         Ok(s) => s,
         Err(e) => {
@@ -460,7 +460,7 @@ impl ProgressBar {
 
 async fn verify(cfg: &Config, email: &str, json: bool) -> Result<ExitCode> {
     use mailferry::sync::client::Endpoint;
-    let email = mailferry::route::normalize_user(email);
+    let email = cfg.directory.identity().key(email);
     let setup = || -> Result<_, mailferry::sync::SyncError> {
         mailferry::net::tls::install_provider();
         let rules = mailferry::sync::mailboxes::Rules::from_config(&cfg.sync)

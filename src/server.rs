@@ -91,11 +91,14 @@ pub async fn open_directory(
         DirectoryKind::Embedded => Arc::new(EmbeddedDirectory::new(store.pool().clone())),
         DirectoryKind::Ldap(_) => Arc::new(LdapDirectory::from_config(cfg)?),
     };
-    let cache = Arc::new(RouteCache::new(
-        directory,
-        cfg.directory.default_route,
-        Duration::from_secs(cfg.directory.cache_ttl_secs),
-    ));
+    let cache = Arc::new(
+        RouteCache::new(
+            directory,
+            cfg.directory.default_route,
+            Duration::from_secs(cfg.directory.cache_ttl_secs),
+        )
+        .with_identity(cfg.directory.identity()),
+    );
     Ok((Arc::new(store), cache))
 }
 

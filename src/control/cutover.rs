@@ -170,7 +170,7 @@ impl Control {
         direction: Direction,
         actor: Actor,
     ) -> Result<Begun, ControlError> {
-        let email = crate::route::normalize_user(email);
+        let email = self.routes.key(email);
         if self.engine.is_none() {
             return Err(ControlError::Unavailable(format!(
                 "{} needs the sync engine: master users (or captured passwords) on both backends",

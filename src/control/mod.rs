@@ -196,7 +196,7 @@ impl Control {
     /// `user migrate`: puts `email` in `syncing` (from `legacy` or `failed`; idempotent), so the
     /// scheduler runs its initial and then incremental passes.
     pub async fn migrate(&self, email: &str, actor: &Actor) -> Result<StateChange, ControlError> {
-        let email = crate::route::normalize_user(email);
+        let email = self.routes.key(email);
         let route = self.routes.lookup(&email).await?.route;
         if route == Route::New {
             return Err(ControlError::Conflict(format!(
@@ -226,7 +226,7 @@ impl Control {
         state: UserState,
         actor: &Actor,
     ) -> Result<StateChange, ControlError> {
-        let email = crate::route::normalize_user(email);
+        let email = self.routes.key(email);
         if self.moving.contains(&email) {
             return Err(ControlError::Conflict(format!(
                 "{email} is being moved (state cutover or rollback); wait for it to end"
@@ -265,7 +265,7 @@ impl Control {
 
     /// Current view of `email`, read from the directory (not the cache).
     pub async fn show(&self, email: &str) -> Result<UserView, ControlError> {
-        let email = crate::route::normalize_user(email);
+        let email = self.routes.key(email);
         self.routes.invalidate(&email);
         let lookup = self.routes.lookup(&email).await?;
         let record = self.store.user(&email).await?;
@@ -290,7 +290,7 @@ impl Control {
 
     /// `email`'s audit log.
     pub async fn events(&self, email: &str) -> Result<Vec<crate::store::Event>, ControlError> {
-        let email = crate::route::normalize_user(email);
+        let email = self.routes.key(email);
         Ok(self.store.events(&email).await?)
     }
 
@@ -303,7 +303,7 @@ impl Control {
         route: Route,
         actor: &Actor,
     ) -> Result<RouteChange, ControlError> {
-        let email = crate::route::normalize_user(email);
+        let email = self.routes.key(email);
         let current = self.store.user_state(&email).await?;
         if current.is_moving() {
             return Err(ControlError::Conflict(format!(

@@ -111,7 +111,7 @@ impl Control {
     ) -> Result<Imported, ControlError> {
         let users: Vec<(String, Option<String>)> = users
             .into_iter()
-            .map(|(e, w)| (crate::route::normalize_user(&e), w))
+            .map(|(e, w)| (self.routes.key(&e), w))
             .collect();
         let done = self.store.import_users(&users).await?;
         info!(

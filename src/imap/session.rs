@@ -311,9 +311,12 @@ impl PreAuthPhase {
         req: &LoginRequest,
     ) -> Result<(Routed, LoggedIn, Registration), Refusal> {
         tracing::Span::current().record("user", req.user.as_str());
-        let mut registration = ctx.sessions.register(&req.user);
+        // Routing, the session registry and holds use the user's key (`alice` with a
+        // default domain is `alice@example.org`); the backend gets the login as sent.
+        let key = ctx.routes.key(&req.user);
+        let mut registration = ctx.sessions.register(&key);
         for _ in 0..MAX_ROUTINGS {
-            if ctx.holds.wait(&req.user, ctx.hold).await == Waited::StillHeld {
+            if ctx.holds.wait(&key, ctx.hold).await == Waited::StillHeld {
                 info!(
                     hold_secs = ctx.hold.as_secs(),
                     "login held too long: user still being moved"
@@ -321,9 +324,9 @@ impl PreAuthPhase {
                 return Err(Refusal::BeingMoved);
             }
             if registration.kick.is_kicked() {
-                registration = ctx.sessions.register(&req.user);
+                registration = ctx.sessions.register(&key);
             }
-            let routed = Routed::lookup(ctx, req).await?;
+            let routed = Routed::lookup(ctx, req, &key).await?;
             registration.kick.routed(routed.route);
             let backend = self.authenticate(ctx, req, &routed).await?;
             if !registration.kick.is_kicked() {
@@ -455,16 +458,20 @@ struct LoggedInParts {
 
 /// A login whose backend is known.
 struct Routed {
+    /// The user as the client named them (what the backend gets).
     user: String,
+    /// The user's key (what routing, sessions and the sync engine use).
+    key: String,
     route: Route,
 }
 
 impl Routed {
-    async fn lookup(ctx: &ImapContext, req: &LoginRequest) -> Result<Routed, Refusal> {
-        match ctx.routes.lookup(&req.user).await {
+    async fn lookup(ctx: &ImapContext, req: &LoginRequest, key: &str) -> Result<Routed, Refusal> {
+        match ctx.routes.lookup(key).await {
             Ok(l) if !l.known && ctx.reject_unknown => Err(Refusal::UnknownUser),
             Ok(l) => Ok(Routed {
                 user: req.user.clone(),
+                key: key.to_owned(),
                 route: l.route,
             }),
             Err(e) => {
@@ -519,7 +526,7 @@ impl Routed {
             registration,
         } = parts;
         if let Some(on_login) = &ctx.on_login {
-            on_login(&self.user, own_password(req));
+            on_login(&self.key, own_password(req));
         }
         let caps = filter_capabilities(&backend.capabilities, &ctx.proxy.strip_capabilities);
         BackendAuthed {
@@ -529,7 +536,7 @@ impl Routed {
             route: self.route,
             reply: format!("{} OK [CAPABILITY {caps}] {}\r\n", req.tag, backend.text),
             registration,
-            user: self.user,
+            user: self.key,
         }
     }
 }

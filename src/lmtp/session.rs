@@ -15,7 +15,6 @@ use super::fanout::{self, cutover_reply, directory_reply, no_backend_reply};
 use super::reply::Reply;
 use super::server::{Event, Message, Server};
 use super::LmtpContext;
-use crate::route::normalize_user;
 
 /// Bytes asked of the socket per read.
 const READ_CHUNK: usize = 16 * 1024;
@@ -223,7 +222,7 @@ impl Session {
     /// directory's policy, an unreachable directory or state store defers.
     async fn rcpt(&mut self, address: String) -> Reply {
         let ctx = &self.ctx;
-        let key = normalize_user(&address);
+        let key = ctx.routes.key(&address);
         // The node-local flag first: it is set before anything else when a cutover starts.
         if ctx.deliveries.is_cutover(&key) {
             metrics::counter!("mailferry_lmtp_deferrals_total", "reason" => "cutover").increment(1);

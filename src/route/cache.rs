@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
 
-use super::{Directory, DirectoryError, Route};
+use super::{Directory, DirectoryError, Identity, Route};
 
 /// The answer a lookup gives a caller.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -28,6 +28,8 @@ pub struct RouteCache {
     /// before a route change could be cached after the change dropped the entry, and send the
     /// user to the old backend for a whole TTL.
     generation: AtomicU64,
+    /// How logins and recipients become the keys of `entries`.
+    identity: Identity,
 }
 
 impl RouteCache {
@@ -39,7 +41,20 @@ impl RouteCache {
             ttl,
             entries: DashMap::new(),
             generation: AtomicU64::new(0),
+            identity: Identity::default(),
         }
+    }
+
+    /// Keys users by `identity` (`[directory] default_domain`, `recipient_delimiter`).
+    pub fn with_identity(mut self, identity: Identity) -> Self {
+        self.identity = identity;
+        self
+    }
+
+    /// The user key of a login or recipient: what lookups, sessions, counters, the sync
+    /// engine and the store use.
+    pub fn key(&self, login: &str) -> String {
+        self.identity.key(login)
     }
 
     /// The directory behind the cache (for writes and health checks).

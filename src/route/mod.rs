@@ -2,6 +2,7 @@
 
 pub mod cache;
 pub mod embedded;
+pub mod identity;
 pub mod ldap;
 
 use std::fmt;
@@ -13,6 +14,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 pub use cache::RouteCache;
+pub use identity::Identity;
 
 /// Which backend owns a user.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
