@@ -561,16 +561,7 @@ fn text_of(out: &std::process::Output) -> String {
 
 /// The server's `/metrics` page.
 fn metrics(m: &Mailferry) -> String {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(m.admin).expect("admin");
-    write!(
-        s,
-        "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    out
+    support::client::http(m.admin, "GET", "/metrics", None, "").1
 }
 
 #[test]

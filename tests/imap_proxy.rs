@@ -433,12 +433,7 @@ fn admin_api_requires_the_token() {
 }
 
 fn http_get(addr: SocketAddr, path: &str) -> String {
-    let mut s = tcp(addr);
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
-        .unwrap();
-    let mut out = String::new();
-    let _ = s.read_to_string(&mut out);
-    out
+    support::client::http(addr, "GET", path, None, "").1
 }
 
 /// Connects until the greeting is no longer the over-the-limit refusal (peeking at each new

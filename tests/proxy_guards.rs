@@ -7,7 +7,7 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
 
-use support::client::{tcp, Client};
+use support::client::{http, tcp, Client};
 use support::deadline::within;
 use support::mailferry::{command, run_cli, Mailferry, Options};
 use support::Backends;
@@ -16,32 +16,6 @@ fn start(opts: Options) -> (Backends, Mailferry) {
     let backends = Backends::start();
     let proxy = Mailferry::start(&backends, opts);
     (backends, proxy)
-}
-
-/// One HTTP/1.1 request; returns the status code and the whole response.
-fn http(
-    addr: SocketAddr,
-    method: &str,
-    path: &str,
-    token: Option<&str>,
-    body: &str,
-) -> (u16, String) {
-    let mut s = tcp(addr);
-    let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
-    let req = format!(
-        "{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n{auth}\
-         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    );
-    s.write_all(req.as_bytes()).unwrap();
-    let mut out = String::new();
-    let _ = s.read_to_string(&mut out);
-    let status = out
-        .split(' ')
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    (status, out)
 }
 
 /// The user as the admin API shows it to an authorized caller.

@@ -233,8 +233,7 @@ async fn cutover(
     Path(email): Path<String>,
     headers: HeaderMap,
 ) -> Response {
-    let actor = actor(&headers);
-    answer(state.control.start(&email, Direction::Cutover, actor).await)
+    start(&state, &email, &headers, Direction::Cutover).await
 }
 
 /// `user rollback`: as `cutover`, the other way.
@@ -243,13 +242,11 @@ async fn rollback(
     Path(email): Path<String>,
     headers: HeaderMap,
 ) -> Response {
-    let actor = actor(&headers);
-    answer(
-        state
-            .control
-            .start(&email, Direction::Rollback, actor)
-            .await,
-    )
+    start(&state, &email, &headers, Direction::Rollback).await
+}
+
+async fn start(state: &AdminState, email: &str, headers: &HeaderMap, d: Direction) -> Response {
+    answer(state.control.start(email, d, actor(headers)).await)
 }
 
 /// `user events`: the audit log.

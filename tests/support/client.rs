@@ -46,6 +46,33 @@ pub fn tcp(addr: SocketAddr) -> TcpStream {
 }
 
 /// Wraps a TCP stream in client TLS (verifying `ca`, offering `alpn`).
+/// One HTTP/1.1 request (`Connection: close`, a JSON body, a bearer `token` if given); returns
+/// the status code and the whole response, headers included.
+pub fn http(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: &str,
+) -> (u16, String) {
+    let mut s = tcp(addr);
+    let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n{auth}\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).expect("HTTP request");
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    let status = out
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    (status, out)
+}
+
 pub fn tls_wrap(s: TcpStream, ca: &Path, alpn: &[&[u8]]) -> std::io::Result<Box<dyn Io>> {
     let conn = rustls::ClientConnection::new(
         tls_config(ca, alpn),

@@ -276,23 +276,7 @@ impl Mailferry {
 
     /// One request to the admin API with the server's token; returns the status and the body.
     pub fn api(&self, method: &str, path: &str, body: &str) -> (u16, String) {
-        use std::io::{Read, Write};
-        let mut s = std::net::TcpStream::connect(self.admin).expect("admin API");
-        let req = format!(
-            "{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\
-             Authorization: Bearer {}\r\nContent-Type: application/json\r\n\
-             Content-Length: {}\r\n\r\n{body}",
-            self.token,
-            body.len()
-        );
-        s.write_all(req.as_bytes()).expect("admin API write");
-        let mut out = String::new();
-        let _ = s.read_to_string(&mut out);
-        let status = out
-            .split(' ')
-            .nth(1)
-            .and_then(|c| c.parse().ok())
-            .unwrap_or(0);
+        let (status, out) = super::client::http(self.admin, method, path, Some(&self.token), body);
         let body = out.split("\r\n\r\n").nth(1).unwrap_or_default().to_owned();
         (status, body)
     }
